@@ -1,0 +1,30 @@
+# Entry points. `make test` is the README's test command and what .ci/run ends with.
+SHELL := /bin/bash
+VENV ?= .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: test lint unit images molecule venv
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements-dev.txt -e bridge
+	touch $@
+
+test: lint unit molecule
+
+lint: venv
+	ruff check bridge molecule scripts
+	ruff format --check bridge molecule scripts
+	yamllint -s .
+	ansible-lint --profile production
+	scripts/gixy-rendered
+
+unit: venv
+	cd bridge && pytest -q
+
+images: venv
+	scripts/build-images
+
+molecule: venv images
+	molecule test -s default

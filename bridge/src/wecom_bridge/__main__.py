@@ -1,0 +1,3 @@
+from wecom_bridge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Error types of the bridge. Callers branch on the type, never on message strings."""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base class of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """A configuration value is missing or invalid; names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+# --- callback protocol -----------------------------------------------------------------------
+
+
+class CallbackError(BridgeError):
+    """A callback could not be accepted. `http_status` is what WeCom gets back."""
+
+    http_status = 400
+    # Tencent's reference library codes, used as categories in logs and metrics.
+    wecom_code = -40002
+
+
+class SignatureError(CallbackError):
+    http_status = 403
+    wecom_code = -40001
+
+
+class ReceiveIdError(CallbackError):
+    """The decrypted payload names another corp: a message for someone else."""
+
+    http_status = 403
+    wecom_code = -40005
+
+
+class DecryptError(CallbackError):
+    wecom_code = -40007
+
+
+class Base64Error(CallbackError):
+    wecom_code = -40010
+
+
+class MalformedXmlError(CallbackError):
+    wecom_code = -40002
+
+
+class BodyTooLargeError(CallbackError):
+    http_status = 413
+    wecom_code = -40008
+
+
+class StoreUnavailableError(BridgeError):
+    """The durable store could not take the write (disk full, locked too long)."""
+
+
+# --- Dify ------------------------------------------------------------------------------------
+
+
+class DifyError(BridgeError):
+    """Dify answered with an error or could not be reached."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retryable = retryable
+
+
+class ConversationNotFoundError(DifyError):
+    """Dify forgot the conversation id we stored (404 "Conversation Not Exists.")."""
+
+
+# --- WeCom API -------------------------------------------------------------------------------
+
+
+class WeComApiError(BridgeError):
+    """WeCom's API answered with a non-zero errcode (or could not be reached: errcode None)."""
+
+    def __init__(self, errcode: int | None, errmsg: str, *, retryable: bool = False) -> None:
+        super().__init__(f"errcode={errcode} {errmsg}")
+        self.errcode = errcode
+        self.errmsg = errmsg
+        self.retryable = retryable
+
+
+class WeComConfigError(WeComApiError):
+    """An error only the admin can fix (40001 wrong secret, 60020 IP not trusted).
+
+    Retrying is pointless and hammering gettoken gets the caller blocked.
+    """
+
+    def __init__(self, errcode: int, errmsg: str, *, hint: str) -> None:
+        super().__init__(errcode, errmsg, retryable=False)
+        self.hint = hint

@@ -1,0 +1,150 @@
+"""Message types and the XML they travel in."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from xml.parsers.expat import ExpatError
+
+import xmltodict
+
+from wecom_bridge.errors import MalformedXmlError
+
+# WeCom never sends a DTD; refusing any stops entity tricks (billion laughs, external entities)
+# before the parser sees them.
+_DTD = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def parse_xml(data: bytes) -> dict[str, str]:
+    """Parse a flat WeCom `<xml>…</xml>` document into a dict of its child elements' text."""
+    if _DTD.search(data):
+        raise MalformedXmlError("XML with a DTD or entity declaration is refused")
+    try:
+        doc = xmltodict.parse(data, disable_entities=True)
+    except (ExpatError, ValueError) as exc:
+        raise MalformedXmlError(f"not well-formed XML: {exc}") from exc
+    root = doc.get("xml") if isinstance(doc, dict) else None
+    if not isinstance(root, dict):
+        raise MalformedXmlError("root element <xml> with children expected")
+    fields: dict[str, str] = {}
+    for name, value in root.items():
+        if isinstance(value, str):
+            fields[name] = value
+        elif value is None:
+            fields[name] = ""
+        # Nested elements (e.g. batch job details) are not needed by the bridge.
+    return fields
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The outer, still encrypted callback body."""
+
+    to_user: str
+    encrypt: str
+    agent_id: str
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    fields = parse_xml(body)
+    encrypt = fields.get("Encrypt", "")
+    if not encrypt:
+        raise MalformedXmlError("callback body has no <Encrypt>")
+    return Envelope(fields.get("ToUserName", ""), encrypt, fields.get("AgentID", ""))
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A decrypted message or event a member sent to the app."""
+
+    corp_id: str
+    agent_id: str
+    from_user: str
+    create_time: int
+    msg_type: str
+    content: str = ""
+    msg_id: str = ""
+    event: str = ""
+    event_key: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_event(self) -> bool:
+        return self.msg_type == "event"
+
+    def dedupe_key(self) -> str:
+        """MsgId for messages; events have none, so user + time + event (+ key)."""
+        if self.msg_id:
+            return f"msg:{self.msg_id}"
+        return f"event:{self.from_user}:{self.create_time}:{self.event}:{self.event_key}"
+
+
+_KNOWN = {"ToUserName", "FromUserName", "CreateTime", "MsgType", "Content", "MsgId", "AgentID",
+          "Event", "EventKey"}
+
+
+def parse_message(plaintext: bytes) -> InboundMessage:
+    fields = parse_xml(plaintext)
+    from_user, msg_type = fields.get("FromUserName", ""), fields.get("MsgType", "")
+    if not from_user or not msg_type:
+        raise MalformedXmlError("message without FromUserName or MsgType")
+    try:
+        create_time = int(fields.get("CreateTime", "0") or 0)
+    except ValueError as exc:
+        raise MalformedXmlError("CreateTime is not a number") from exc
+    return InboundMessage(
+        corp_id=fields.get("ToUserName", ""),
+        agent_id=fields.get("AgentID", ""),
+        from_user=from_user,
+        create_time=create_time,
+        msg_type=msg_type,
+        content=fields.get("Content", ""),
+        msg_id=fields.get("MsgId", ""),
+        event=fields.get("Event", ""),
+        event_key=fields.get("EventKey", ""),
+        extra={k: v for k, v in fields.items() if k not in _KNOWN},
+    )
+
+
+def message_xml(fields: dict[str, str | int]) -> bytes:
+    """Render a flat `<xml>` document (CDATA-safe via xmltodict's escaping)."""
+    return xmltodict.unparse({"xml": fields}, full_document=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One message/send call's worth of message (already split to fit 2048 bytes)."""
+
+    agent_id: str
+    content: str
+    msgtype: str = "text"  # text | markdown
+    touser: str = ""
+    toparty: str = ""
+    totag: str = ""
+    safe: int = 0
+    enable_duplicate_check: int = 0
+    duplicate_check_interval: int = 1800
+
+    def payload(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "msgtype": self.msgtype,
+            "agentid": int(self.agent_id) if self.agent_id.isdigit() else self.agent_id,
+            self.msgtype: {"content": self.content},
+            "safe": self.safe,
+            "enable_duplicate_check": self.enable_duplicate_check,
+            "duplicate_check_interval": self.duplicate_check_interval,
+        }
+        for key in ("touser", "toparty", "totag"):
+            if getattr(self, key):
+                body[key] = getattr(self, key)
+        return body
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """WeCom's answer to message/send."""
+
+    msgid: str = ""
+    invaliduser: str = ""
+    invalidparty: str = ""
+    invalidtag: str = ""
