@@ -1,0 +1,287 @@
+"""Configuration from environment variables (one app) or an apps file (several apps).
+
+Every problem raises ConfigError naming the variable, so startup stops with a message an
+operator can act on. Secret values are never part of an error message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wecom_bridge.crypto import parse_encoding_aes_key
+from wecom_bridge.dify import DifySettings
+from wecom_bridge.errors import ConfigError
+
+DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
+DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
+DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
+DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
+APP_MODES = ("chat", "advanced-chat", "agent-chat", "completion", "workflow")
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One WeCom self-built app and the Dify app that answers for it."""
+
+    name: str
+    corp_id: str
+    agent_id: str
+    secret: str = field(repr=False)
+    token: str = field(repr=False)
+    encoding_aes_key: str = field(repr=False)
+    callback_path: str
+    dify: DifySettings = field(repr=False)
+    reply_msgtype: str = "text"
+    reset_words: tuple[str, ...] = DEFAULT_RESET_WORDS
+    reset_reply: str = DEFAULT_RESET_REPLY
+    fallback_reply: str = DEFAULT_FALLBACK
+    unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
+    welcome_text: str = ""  # "" = no welcome on enter_agent/subscribe
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    apps: tuple[AppConfig, ...]
+    wecom_api_base: str = "https://qyapi.weixin.qq.com"
+    data_dir: Path = Path("/var/lib/wecom-bridge")
+    listen: str = "127.0.0.1:8000"
+    web_workers: int = 1
+    web_threads: int = 16
+    job_workers: int = 4
+    max_body_bytes: int = 64 * 1024
+    dedupe_ttl_seconds: float = 48 * 3600
+    job_retention_seconds: float = 7 * 24 * 3600
+    send_max_age_seconds: float = 3600
+    db_busy_timeout: float = 2.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    def app_by_path(self) -> dict[str, AppConfig]:
+        return {app.callback_path: app for app in self.apps}
+
+
+# --- small validated readers ------------------------------------------------------------------
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(name, "is required but not set")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip() or default
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _url(value: str, name: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ConfigError(name, f"must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _listen(value: str, name: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(name, f"must be host:port, got {value!r}")
+    return value
+
+
+def _check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes_key: str) -> None:
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", corp_id):
+        raise ConfigError(f"{prefix}CORP_ID", "must be the corp id from 我的企业 (letters and digits)")
+    if not agent_id.isdigit():
+        raise ConfigError(f"{prefix}AGENT_ID", f"must be the numeric AgentId, got {agent_id!r}")
+    if not _TOKEN_RE.match(token):
+        raise ConfigError(f"{prefix}TOKEN", "must be 1-32 letters or digits (as the console generates)")
+    try:
+        parse_encoding_aes_key(aes_key)
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}ENCODING_AES_KEY", f"{exc}") from None
+
+
+def _callback_path(value: str, name: str) -> str:
+    if not _PATH_RE.match(value) or value in ("/healthz", "/readyz", "/metrics"):
+        raise ConfigError(name, f"must be a URL path like /wxcomapp, got {value!r}")
+    return value
+
+
+def _words(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if raw is None or not raw.strip():
+        return default
+    return tuple(word.strip() for word in raw.split("|") if word.strip())
+
+
+def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySettings:
+    mode = get.get(f"{prefix}APP_MODE", "").strip() or None
+    if mode is not None and mode not in APP_MODES:
+        raise ConfigError(f"{prefix}APP_MODE", f"must be one of {', '.join(APP_MODES)}")
+    return DifySettings(
+        api_base=_url(_required(get, f"{prefix}API_BASE"), f"{prefix}API_BASE"),
+        api_key=_required(get, f"{prefix}API_KEY"),
+        app_mode=mode,
+        workflow_output=get.get(f"{prefix}WORKFLOW_OUTPUT", "").strip() or None,
+        connect_timeout=_float(get, f"{prefix}CONNECT_TIMEOUT", 5.0, 0.1),
+        read_timeout=_float(get, f"{prefix}READ_TIMEOUT", 120.0, 1.0),
+        max_attempts=_int(get, f"{prefix}MAX_ATTEMPTS", 3, 1),
+        backoff_base=_float(get, f"{prefix}BACKOFF", 1.0),
+    )
+
+
+def _replies(get: Mapping[str, str]) -> dict[str, object]:
+    def text(name: str, default: str) -> str:
+        return get[name] if name in get else default
+
+    return {
+        "reply_msgtype": _choice(get, "BRIDGE_REPLY_MSGTYPE", "text", ("text", "markdown")),
+        "reset_words": _words(get.get("BRIDGE_RESET_WORDS"), DEFAULT_RESET_WORDS),
+        "reset_reply": text("BRIDGE_RESET_REPLY", DEFAULT_RESET_REPLY),
+        "fallback_reply": text("BRIDGE_FALLBACK_REPLY", DEFAULT_FALLBACK),
+        "unsupported_reply": text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
+        "welcome_text": text("BRIDGE_WELCOME_TEXT", ""),
+    }
+
+
+def app_from_env(env: Mapping[str, str]) -> AppConfig:
+    corp_id = _required(env, "WECOM_CORP_ID")
+    agent_id = _required(env, "WECOM_AGENT_ID")
+    token = _required(env, "WECOM_TOKEN")
+    aes_key = _required(env, "WECOM_ENCODING_AES_KEY")
+    _check_app_secrets("WECOM_", corp_id, agent_id, token, aes_key)
+    return AppConfig(
+        name="default",
+        corp_id=corp_id,
+        agent_id=agent_id,
+        secret=_required(env, "WECOM_SECRET"),
+        token=token,
+        encoding_aes_key=aes_key,
+        callback_path=_callback_path(
+            env.get("BRIDGE_CALLBACK_PATH", "").strip() or "/wxcomapp", "BRIDGE_CALLBACK_PATH"
+        ),
+        dify=_dify_settings(env),
+        **_replies(env),  # type: ignore[arg-type]
+    )
+
+
+_WECOM_KEYS = ("CORP_ID", "AGENT_ID", "SECRET", "TOKEN", "ENCODING_AES_KEY")
+_APP_KEYS = frozenset(
+    [k.lower() for k in _WECOM_KEYS]
+    + ["callback_path", "reply_msgtype", "reset_words", "reset_reply", "fallback_reply",
+       "unsupported_reply", "welcome_text"]
+    + [f"dify_{k}" for k in ("api_base", "api_key", "app_mode", "workflow_output",
+                             "connect_timeout", "read_timeout", "max_attempts", "backoff")]
+)
+
+
+def _app_from_table(table: Mapping[str, object], env: Mapping[str, str], index: int) -> AppConfig:
+    """One `[[app]]` table of the apps file; keys are the env names without prefix, lowercase.
+
+    Missing keys fall back to the environment (e.g. one corp id or one Dify for all apps).
+    """
+    where = f"BRIDGE_APPS_FILE [[app]] #{index + 1}"
+    merged: dict[str, str] = dict(env)
+    for key, value in table.items():
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where} {key}", "must be a string or number")
+        if key == "name":
+            continue
+        if key not in _APP_KEYS:
+            raise ConfigError(f"{where} {key}", f"unknown key; known: {', '.join(sorted(_APP_KEYS))}")
+        upper = key.upper()
+        if upper.startswith("DIFY_"):
+            target = upper
+        elif upper in _WECOM_KEYS:
+            target = f"WECOM_{upper}"
+        else:
+            target = f"BRIDGE_{upper}"
+        merged[target] = str(value)
+    name = str(table.get("name", f"app{index + 1}"))
+    try:
+        app = app_from_env(merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} ({name}): {exc.variable}", exc.problem) from None
+    return AppConfig(**{**app.__dict__, "name": name})
+
+
+def apps_from_file(path: Path, env: Mapping[str, str]) -> tuple[AppConfig, ...]:
+    try:
+        mode = path.stat().st_mode
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("BRIDGE_APPS_FILE", f"cannot read {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
+        raise ConfigError("BRIDGE_APPS_FILE", f"{path} holds secrets: make it mode 0600 or 0640")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("BRIDGE_APPS_FILE", f"{path} is not valid TOML: {exc}") from None
+    tables = doc.get("app")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError("BRIDGE_APPS_FILE", f"{path} must contain at least one [[app]] table")
+    apps = tuple(_app_from_table(t, env, i) for i, t in enumerate(tables))
+    paths = [a.callback_path for a in apps]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("BRIDGE_APPS_FILE", "every [[app]] needs its own callback_path")
+    return apps
+
+
+def load_config(env: Mapping[str, str] | None = None) -> BridgeConfig:
+    env = os.environ if env is None else env
+    apps_file = env.get("BRIDGE_APPS_FILE", "").strip()
+    apps = apps_from_file(Path(apps_file), env) if apps_file else (app_from_env(env),)
+    return BridgeConfig(
+        apps=apps,
+        wecom_api_base=_url(
+            env.get("WECOM_API_BASE", "").strip() or "https://qyapi.weixin.qq.com", "WECOM_API_BASE"
+        ),
+        data_dir=Path(env.get("BRIDGE_DATA_DIR", "").strip() or "/var/lib/wecom-bridge"),
+        listen=_listen(env.get("BRIDGE_LISTEN", "").strip() or "127.0.0.1:8000", "BRIDGE_LISTEN"),
+        web_workers=_int(env, "BRIDGE_WEB_WORKERS", 1, 1),
+        web_threads=_int(env, "BRIDGE_WEB_THREADS", 16, 1),
+        job_workers=_int(env, "BRIDGE_JOB_WORKERS", 4, 1),
+        max_body_bytes=_int(env, "BRIDGE_MAX_BODY_BYTES", 64 * 1024, 1024),
+        dedupe_ttl_seconds=_float(env, "BRIDGE_DEDUPE_TTL_HOURS", 48.0, 1.0) * 3600,
+        job_retention_seconds=_float(env, "BRIDGE_JOB_RETENTION_DAYS", 7.0, 0.0) * 86400,
+        send_max_age_seconds=_float(env, "BRIDGE_SEND_MAX_AGE_MINUTES", 60.0, 1.0) * 60,
+        db_busy_timeout=_float(env, "BRIDGE_DB_BUSY_TIMEOUT", 2.0, 0.05),
+        log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
+        log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    )

@@ -1,0 +1,380 @@
+"""The durable store: SQLite in WAL mode, the only state shared by callbacks and workers.
+
+Holds inbound jobs with status, dedupe keys, per-user Dify conversation ids and cached access
+tokens. Every method is one short transaction; a failure to write raises StoreUnavailableError
+so the callback can answer non-200 and WeCom redelivers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from wecom_bridge.errors import StoreUnavailableError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS dedupe (
+    app TEXT NOT NULL, key TEXT NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (app, key)
+);
+CREATE INDEX IF NOT EXISTS dedupe_seen ON dedupe (seen_at);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    user TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'queued',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    available_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    parts TEXT,
+    parts_sent INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    errcode INTEGER,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, app, user, id);
+CREATE TABLE IF NOT EXISTS conversations (
+    corp TEXT NOT NULL, agent TEXT NOT NULL, user TEXT NOT NULL,
+    conversation_id TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (corp, agent, user)
+);
+CREATE TABLE IF NOT EXISTS tokens (key TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+"""
+
+ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a callback asks the workers to do."""
+
+    kind: str  # chat | reset | notice | send
+    user: str
+    payload: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    app: str
+    user: str
+    kind: str
+    payload: dict[str, object]
+    status: str
+    attempts: int
+    parts: list[str] | None
+    parts_sent: int
+    received_at: float
+    result: dict[str, object] | None = None
+    error: str | None = None
+    errcode: int | None = None
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        app=row["app"],
+        user=row["user"],
+        kind=row["kind"],
+        payload=json.loads(row["payload"]),
+        status=row["status"],
+        attempts=row["attempts"],
+        parts=json.loads(row["parts"]) if row["parts"] is not None else None,
+        parts_sent=row["parts_sent"],
+        received_at=row["received_at"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+        errcode=row["errcode"],
+    )
+
+
+class Store:
+    def __init__(
+        self, data_dir: Path, *, busy_timeout: float = 2.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "bridge.sqlite3"
+        self._busy_timeout = busy_timeout
+        self._clock = clock
+        self._local = threading.local()
+        try:
+            self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot open {self.path}: {exc}") from exc
+
+    # --- connections and transactions -----------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged callback must survive power loss, not only a process crash.
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._drop_conn()
+            raise StoreUnavailableError(f"cannot open a write transaction: {exc}") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise StoreUnavailableError(f"write failed: {exc}") from exc
+        except BaseException:
+            self._rollback(conn)
+            raise
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._drop_conn()
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            self._drop_conn()
+            raise StoreUnavailableError(f"read failed: {exc}") from exc
+
+    # --- callbacks ------------------------------------------------------------------------
+
+    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None:
+        """Record a delivery once. Returns the new job id, 0 when nothing is to be done,
+        or None when the key was seen before (a redelivery)."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO dedupe (app, key, seen_at) VALUES (?, ?, ?)",
+                (app, dedupe_key, now),
+            )
+            if cur.rowcount == 0:
+                return None
+            if job is None:
+                return 0
+            return self._insert_job(db, app, job, now)
+
+    def enqueue(self, app: str, job: NewJob) -> int:
+        with self._tx() as db:
+            return self._insert_job(db, app, job, self._clock())
+
+    @staticmethod
+    def _insert_job(db: sqlite3.Connection, app: str, job: NewJob, now: float) -> int:
+        cur = db.execute(
+            "INSERT INTO jobs (app, user, kind, payload, available_at, received_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (app, job.user, job.kind, json.dumps(job.payload, ensure_ascii=False), now, now, now),
+        )
+        return int(cur.lastrowid or 0)
+
+    # --- workers --------------------------------------------------------------------------
+
+    def claim(self, owner: str, lease_seconds: float) -> Job | None:
+        """Take the oldest runnable job whose user has nothing older queued or in flight,
+        so each user's messages are answered in order while users run concurrently."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute(
+                """
+                SELECT j.* FROM jobs j
+                WHERE j.status = 'queued' AND j.available_at <= ?
+                  AND NOT EXISTS (
+                    SELECT 1 FROM jobs o WHERE o.app = j.app AND o.user = j.user
+                      AND o.status IN ('queued', 'running') AND o.id < j.id)
+                ORDER BY j.id LIMIT 1
+                """,
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status='running', lease_owner=?, lease_until=?,"
+                " attempts=attempts+1, updated_at=? WHERE id=?",
+                (owner, now + lease_seconds, now, row["id"]),
+            )
+        job = _job(row)
+        return Job(**{**job.__dict__, "status": "running", "attempts": job.attempts + 1})
+
+    def renew_leases(self, owner: str, lease_seconds: float) -> None:
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET lease_until=? WHERE status='running' AND lease_owner=?",
+                (now + lease_seconds, owner),
+            )
+
+    def requeue_expired(self) -> int:
+        """Jobs whose worker died (lease ran out) go back to the queue."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status='queued', lease_owner=NULL, updated_at=?"
+                " WHERE status='running' AND lease_until < ?",
+                (now, now),
+            )
+            return cur.rowcount
+
+    def release_owned(self, owner: str) -> None:
+        """On a clean shutdown, hand unfinished jobs back at once."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status='queued', lease_owner=NULL WHERE status='running'"
+                " AND lease_owner=?",
+                (owner,),
+            )
+
+    def save_parts(self, job_id: int, parts: list[str], result: dict[str, object]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET parts=?, result=?, updated_at=? WHERE id=?",
+                (json.dumps(parts, ensure_ascii=False), json.dumps(result, ensure_ascii=False),
+                 self._clock(), job_id),
+            )
+
+    def mark_part_sent(self, job_id: int, parts_sent: int, msgid: str = "") -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET parts_sent=?, updated_at=?,"
+                " result=json_set(coalesce(result, '{}'), '$.msgids', json_insert("
+                "coalesce(json_extract(result, '$.msgids'), json('[]')), '$[#]', ?)) WHERE id=?",
+                (parts_sent, self._clock(), msgid, job_id),
+            )
+
+    def finish(self, job_id: int, *, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status='done', error=?, lease_owner=NULL, updated_at=? WHERE id=?",
+                (error, self._clock(), job_id),
+            )
+
+    def fail(self, job_id: int, error: str, errcode: int | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status='failed', error=?, errcode=?, lease_owner=NULL,"
+                " updated_at=? WHERE id=?",
+                (error, errcode, self._clock(), job_id),
+            )
+
+    def retry_later(self, job_id: int, delay: float, error: str, errcode: int | None) -> None:
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status='queued', available_at=?, error=?, errcode=?,"
+                " lease_owner=NULL, updated_at=? WHERE id=?",
+                (now + delay, error, errcode, now, job_id),
+            )
+
+    def get_job(self, job_id: int) -> Job | None:
+        rows = self._read("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, status: str | None = None) -> list[Job]:
+        if status is None:
+            return [_job(r) for r in self._read("SELECT * FROM jobs ORDER BY id")]
+        return [_job(r) for r in self._read("SELECT * FROM jobs WHERE status=? ORDER BY id", (status,))]
+
+    def queue_depth(self) -> int:
+        rows = self._read("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+        return int(rows[0][0])
+
+    def next_available_in(self) -> float | None:
+        """Seconds until the earliest job at the head of its user's line becomes runnable
+        (None: nothing can become runnable without another job finishing first)."""
+        rows = self._read(
+            "SELECT min(j.available_at) FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS ("
+            " SELECT 1 FROM jobs o WHERE o.app = j.app AND o.user = j.user"
+            " AND o.status IN ('queued', 'running') AND o.id < j.id)"
+        )
+        earliest = rows[0][0]
+        return None if earliest is None else max(0.0, earliest - self._clock())
+
+    # --- conversations and tokens ---------------------------------------------------------
+
+    def get_conversation(self, corp: str, agent: str, user: str) -> str:
+        rows = self._read(
+            "SELECT conversation_id FROM conversations WHERE corp=? AND agent=? AND user=?",
+            (corp, agent, user),
+        )
+        return rows[0][0] if rows else ""
+
+    def set_conversation(self, corp: str, agent: str, user: str, conversation_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO conversations (corp, agent, user, conversation_id, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (corp, agent, user) DO UPDATE SET"
+                " conversation_id=excluded.conversation_id, updated_at=excluded.updated_at",
+                (corp, agent, user, conversation_id, self._clock()),
+            )
+
+    def forget_conversation(self, corp: str, agent: str, user: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM conversations WHERE corp=? AND agent=? AND user=?", (corp, agent, user)
+            )
+
+    # TokenCache protocol of wecom.WeComClient
+    def get_token(self, key: str) -> tuple[str, float] | None:
+        rows = self._read("SELECT token, expires_at FROM tokens WHERE key=?", (key,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def put_token(self, key: str, token: str, expires_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens (key, token, expires_at) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET token=excluded.token, expires_at=excluded.expires_at",
+                (key, token, expires_at),
+            )
+
+    def drop_token(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM tokens WHERE key=?", (key,))
+
+    # --- maintenance ----------------------------------------------------------------------
+
+    def sweep(self, dedupe_ttl: float, job_retention: float) -> tuple[int, int]:
+        """Expire old dedupe keys and finished jobs; returns (keys, jobs) removed."""
+        now = self._clock()
+        with self._tx() as db:
+            keys = db.execute("DELETE FROM dedupe WHERE seen_at < ?", (now - dedupe_ttl,)).rowcount
+            jobs = db.execute(
+                "DELETE FROM jobs WHERE status IN ('done', 'failed') AND updated_at < ?",
+                (now - job_retention,),
+            ).rowcount
+        return keys, jobs
+
+    def probe_write(self) -> None:
+        """A real write, for readiness: proves the disk and the lock both work."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at=excluded.at",
+                (self._clock(),),
+            )

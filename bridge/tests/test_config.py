@@ -1,0 +1,148 @@
+"""Configuration: every bad value stops startup naming the variable; secrets stay out of errors."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from wecom_bridge.config import load_config
+from wecom_bridge.errors import ConfigError
+
+AES = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {
+        "WECOM_CORP_ID": "ww0123456789abcdef",
+        "WECOM_AGENT_ID": "1000002",
+        "WECOM_SECRET": "s3cr3t-value-that-must-not-leak",
+        "WECOM_TOKEN": "QDG6eK",
+        "WECOM_ENCODING_AES_KEY": AES,
+        "DIFY_API_BASE": "http://127.0.0.1:8080/v1",
+        "DIFY_API_KEY": "app-secretkey",
+    }
+    env.update(overrides)
+    return env
+
+
+def test_defaults() -> None:
+    config = load_config(base_env())
+    app = config.apps[0]
+    assert app.callback_path == "/wxcomapp"
+    assert config.wecom_api_base == "https://qyapi.weixin.qq.com"
+    assert config.listen == "127.0.0.1:8000"
+    assert app.reset_words == ("/reset", "新对话", "重置会话")
+    assert "s3cr3t" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WECOM_CORP_ID", ""),
+        ("WECOM_AGENT_ID", "abc"),
+        ("WECOM_SECRET", ""),
+        ("WECOM_TOKEN", "has space"),
+        ("WECOM_ENCODING_AES_KEY", AES[:-1]),
+        ("WECOM_ENCODING_AES_KEY", AES[:-1] + "*"),
+        ("WECOM_API_BASE", "qyapi.weixin.qq.com"),
+        ("DIFY_API_BASE", "ftp://dify"),
+        ("DIFY_API_KEY", ""),
+        ("DIFY_APP_MODE", "chatbot"),
+        ("BRIDGE_LISTEN", "8000"),
+        ("BRIDGE_CALLBACK_PATH", "wxcomapp"),
+        ("BRIDGE_CALLBACK_PATH", "/readyz"),
+        ("BRIDGE_JOB_WORKERS", "0"),
+        ("BRIDGE_LOG_FORMAT", "xml"),
+        ("BRIDGE_REPLY_MSGTYPE", "image"),
+    ],
+)
+def test_bad_value_names_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(base_env(**{name: value}))
+    assert err.value.variable == name
+    assert "s3cr3t" not in str(err.value)
+
+
+def test_missing_variable_named() -> None:
+    env = base_env()
+    del env["WECOM_TOKEN"]
+    with pytest.raises(ConfigError, match="WECOM_TOKEN: is required"):
+        load_config(env)
+
+
+def test_custom_reset_words_and_silence() -> None:
+    app = load_config(base_env(BRIDGE_RESET_WORDS="重来|/new", BRIDGE_UNSUPPORTED_REPLY="")).apps[0]
+    assert app.reset_words == ("重来", "/new")
+    assert app.unsupported_reply == ""
+
+
+def _apps_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "apps.toml"
+    path.write_text(text, encoding="utf-8")
+    os.chmod(path, mode)
+    return path
+
+
+TWO_APPS = f"""
+[[app]]
+name = "hr"
+agent_id = "1000002"
+secret = "hr-secret"
+token = "tokenHR"
+encoding_aes_key = "{AES}"
+callback_path = "/wxcomapp/hr"
+dify_api_key = "app-hr"
+
+[[app]]
+name = "it"
+agent_id = 1000003
+secret = "it-secret"
+token = "tokenIT"
+encoding_aes_key = "{AES}"
+callback_path = "/wxcomapp/it"
+dify_api_base = "http://10.0.0.5/v1"
+dify_api_key = "app-it"
+"""
+
+
+def test_apps_file_two_apps(tmp_path: Path) -> None:
+    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://127.0.0.1:8080/v1",
+           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS))}
+    config = load_config(env)
+    hr, it = config.apps
+    assert (hr.name, hr.agent_id, hr.callback_path, hr.dify.api_key) == (
+        "hr", "1000002", "/wxcomapp/hr", "app-hr")
+    assert it.dify.api_base == "http://10.0.0.5/v1"
+    assert hr.corp_id == it.corp_id == "ww1"
+
+
+def test_apps_file_world_readable_refused(tmp_path: Path) -> None:
+    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
+           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS, 0o644))}
+    with pytest.raises(ConfigError, match="0600") as err:
+        load_config(env)
+    assert err.value.variable == "BRIDGE_APPS_FILE"
+
+
+def test_apps_file_duplicate_paths(tmp_path: Path) -> None:
+    text = TWO_APPS.replace("/wxcomapp/it", "/wxcomapp/hr")
+    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
+           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text))}
+    with pytest.raises(ConfigError, match="own callback_path"):
+        load_config(env)
+
+
+def test_apps_file_bad_value_names_app_and_key(tmp_path: Path) -> None:
+    text = TWO_APPS.replace('token = "tokenIT"', 'token = "bad token!"')
+    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
+           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text))}
+    with pytest.raises(ConfigError, match=r"#2 \(it\): WECOM_TOKEN"):
+        load_config(env)
+
+
+def test_apps_file_unknown_key_named(tmp_path: Path) -> None:
+    text = TWO_APPS.replace('secret = "it-secret"', 'secert = "it-secret"')
+    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
+           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text))}
+    with pytest.raises(ConfigError, match="secert"):
+        load_config(env)

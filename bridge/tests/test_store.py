@@ -1,0 +1,152 @@
+"""The SQLite store: dedupe, per-user order, leases, and refusing writes it cannot make."""
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from wecom_bridge.errors import StoreUnavailableError
+from wecom_bridge.store import NewJob, Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def chat(user: str, text: str) -> NewJob:
+    return NewJob("chat", user, {"query": text})
+
+
+def test_dedupe_accepts_once(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.accept("app", "msg:1", chat("u", "hi"))
+    assert store.accept("app", "msg:1", chat("u", "hi")) is None
+    assert store.accept("other-app", "msg:1", chat("u", "hi"))  # keys are per app
+    assert store.queue_depth() == 2
+
+
+def test_dedupe_without_job(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.accept("app", "event:u:1:click:", None) == 0
+    assert store.accept("app", "event:u:1:click:", None) is None
+    assert store.queue_depth() == 0
+
+
+def test_per_user_order_and_concurrency(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for text in ("a1", "a2"):
+        store.enqueue("app", chat("alice", text))
+    store.enqueue("app", chat("bob", "b1"))
+    first = store.claim("w1", 30)
+    second = store.claim("w2", 30)
+    assert (first.payload["query"], second.payload["query"]) == ("a1", "b1")
+    assert store.claim("w3", 30) is None  # alice's a2 waits for a1
+    store.finish(first.id)
+    third = store.claim("w3", 30)
+    assert third.payload["query"] == "a2"
+
+
+def test_delayed_job_keeps_later_ones_waiting(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path, clock=clock)
+    store.enqueue("app", chat("alice", "a1"))
+    store.enqueue("app", chat("alice", "a2"))
+    job = store.claim("w", 30)
+    store.retry_later(job.id, 10, "send failed", 45009)
+    assert store.claim("w", 30) is None
+    assert store.next_available_in() == pytest.approx(10)
+    clock.now += 11
+    assert store.claim("w", 30).payload["query"] == "a1"
+
+
+def test_expired_lease_requeued(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path, clock=clock)
+    store.enqueue("app", chat("u", "x"))
+    job = store.claim("dead-worker", 15)
+    clock.now += 10
+    store.renew_leases("other-worker", 15)  # renewing someone else's does not save it
+    assert store.requeue_expired() == 0
+    clock.now += 6
+    assert store.requeue_expired() == 1
+    again = store.claim("w2", 15)
+    assert again.id == job.id and again.attempts == 2
+
+
+def test_progress_is_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job_id = store.enqueue("app", chat("u", "x"))
+    store.save_parts(job_id, ["p1", "p2"], {"conversation_id": "c"})
+    store.mark_part_sent(job_id, 1, "msgid-1")
+    job = store.get_job(job_id)
+    assert job.parts == ["p1", "p2"] and job.parts_sent == 1
+    assert job.result == {"conversation_id": "c", "msgids": ["msgid-1"]}
+
+
+def test_conversations_and_tokens(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.get_conversation("c", "1", "u") == ""
+    store.set_conversation("c", "1", "u", "conv-1")
+    store.set_conversation("c", "1", "u", "conv-2")
+    assert store.get_conversation("c", "1", "u") == "conv-2"
+    assert store.get_conversation("c", "2", "u") == ""
+    store.forget_conversation("c", "1", "u")
+    assert store.get_conversation("c", "1", "u") == ""
+    store.put_token("k", "tok", 123.0)
+    assert Store(tmp_path).get_token("k") == ("tok", 123.0)  # persisted across instances
+    store.drop_token("k")
+    assert store.get_token("k") is None
+
+
+def test_sweep_expires_old_keys_and_jobs(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path, clock=clock)
+    store.accept("app", "msg:old", chat("u", "x"))
+    store.finish(store.claim("w", 30).id)
+    clock.now += 100
+    store.accept("app", "msg:new", None)
+    assert store.sweep(dedupe_ttl=50, job_retention=50) == (1, 1)
+    assert store.accept("app", "msg:old", None) == 0  # a key past its TTL is new again
+
+
+def test_locked_database_refuses_within_timeout(tmp_path: Path) -> None:
+    store = Store(tmp_path, busy_timeout=0.2)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailableError):
+            store.accept("app", "msg:1", chat("u", "x"))
+    finally:
+        blocker.execute("ROLLBACK")
+    assert store.accept("app", "msg:1", chat("u", "x"))  # recovers once the lock is gone
+
+
+def test_concurrent_claims_never_double_claim(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for n in range(60):
+        store.enqueue("app", chat(f"user{n % 20}", str(n)))
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def drain(name: str) -> None:
+        while True:
+            job = store.claim(name, 30)
+            if job is None:
+                if store.queue_depth() == 0:
+                    return
+                continue
+            with lock:
+                claimed.append(job.id)
+            store.finish(job.id)
+
+    threads = [threading.Thread(target=drain, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 60
