@@ -106,19 +106,29 @@ dify_api_key = "app-it"
 
 
 def test_apps_file_two_apps(tmp_path: Path) -> None:
-    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://127.0.0.1:8080/v1",
-           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS))}
+    env = {
+        "WECOM_CORP_ID": "ww1",
+        "DIFY_API_BASE": "http://127.0.0.1:8080/v1",
+        "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS)),
+    }
     config = load_config(env)
     hr, it = config.apps
     assert (hr.name, hr.agent_id, hr.callback_path, hr.dify.api_key) == (
-        "hr", "1000002", "/wxcomapp/hr", "app-hr")
+        "hr",
+        "1000002",
+        "/wxcomapp/hr",
+        "app-hr",
+    )
     assert it.dify.api_base == "http://10.0.0.5/v1"
     assert hr.corp_id == it.corp_id == "ww1"
 
 
 def test_apps_file_world_readable_refused(tmp_path: Path) -> None:
-    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
-           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS, 0o644))}
+    env = {
+        "WECOM_CORP_ID": "ww1",
+        "DIFY_API_BASE": "http://x/v1",
+        "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS, 0o644)),
+    }
     with pytest.raises(ConfigError, match="0600") as err:
         load_config(env)
     assert err.value.variable == "BRIDGE_APPS_FILE"
@@ -126,23 +136,32 @@ def test_apps_file_world_readable_refused(tmp_path: Path) -> None:
 
 def test_apps_file_duplicate_paths(tmp_path: Path) -> None:
     text = TWO_APPS.replace("/wxcomapp/it", "/wxcomapp/hr")
-    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
-           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text))}
+    env = {
+        "WECOM_CORP_ID": "ww1",
+        "DIFY_API_BASE": "http://x/v1",
+        "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text)),
+    }
     with pytest.raises(ConfigError, match="own callback_path"):
         load_config(env)
 
 
 def test_apps_file_bad_value_names_app_and_key(tmp_path: Path) -> None:
     text = TWO_APPS.replace('token = "tokenIT"', 'token = "bad token!"')
-    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
-           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text))}
+    env = {
+        "WECOM_CORP_ID": "ww1",
+        "DIFY_API_BASE": "http://x/v1",
+        "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text)),
+    }
     with pytest.raises(ConfigError, match=r"#2 \(it\): WECOM_TOKEN"):
         load_config(env)
 
 
 def test_apps_file_unknown_key_named(tmp_path: Path) -> None:
     text = TWO_APPS.replace('secret = "it-secret"', 'secert = "it-secret"')
-    env = {"WECOM_CORP_ID": "ww1", "DIFY_API_BASE": "http://x/v1",
-           "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text))}
+    env = {
+        "WECOM_CORP_ID": "ww1",
+        "DIFY_API_BASE": "http://x/v1",
+        "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text)),
+    }
     with pytest.raises(ConfigError, match="secert"):
         load_config(env)

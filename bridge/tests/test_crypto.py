@@ -21,7 +21,8 @@ TOKEN = "QDG6eK"
 AES_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
 CORP = "wx5823bf96d3bd56c7"
 ECHOSTR_QS = (
-    "P9nAzCzyDtyTWESHep1vC5X9xho%2FqYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp%2B4RPcs8TgAE7OaBO%2BFZXvnaqQ%3D%3D"
+    "P9nAzCzyDtyTWESHep1vC5X9xho%2FqYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp%2B4RPcs8TgAE7OaBO"
+    "%2BFZXvnaqQ%3D%3D"
 )
 
 
@@ -42,7 +43,9 @@ def test_public_vector_rejects_other_token() -> None:
     other = WeComCrypto("QDG6eL", AES_KEY, CORP)
     with pytest.raises(SignatureError):
         other.verify_url(
-            "5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3", "1409659589", "263014780",
+            "5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3",
+            "1409659589",
+            "263014780",
             urllib.parse.unquote(ECHOSTR_QS),
         )
 

@@ -8,7 +8,8 @@ from wecom_bridge.messages import OutboundMessage, parse_envelope, parse_message
 TEXT = (
     b"<xml><ToUserName><![CDATA[ww1]]></ToUserName><FromUserName><![CDATA[zhangsan]]>"
     b"</FromUserName><CreateTime>1348831860</CreateTime><MsgType><![CDATA[text]]></MsgType>"
-    b"<Content><![CDATA[\xe4\xbd\xa0\xe5\xa5\xbd <b>&amp;]]></Content><MsgId>1234567890123456</MsgId>"
+    b"<Content><![CDATA[\xe4\xbd\xa0\xe5\xa5\xbd <b>&amp;]]></Content>"
+    b"<MsgId>1234567890123456</MsgId>"
     b"<AgentID>1000002</AgentID></xml>"
 )
 

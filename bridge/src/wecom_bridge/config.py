@@ -62,6 +62,8 @@ class BridgeConfig:
     job_retention_seconds: float = 7 * 24 * 3600
     send_max_age_seconds: float = 3600
     db_busy_timeout: float = 2.0
+    # After 40001/60020 gettoken is not called again for this long (WeCom blocks hammering).
+    config_error_cooldown: float = 60.0
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -127,11 +129,15 @@ def _listen(value: str, name: str) -> str:
 
 def _check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes_key: str) -> None:
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", corp_id):
-        raise ConfigError(f"{prefix}CORP_ID", "must be the corp id from 我的企业 (letters and digits)")
+        raise ConfigError(
+            f"{prefix}CORP_ID", "must be the corp id from 我的企业 (letters and digits)"
+        )
     if not agent_id.isdigit():
         raise ConfigError(f"{prefix}AGENT_ID", f"must be the numeric AgentId, got {agent_id!r}")
     if not _TOKEN_RE.match(token):
-        raise ConfigError(f"{prefix}TOKEN", "must be 1-32 letters or digits (as the console generates)")
+        raise ConfigError(
+            f"{prefix}TOKEN", "must be 1-32 letters or digits (as the console generates)"
+        )
     try:
         parse_encoding_aes_key(aes_key)
     except ValueError as exc:
@@ -168,7 +174,7 @@ def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySetting
 
 def _replies(get: Mapping[str, str]) -> dict[str, object]:
     def text(name: str, default: str) -> str:
-        return get[name] if name in get else default
+        return get.get(name, default)  # set-but-empty means "stay silent"
 
     return {
         "reply_msgtype": _choice(get, "BRIDGE_REPLY_MSGTYPE", "text", ("text", "markdown")),
@@ -204,10 +210,28 @@ def app_from_env(env: Mapping[str, str]) -> AppConfig:
 _WECOM_KEYS = ("CORP_ID", "AGENT_ID", "SECRET", "TOKEN", "ENCODING_AES_KEY")
 _APP_KEYS = frozenset(
     [k.lower() for k in _WECOM_KEYS]
-    + ["callback_path", "reply_msgtype", "reset_words", "reset_reply", "fallback_reply",
-       "unsupported_reply", "welcome_text"]
-    + [f"dify_{k}" for k in ("api_base", "api_key", "app_mode", "workflow_output",
-                             "connect_timeout", "read_timeout", "max_attempts", "backoff")]
+    + [
+        "callback_path",
+        "reply_msgtype",
+        "reset_words",
+        "reset_reply",
+        "fallback_reply",
+        "unsupported_reply",
+        "welcome_text",
+    ]
+    + [
+        f"dify_{k}"
+        for k in (
+            "api_base",
+            "api_key",
+            "app_mode",
+            "workflow_output",
+            "connect_timeout",
+            "read_timeout",
+            "max_attempts",
+            "backoff",
+        )
+    ]
 )
 
 
@@ -224,7 +248,9 @@ def _app_from_table(table: Mapping[str, object], env: Mapping[str, str], index: 
         if key == "name":
             continue
         if key not in _APP_KEYS:
-            raise ConfigError(f"{where} {key}", f"unknown key; known: {', '.join(sorted(_APP_KEYS))}")
+            raise ConfigError(
+                f"{where} {key}", f"unknown key; known: {', '.join(sorted(_APP_KEYS))}"
+            )
         upper = key.upper()
         if upper.startswith("DIFY_"):
             target = upper
@@ -282,6 +308,7 @@ def load_config(env: Mapping[str, str] | None = None) -> BridgeConfig:
         job_retention_seconds=_float(env, "BRIDGE_JOB_RETENTION_DAYS", 7.0, 0.0) * 86400,
         send_max_age_seconds=_float(env, "BRIDGE_SEND_MAX_AGE_MINUTES", 60.0, 1.0) * 60,
         db_busy_timeout=_float(env, "BRIDGE_DB_BUSY_TIMEOUT", 2.0, 0.05),
+        config_error_cooldown=_float(env, "WECOM_CONFIG_ERROR_COOLDOWN", 60.0, 1.0),
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )

@@ -1,4 +1,4 @@
-"""WeCom callback crypto (加解密方案, document path/90968), compatible with Tencent's reference library.
+"""WeCom callback crypto (加解密方案, document path/90968), compatible with Tencent's library.
 
 AES-256-CBC with IV = key[:16]; plaintext = 16 random bytes | uint32 BE length | msg | receive id,
 PKCS#7-padded to a multiple of 32 bytes; signature = sha1 of the sorted, concatenated
@@ -71,7 +71,9 @@ class WeComCrypto:
     def sign(self, timestamp: str, nonce: str, encrypt: str) -> str:
         return signature(self._token, timestamp, nonce, encrypt)
 
-    def verify_signature(self, msg_signature: str, timestamp: str, nonce: str, encrypt: str) -> None:
+    def verify_signature(
+        self, msg_signature: str, timestamp: str, nonce: str, encrypt: str
+    ) -> None:
         expected = self.sign(timestamp, nonce, encrypt)
         if not hmac.compare_digest(expected.encode(), msg_signature.lower().encode()):
             raise SignatureError("msg_signature does not match")

@@ -79,8 +79,17 @@ class InboundMessage:
         return f"event:{self.from_user}:{self.create_time}:{self.event}:{self.event_key}"
 
 
-_KNOWN = {"ToUserName", "FromUserName", "CreateTime", "MsgType", "Content", "MsgId", "AgentID",
-          "Event", "EventKey"}
+_KNOWN = {
+    "ToUserName",
+    "FromUserName",
+    "CreateTime",
+    "MsgType",
+    "Content",
+    "MsgId",
+    "AgentID",
+    "Event",
+    "EventKey",
+}
 
 
 def parse_message(plaintext: bytes) -> InboundMessage:

@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS conversations (
     conversation_id TEXT NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (corp, agent, user)
 );
-CREATE TABLE IF NOT EXISTS tokens (key TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    key TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
 
@@ -119,7 +121,9 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout, isolation_level=None,
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
                 check_same_thread=False,
             )
             conn.row_factory = sqlite3.Row
@@ -256,8 +260,12 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET parts=?, result=?, updated_at=? WHERE id=?",
-                (json.dumps(parts, ensure_ascii=False), json.dumps(result, ensure_ascii=False),
-                 self._clock(), job_id),
+                (
+                    json.dumps(parts, ensure_ascii=False),
+                    json.dumps(result, ensure_ascii=False),
+                    self._clock(),
+                    job_id,
+                ),
             )
 
     def mark_part_sent(self, job_id: int, parts_sent: int, msgid: str = "") -> None:
@@ -300,7 +308,9 @@ class Store:
     def jobs(self, status: str | None = None) -> list[Job]:
         if status is None:
             return [_job(r) for r in self._read("SELECT * FROM jobs ORDER BY id")]
-        return [_job(r) for r in self._read("SELECT * FROM jobs WHERE status=? ORDER BY id", (status,))]
+        return [
+            _job(r) for r in self._read("SELECT * FROM jobs WHERE status=? ORDER BY id", (status,))
+        ]
 
     def queue_depth(self) -> int:
         rows = self._read("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
@@ -375,6 +385,7 @@ class Store:
         """A real write, for readiness: proves the disk and the lock both work."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at=excluded.at",
+                "INSERT INTO probe (id, at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET at=excluded.at",
                 (self._clock(),),
             )

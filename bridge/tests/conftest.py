@@ -1,0 +1,157 @@
+"""Shared fixtures: the WeCom and Dify doubles on loopback, and the bridge in front of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from wecom_bridge.app import create_app
+from wecom_bridge.config import load_config
+from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.doubles.callbacks import CallbackClient
+from wecom_bridge.doubles.dify_api import create_dify_double
+from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.doubles.wecom_api import create_wecom_double
+
+
+@dataclass(frozen=True)
+class AppSecrets:
+    corp_id: str = "wwtestcorp0001"
+    agent_id: str = "1000002"
+    secret: str = "test-corp-secret-not-real"
+    token: str = "TestToken123"
+    aes_key: str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+    dify_key: str = "app-test-dify-key"
+
+    def crypto(self) -> WeComCrypto:
+        return WeComCrypto(self.token, self.aes_key, self.corp_id)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def secrets() -> AppSecrets:
+    return AppSecrets()
+
+
+@pytest.fixture
+def wecom_double(secrets: AppSecrets) -> Iterator[ServerThread]:
+    app = create_wecom_double(
+        corp_id=secrets.corp_id, secret=secrets.secret, agent_id=secrets.agent_id
+    )
+    with ServerThread(app) as server:
+        yield server
+
+
+@pytest.fixture
+def dify_double(secrets: AppSecrets) -> Iterator[ServerThread]:
+    with ServerThread(create_dify_double(api_key=secrets.dify_key)) as server:
+        yield server
+
+
+def wecom_state(server: ServerThread):
+    return server.app.extensions["wecom_double"]
+
+
+def dify_state(server: ServerThread):
+    return server.app.extensions["dify_double"]
+
+
+@pytest.fixture
+def bridge_env(
+    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
+) -> dict[str, str]:
+    return {
+        "WECOM_CORP_ID": secrets.corp_id,
+        "WECOM_AGENT_ID": secrets.agent_id,
+        "WECOM_SECRET": secrets.secret,
+        "WECOM_TOKEN": secrets.token,
+        "WECOM_ENCODING_AES_KEY": secrets.aes_key,
+        "WECOM_API_BASE": wecom_double.url,
+        "DIFY_API_BASE": f"{dify_double.url}/v1",
+        "DIFY_API_KEY": secrets.dify_key,
+        "DIFY_BACKOFF": "0.05",
+        "DIFY_READ_TIMEOUT": "5",
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "BRIDGE_WELCOME_TEXT": "欢迎使用知识库助手",
+        "WECOM_CONFIG_ERROR_COOLDOWN": "2",
+    }
+
+
+@pytest.fixture
+def bridge(bridge_env: dict[str, str]) -> Iterator[ServerThread]:
+    """The bridge app in-process on a real loopback HTTP server, with its worker pool."""
+    app = create_app(load_config(bridge_env))
+    with ServerThread(app) as server:
+        yield server
+    app.extensions["wecom_bridge"].pool.stop()
+
+
+@pytest.fixture
+def callbacks(bridge: ServerThread, secrets: AppSecrets) -> CallbackClient:
+    return CallbackClient(f"{bridge.url}/wxcomapp", secrets.crypto(), secrets.agent_id)
+
+
+class BridgeProcess:
+    """`wecom-bridge serve` (gunicorn) as a separate process group that can be killed -9."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "BRIDGE_LISTEN": f"127.0.0.1:{self.port}"}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BridgeProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wecom_bridge", "serve"],
+            env=self.env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for(self._ready, timeout=20)
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/readyz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> str:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.stderr.read().decode(errors="replace") if self.proc else ""
