@@ -67,7 +67,11 @@ class DifyError(BridgeError):
     """Dify answered with an error or could not be reached."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, code: str | None = None,
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
         retryable: bool = False,
     ) -> None:
         super().__init__(message)

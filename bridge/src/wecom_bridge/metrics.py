@@ -17,7 +17,10 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     "wecom_bridge_dify_latency_seconds": ("histogram", "Dify request latency."),
     "wecom_bridge_dify_errors_total": ("counter", "Dify errors, by code."),
     "wecom_bridge_wecom_send_errors_total": ("counter", "WeCom message/send errors, by errcode."),
-    "wecom_bridge_wecom_messages_sent_total": ("counter", "Messages (parts) sent through message/send."),
+    "wecom_bridge_wecom_messages_sent_total": (
+        "counter",
+        "Messages (parts) sent through message/send.",
+    ),
     "wecom_bridge_token_refreshes_total": ("counter", "WeCom access token refreshes."),
     "wecom_bridge_jobs_total": ("counter", "Jobs finished, by final status."),
 }
@@ -78,8 +81,12 @@ class Metrics:
                     lines.append(f"{name}{_fmt_labels(key)} {val:g}")
                 for key, counts in sorted(self._hist.get(name, {}).items()):
                     for bound, count in zip(LATENCY_BUCKETS, counts, strict=False):
-                        lines.append(f"{name}_bucket{_fmt_labels(key, (('le', f'{bound:g}'),))} {count:g}")
-                    lines.append(f"{name}_bucket{_fmt_labels(key, (('le', '+Inf'),))} {counts[-2]:g}")
+                        lines.append(
+                            f"{name}_bucket{_fmt_labels(key, (('le', f'{bound:g}'),))} {count:g}"
+                        )
+                    lines.append(
+                        f"{name}_bucket{_fmt_labels(key, (('le', '+Inf'),))} {counts[-2]:g}"
+                    )
                     lines.append(f"{name}_count{_fmt_labels(key)} {counts[-2]:g}")
                     lines.append(f"{name}_sum{_fmt_labels(key)} {counts[-1]:g}")
         return "\n".join(lines) + "\n"

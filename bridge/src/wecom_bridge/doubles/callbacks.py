@@ -1,0 +1,180 @@
+"""What WeCom sends to the callback URL: the signed GET handshake and encrypted POST callbacks."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import requests
+
+from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.messages import message_xml
+
+
+def _timestamp(timestamp: str | None) -> str:
+    return timestamp if timestamp is not None else str(int(time.time()))
+
+
+def _nonce(nonce: str | None) -> str:
+    return nonce if nonce is not None else str(secrets.randbelow(10**10))
+
+
+def new_msg_id() -> str:
+    """A MsgId-like 19-digit number, unique enough for tests and benchmarks."""
+    return str(10**18 + secrets.randbelow(9 * 10**18))
+
+
+def build_url_verification(
+    crypto: WeComCrypto,
+    echostr_plaintext: str,
+    *,
+    timestamp: str | None = None,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """Query parameters of the GET WeCom sends when the admin saves the callback URL."""
+    ts, nc = _timestamp(timestamp), _nonce(nonce)
+    echostr = crypto.encrypt(echostr_plaintext.encode("utf-8"))
+    return {
+        "msg_signature": crypto.sign(ts, nc, echostr),
+        "timestamp": ts,
+        "nonce": nc,
+        "echostr": echostr,
+    }
+
+
+def build_callback(
+    crypto: WeComCrypto,
+    fields: dict[str, str | int],
+    *,
+    timestamp: str | None = None,
+    nonce: str | None = None,
+) -> tuple[dict[str, str], bytes]:
+    """Encrypt a message of any MsgType; returns (query params, POST body).
+
+    `fields` is the decrypted XML's content; ToUserName defaults to the crypto's receive id.
+    """
+    inner = {"ToUserName": crypto.receive_id, **fields}
+    encrypt = crypto.encrypt(message_xml(inner))
+    ts, nc = _timestamp(timestamp), _nonce(nonce)
+    params = {"msg_signature": crypto.sign(ts, nc, encrypt), "timestamp": ts, "nonce": nc}
+    # Same shape as WeCom's envelope; base64 and ids never contain "]]>".
+    body = (
+        f"<xml><ToUserName><![CDATA[{inner['ToUserName']}]]></ToUserName>"
+        f"<Encrypt><![CDATA[{encrypt}]]></Encrypt>"
+        f"<AgentID><![CDATA[{inner.get('AgentID', '')}]]></AgentID></xml>"
+    )
+    return params, body.encode("utf-8")
+
+
+def build_text_callback(
+    crypto: WeComCrypto,
+    *,
+    from_user: str,
+    content: str,
+    msg_id: str,
+    agent_id: str,
+    create_time: int | None = None,
+    timestamp: str | None = None,
+    nonce: str | None = None,
+    to_user: str | None = None,
+) -> tuple[dict[str, str], bytes]:
+    fields: dict[str, str | int] = {
+        "ToUserName": to_user if to_user is not None else crypto.receive_id,
+        "FromUserName": from_user,
+        "CreateTime": create_time if create_time is not None else int(time.time()),
+        "MsgType": "text",
+        "Content": content,
+        "MsgId": msg_id,
+        "AgentID": agent_id,
+    }
+    return build_callback(crypto, fields, timestamp=timestamp, nonce=nonce)
+
+
+def build_event_callback(
+    crypto: WeComCrypto,
+    *,
+    from_user: str,
+    event: str,
+    agent_id: str,
+    event_key: str = "",
+    create_time: int | None = None,
+    timestamp: str | None = None,
+    nonce: str | None = None,
+    to_user: str | None = None,
+) -> tuple[dict[str, str], bytes]:
+    fields: dict[str, str | int] = {
+        "ToUserName": to_user if to_user is not None else crypto.receive_id,
+        "FromUserName": from_user,
+        "CreateTime": create_time if create_time is not None else int(time.time()),
+        "MsgType": "event",
+        "AgentID": agent_id,
+        "Event": event,
+        "EventKey": event_key,
+    }
+    return build_callback(crypto, fields, timestamp=timestamp, nonce=nonce)
+
+
+class CallbackClient:
+    """Plays WeCom's callback side against a bridge URL (tests, demo, simulator)."""
+
+    def __init__(
+        self,
+        url: str,
+        crypto: WeComCrypto,
+        agent_id: str,
+        session: requests.Session | None = None,
+        verify: bool | str = True,
+        timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.crypto = crypto
+        self.agent_id = agent_id
+        self.session = session or requests.Session()
+        self.verify = verify
+        self.timeout = timeout
+
+    def verify_url(self, echostr_plaintext: str | None = None) -> requests.Response:
+        plaintext = echostr_plaintext if echostr_plaintext is not None else new_msg_id()
+        params = build_url_verification(self.crypto, plaintext)
+        return self.session.get(self.url, params=params, verify=self.verify, timeout=self.timeout)
+
+    def send_text(
+        self,
+        from_user: str,
+        content: str,
+        msg_id: str | None = None,
+        create_time: int | None = None,
+    ) -> requests.Response:
+        params, body = build_text_callback(
+            self.crypto,
+            from_user=from_user,
+            content=content,
+            msg_id=msg_id or new_msg_id(),
+            agent_id=self.agent_id,
+            create_time=create_time,
+        )
+        return self.post(params, body)
+
+    def send_event(
+        self, from_user: str, event: str, event_key: str = "", create_time: int | None = None
+    ) -> requests.Response:
+        params, body = build_event_callback(
+            self.crypto,
+            from_user=from_user,
+            event=event,
+            agent_id=self.agent_id,
+            event_key=event_key,
+            create_time=create_time,
+        )
+        return self.post(params, body)
+
+    def post(self, params: dict[str, str], body: bytes) -> requests.Response:
+        """POST an already built callback (e.g. to replay it as WeCom's redelivery)."""
+        return self.session.post(
+            self.url,
+            params=params,
+            data=body,
+            headers={"Content-Type": "text/xml; charset=utf-8"},
+            verify=self.verify,
+            timeout=self.timeout,
+        )

@@ -1,0 +1,320 @@
+"""A double of WeCom's server API (qyapi.weixin.qq.com) with the behaviour the bridge must survive.
+
+It issues and checks access tokens, records every message/send body, truncates over-long texts and
+drops sends beyond the per-member rate limit silently (as WeCom does), and answers with injected
+errcodes on demand. A JSON control API under /_double/ lets out-of-process tests drive it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from wecom_bridge.doubles.server import required_env
+
+TEXT_LIMIT = 2048
+DEFAULT_FAULT_IP = "203.0.113.7"
+DEFAULT_RATE_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
+APIS = ("gettoken", "send")
+
+ERRMSGS = {
+    -1: "system busy",
+    40001: "invalid credential",
+    40013: "invalid corpid",
+    40014: "invalid access_token",
+    40056: "invalid agentid",
+    41001: "access_token missing",
+    42001: "access_token expired",
+    44004: "empty content",
+    45009: "reach max api daily quota limit",
+    45033: "user call api concurrent out of limit",
+    47001: "data format error",
+    60020: "not allow to access from your ip",
+    81013: "user & party & tag all invalid",
+}
+
+
+def errmsg(errcode: int, from_ip: str) -> str:
+    """WeCom's errmsg layout: text, hint, the caller's IP, a link to the errcode explanation."""
+    text = ERRMSGS.get(errcode, "error")
+    hint = f"[{int(time.time())}-{secrets.token_hex(4)}]"
+    return (
+        f"{text}, hint: {hint}, from ip: {from_ip}, "
+        f"more info at https://open.work.weixin.qq.com/devtool/query?e={errcode}"
+    )
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+@dataclass
+class WeComDoubleState:
+    """Everything the double remembers; all access under `lock`."""
+
+    corp_id: str
+    secret: str
+    agent_id: str = ""
+    token_ttl: int = 7200
+    fault_ip: str = DEFAULT_FAULT_IP
+    rate_limits: tuple[tuple[int, float], ...] = DEFAULT_RATE_LIMITS
+    clock: Callable[[], float] = time.monotonic
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    gettoken_calls: int = 0
+    send_calls: int = 0
+    tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (clock time)
+    faults: dict[str, deque[int]] = field(default_factory=dict)
+    _sent_at: dict[str, deque[float]] = field(default_factory=dict)
+    _msg_seq: int = 0
+
+    def fail_next(self, api: str, *errcodes: int) -> None:
+        """The next calls of `api` ("gettoken" or "send") answer these errcodes, one per call."""
+        if api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {api!r}")
+        with self.lock:
+            self.faults.setdefault(api, deque()).extend(int(code) for code in errcodes)
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far is now expired (the next use gets 42001)."""
+        with self.lock:
+            self.tokens = dict.fromkeys(self.tokens, float("-inf"))
+
+    def clear_messages(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.dropped.clear()
+            self._sent_at.clear()
+
+    def reset(self) -> None:
+        """Forget messages, faults and counters; issued tokens stay valid."""
+        with self.lock:
+            self.messages.clear()
+            self.dropped.clear()
+            self._sent_at.clear()
+            self.faults.clear()
+            self.gettoken_calls = 0
+            self.send_calls = 0
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(m) for m in self.messages]
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "gettoken_calls": self.gettoken_calls,
+                "send_calls": self.send_calls,
+                "messages": len(self.messages),
+                "dropped": len(self.dropped),
+                "dropped_messages": [dict(m) for m in self.dropped],
+                "tokens_issued": len(self.tokens),
+                "pending_faults": {api: list(codes) for api, codes in self.faults.items()},
+            }
+
+    # --- used by the routes, lock held ------------------------------------------------------
+
+    def take_fault(self, api: str) -> int | None:
+        queue = self.faults.get(api)
+        return queue.popleft() if queue else None
+
+    def token_error(self, token: str | None) -> int | None:
+        if not token:
+            return 41001
+        expiry = self.tokens.get(token)
+        if expiry is None:
+            return 40014
+        return 42001 if self.clock() >= expiry else None
+
+    def issue_token(self) -> str:
+        token = secrets.token_urlsafe(96)
+        self.tokens[token] = self.clock() + self.token_ttl
+        return token
+
+    def admit(self, user: str) -> bool:
+        """Whether WeCom would deliver one more message to `user` now (per-member limits)."""
+        now = self.clock()
+        longest = max(window for _, window in self.rate_limits)
+        sent = self._sent_at.setdefault(user, deque())
+        while sent and sent[0] <= now - longest:
+            sent.popleft()
+        for count, window in self.rate_limits:
+            if sum(1 for at in sent if at > now - window) >= count:
+                return False
+        sent.append(now)
+        return True
+
+    def next_msgid(self) -> str:
+        self._msg_seq += 1
+        return f"double-{self._msg_seq:08d}-{secrets.token_hex(6)}"
+
+
+def _error(state: WeComDoubleState, errcode: int) -> Response:
+    return jsonify({"errcode": errcode, "errmsg": errmsg(errcode, state.fault_ip)})
+
+
+def create_wecom_double(
+    *,
+    corp_id: str,
+    secret: str,
+    agent_id: str = "",
+    token_ttl: int = 7200,
+    fault_ip: str = DEFAULT_FAULT_IP,
+    rate_limits: tuple[tuple[int, float], ...] = DEFAULT_RATE_LIMITS,
+    clock: Callable[[], float] = time.monotonic,
+) -> Flask:
+    state = WeComDoubleState(
+        corp_id=corp_id,
+        secret=secret,
+        agent_id=agent_id,
+        token_ttl=token_ttl,
+        fault_ip=fault_ip,
+        rate_limits=rate_limits,
+        clock=clock,
+    )
+    app = Flask("wecom_double")
+    app.extensions["wecom_double"] = state
+
+    @app.get("/cgi-bin/gettoken")
+    def gettoken() -> Response:
+        with state.lock:
+            state.gettoken_calls += 1
+            fault = state.take_fault("gettoken")
+            if fault is not None:
+                return _error(state, fault)
+            if request.args.get("corpid") != state.corp_id:
+                return _error(state, 40013)
+            if not secrets.compare_digest(request.args.get("corpsecret", ""), state.secret):
+                return _error(state, 40001)
+            token = state.issue_token()
+        return jsonify(
+            {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": state.token_ttl}
+        )
+
+    @app.post("/cgi-bin/message/send")
+    def message_send() -> Response:
+        body = request.get_json(force=True, silent=True)
+        with state.lock:
+            state.send_calls += 1
+            problem = state.token_error(request.args.get("access_token"))
+            if problem is None:
+                problem = state.take_fault("send")
+            if problem is None:
+                problem = _check_send(state, body)
+            if problem is not None:
+                return _error(state, problem)
+            return jsonify(_record_send(state, body))
+
+    @app.get("/cgi-bin/media/get")
+    def media_get() -> Response:
+        with state.lock:
+            problem = state.token_error(request.args.get("access_token"))
+        if problem is not None:
+            return _error(state, problem)
+        media_id = request.args.get("media_id", "")
+        return Response(
+            f"media {media_id}".encode(),
+            mimetype="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{media_id}.bin"'},
+        )
+
+    @app.get("/cgi-bin/getcallbackip")
+    def getcallbackip() -> Response:
+        with state.lock:
+            problem = state.token_error(request.args.get("access_token"))
+        if problem is not None:
+            return _error(state, problem)
+        return jsonify({"errcode": 0, "errmsg": "ok", "ip_list": ["203.0.113.10", "203.0.113.11"]})
+
+    _control_routes(app, state)
+    return app
+
+
+def _check_send(state: WeComDoubleState, body: Any) -> int | None:
+    if not isinstance(body, dict):
+        return 47001
+    msgtype = body.get("msgtype")
+    content = (body.get(msgtype) or {}).get("content") if isinstance(msgtype, str) else None
+    if msgtype not in ("text", "markdown") or not isinstance(content, str):
+        return 47001
+    if not content:
+        return 44004
+    if state.agent_id and str(body.get("agentid")) != state.agent_id:
+        return 40056
+    if not (body.get("touser") or body.get("toparty") or body.get("totag")):
+        return 81013
+    return None
+
+
+def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any]:
+    """Store what a member would see; the rate limit drops silently, as WeCom does."""
+    record = {**body, "received_at": time.time()}
+    msgtype = body["msgtype"]
+    content = body[msgtype]["content"]
+    size = len(content.encode("utf-8"))
+    if size > TEXT_LIMIT:
+        record[msgtype] = {**body[msgtype], "content": _truncate(content, TEXT_LIMIT)}
+        record["truncated"] = True
+        record["content_bytes"] = size
+    users = [u for u in str(body.get("touser", "")).split("|") if u]
+    refused = [u for u in users if not state.admit(u)]
+    if users and len(refused) == len(users):
+        state.dropped.append(record)
+    else:
+        if refused:
+            record["dropped_users"] = refused
+        state.messages.append(record)
+    return {"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": state.next_msgid()}
+
+
+def _control_routes(app: Flask, state: WeComDoubleState) -> None:
+    @app.get("/_double/messages")
+    def list_messages() -> Response:
+        return jsonify({"messages": state.snapshot()})
+
+    @app.delete("/_double/messages")
+    def clear_messages() -> Response:
+        state.clear_messages()
+        return jsonify({"ok": True})
+
+    @app.post("/_double/faults")
+    def add_faults() -> Response:
+        spec = request.get_json(force=True, silent=True) or {}
+        unknown = sorted(set(spec) - set(APIS))
+        if unknown:
+            return jsonify({"error": f"unknown apis {unknown}; use {list(APIS)}"}), 400
+        for api, codes in spec.items():
+            state.fail_next(api, *codes)
+        return jsonify({"ok": True})
+
+    @app.post("/_double/expire-tokens")
+    def expire_tokens() -> Response:
+        state.expire_tokens()
+        return jsonify({"ok": True})
+
+    @app.post("/_double/reset")
+    def reset() -> Response:
+        state.reset()
+        return jsonify({"ok": True})
+
+    @app.get("/_double/stats")
+    def stats() -> Response:
+        return jsonify(state.stats())
+
+
+def wecom_double_from_env() -> Flask:
+    """The double configured like the bridge: WECOM_CORP_ID, WECOM_SECRET, WECOM_AGENT_ID."""
+    return create_wecom_double(
+        corp_id=required_env("WECOM_CORP_ID"),
+        secret=required_env("WECOM_SECRET"),
+        agent_id=os.environ.get("WECOM_AGENT_ID", ""),
+    )

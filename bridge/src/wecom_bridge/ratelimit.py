@@ -1,0 +1,56 @@
+"""Per-member send pacing.
+
+WeCom accepts at most 30 messages a minute and 1000 an hour from one app to one member and drops
+the excess *silently*, so the bridge books every send in advance and waits instead of losing parts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+DEFAULT_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
+
+
+class SlidingWindowLimiter:
+    """At most `count` bookings per key in any `window` seconds, for every (count, window)."""
+
+    def __init__(
+        self,
+        limits: tuple[tuple[int, float], ...] = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not limits or any(count < 1 or window <= 0 for count, window in limits):
+            raise ValueError("limits must be non-empty (count >= 1, window > 0) pairs")
+        self._limits = limits
+        self._clock = clock
+        self._keep = max(count for count, _ in limits)
+        self._horizon = max(window for _, window in limits)
+        self._lock = threading.Lock()
+        self._booked: dict[str, deque[float]] = {}
+        self._last_sweep = clock()
+
+    def reserve(self, key: str) -> float:
+        """Book one send for `key` at the earliest allowed time; return the seconds to wait."""
+        with self._lock:
+            now = self._clock()
+            self._sweep(now)
+            booked = self._booked.setdefault(key, deque(maxlen=self._keep))
+            at = now
+            for count, window in self._limits:
+                if len(booked) >= count:
+                    # Bookings are non-decreasing, so the count-th latest one decides.
+                    at = max(at, booked[-count] + window)
+            booked.append(at)
+            return at - now
+
+    def _sweep(self, now: float) -> None:
+        """Forget members idle for longer than the longest window (bounded memory)."""
+        if now - self._last_sweep < self._horizon:
+            return
+        self._last_sweep = now
+        idle = [key for key, booked in self._booked.items() if booked[-1] <= now - self._horizon]
+        for key in idle:
+            del self._booked[key]

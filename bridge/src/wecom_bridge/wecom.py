@@ -1,0 +1,282 @@
+"""Client for WeCom's server API (gettoken, message/send, ...).
+
+Access tokens are cached until shortly before they expire, refreshed by one thread at a time and
+persisted through a TokenCache so restarts do not call gettoken (WeCom blocks callers that do it
+too often). Errors only the admin can fix are reported once and not retried for a while.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import requests
+
+from wecom_bridge.errors import WeComApiError, WeComConfigError
+from wecom_bridge.messages import OutboundMessage, SendResult
+from wecom_bridge.metrics import Metrics
+
+log = logging.getLogger("wecom_bridge.wecom")
+
+DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
+
+# The token is invalid or expired: drop it, fetch a new one, retry once.
+TOKEN_ERRCODES = frozenset({40014, 42001, 42007, 42009})
+# Transient: system busy, frequency limits.
+RETRYABLE_ERRCODES = frozenset({-1, 45009, 45033})
+# Refresh this long before WeCom's expiry (never more than half the lifetime).
+TOKEN_MARGIN = 300.0
+
+_FROM_IP = re.compile(r"from ip:\s*([0-9A-Fa-f.:]+)")
+
+
+class TokenCache(Protocol):
+    def get_token(self, key: str) -> tuple[str, float] | None: ...
+
+    def put_token(self, key: str, token: str, expires_at: float) -> None: ...
+
+    def drop_token(self, key: str) -> None: ...
+
+
+class MemoryTokenCache:
+    """A TokenCache that lives as long as the process (tests, one-shot CLI commands)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    def get_token(self, key: str) -> tuple[str, float] | None:
+        with self._lock:
+            return self._tokens.get(key)
+
+    def put_token(self, key: str, token: str, expires_at: float) -> None:
+        with self._lock:
+            self._tokens[key] = (token, expires_at)
+
+    def drop_token(self, key: str) -> None:
+        with self._lock:
+            self._tokens.pop(key, None)
+
+
+def config_error(errcode: int, errmsg: str) -> WeComConfigError | None:
+    """The admin-only errors, with a hint saying what to change; None for other errcodes."""
+    if errcode == 60020:
+        match = _FROM_IP.search(errmsg)
+        ip = match.group(1) if match else "the server's egress IP"
+        hint = (
+            f"add {ip} to 企业可信IP in the app's settings "
+            "(应用管理 › the app › 企业可信IP); it takes about a minute to apply"
+        )
+    elif errcode == 40001:
+        hint = "WECOM_SECRET is wrong: copy this app's Secret from 应用管理 › the app"
+    elif errcode == 40013:
+        hint = "WECOM_CORP_ID is wrong: copy 企业ID from 我的企业"
+    else:
+        return None
+    return WeComConfigError(errcode, errmsg, hint=hint)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its query string: that is where the secret and the token travel."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+class WeComClient:
+    def __init__(
+        self,
+        *,
+        api_base: str,
+        corp_id: str,
+        secret: str,
+        token_cache: TokenCache,
+        metrics: Metrics | None = None,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (3.05, 10.0),
+        max_attempts: int = 4,
+        backoff_base: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        config_error_cooldown: float = 60.0,
+    ) -> None:
+        self._base = (api_base or DEFAULT_API_BASE).rstrip("/")
+        self._corp_id = corp_id
+        self._secret = secret
+        self._cache = token_cache
+        self._cache_key = f"{corp_id}:{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
+        self._metrics = metrics or Metrics()
+        self._session = session or requests.Session()
+        self._timeout = timeout
+        self._max_attempts = max(1, max_attempts)
+        self._backoff_base = backoff_base
+        self._sleep = sleep
+        self._clock = clock
+        self._cooldown = config_error_cooldown
+        self._refresh_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._token: tuple[str, float] | None = None
+        self._config_error: tuple[WeComConfigError, float] | None = None
+        self._reported: tuple[int | None, str] | None = None
+        self._jitter = random.Random()  # noqa: S311 - backoff jitter, not security
+
+    # --- token -----------------------------------------------------------------------------
+
+    def access_token(self) -> str:
+        """A valid token; at most one gettoken in flight, other callers wait and reuse it."""
+        token = self._cached_token()
+        if token:
+            return token
+        with self._refresh_lock:
+            token = self._cached_token()
+            if token:
+                return token
+            self._raise_if_cooling_down()
+            return self._refresh()
+
+    def _cached_token(self) -> str | None:
+        with self._state_lock:
+            entry = self._token
+        if entry is None:
+            entry = self._cache.get_token(self._cache_key)
+            if entry is not None:
+                with self._state_lock:
+                    self._token = entry
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        return None
+
+    def _invalidate(self, token: str) -> None:
+        """Drop `token` unless another thread already replaced it."""
+        with self._state_lock:
+            if self._token is not None and self._token[0] != token:
+                return
+            self._token = None
+        self._cache.drop_token(self._cache_key)
+
+    def _refresh(self) -> str:
+        data = self._request(
+            "GET", "/cgi-bin/gettoken", params={"corpid": self._corp_id, "corpsecret": self._secret}
+        )
+        errcode = int(data.get("errcode", 0) or 0)
+        if errcode:
+            raise self._api_error(errcode, str(data.get("errmsg", "")))
+        token = str(data.get("access_token", ""))
+        if not token:
+            raise WeComApiError(None, "gettoken answered without access_token", retryable=True)
+        lifetime = float(data.get("expires_in", 7200) or 7200)
+        expires_at = self._clock() + max(lifetime - TOKEN_MARGIN, lifetime / 2)
+        with self._state_lock:
+            self._token = (token, expires_at)
+            self._config_error = None
+            self._reported = None
+        self._cache.put_token(self._cache_key, token, expires_at)
+        self._metrics.inc("wecom_bridge_token_refreshes_total")
+        log.info("fetched a WeCom access token (valid for %ds)", int(lifetime))
+        return token
+
+    def _raise_if_cooling_down(self) -> None:
+        with self._state_lock:
+            active = self._config_error
+        if active is not None and self._clock() < active[1]:
+            raise active[0]
+
+    # --- calls -----------------------------------------------------------------------------
+
+    def call(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, **kwargs: Any
+    ) -> dict:
+        """One authenticated API call; a rejected token is replaced and the call retried once."""
+        self._raise_if_cooling_down()
+        for first in (True, False):
+            token = self.access_token()
+            data = self._request(
+                method, path, params={**(params or {}), "access_token": token}, **kwargs
+            )
+            errcode = int(data.get("errcode", 0) or 0)
+            if errcode in TOKEN_ERRCODES and first:
+                log.info("WeCom rejected the access token (errcode %d); refreshing", errcode)
+                self._invalidate(token)
+                continue
+            if errcode:
+                raise self._api_error(errcode, str(data.get("errmsg", "")))
+            return data
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        """message/send with backoff on transient failures; raises WeComApiError at the end."""
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                data = self.call("POST", "/cgi-bin/message/send", json=message.payload())
+            except WeComApiError as exc:
+                code = "network" if exc.errcode is None else str(exc.errcode)
+                self._metrics.inc("wecom_bridge_wecom_send_errors_total", {"errcode": code})
+                if not exc.retryable or attempt == self._max_attempts:
+                    raise
+                delay = self._backoff_base * 2 ** (attempt - 1) * self._jitter.uniform(1.0, 1.5)
+                log.warning(
+                    "message/send failed (errcode %s), attempt %d/%d, retrying in %.1fs",
+                    code,
+                    attempt,
+                    self._max_attempts,
+                    delay,
+                )
+                self._sleep(delay)
+                continue
+            self._metrics.inc("wecom_bridge_wecom_messages_sent_total")
+            result = SendResult(
+                msgid=str(data.get("msgid", "")),
+                invaliduser=str(data.get("invaliduser", "") or ""),
+                invalidparty=str(data.get("invalidparty", "") or ""),
+                invalidtag=str(data.get("invalidtag", "") or ""),
+            )
+            if result.invaliduser:
+                log.warning("message/send: WeCom reports invalid users %s", result.invaliduser)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict:
+        url = self._base + path
+        try:
+            response = self._session.request(method, url, timeout=self._timeout, **kwargs)
+        except requests.RequestException as exc:
+            # The exception text may contain the URL with its query: log only the type.
+            log.warning("%s %s failed: %s", method, _safe_url(url), type(exc).__name__)
+            raise WeComApiError(
+                None, f"network error: {type(exc).__name__}", retryable=True
+            ) from None
+        if response.status_code >= 400:
+            retryable = response.status_code >= 500 or response.status_code == 429
+            log.warning("%s %s answered HTTP %d", method, _safe_url(url), response.status_code)
+            raise WeComApiError(None, f"HTTP {response.status_code}", retryable=retryable)
+        try:
+            data = response.json()
+        except ValueError:
+            raise WeComApiError(None, "answer is not JSON", retryable=True) from None
+        if not isinstance(data, dict):
+            raise WeComApiError(None, "answer is not a JSON object", retryable=True)
+        return data
+
+    def _api_error(self, errcode: int, errmsg: str) -> WeComApiError:
+        problem = config_error(errcode, errmsg)
+        if problem is None:
+            # A token rejected again right after a refresh is WeCom having a moment: back off.
+            retryable = errcode in RETRYABLE_ERRCODES or errcode in TOKEN_ERRCODES
+            return WeComApiError(errcode, errmsg, retryable=retryable)
+        with self._state_lock:
+            self._config_error = (problem, self._clock() + self._cooldown)
+            first = self._reported != (errcode, problem.hint)
+            self._reported = (errcode, problem.hint)
+        if first:
+            log.error(
+                "WeCom configuration error %d: %s (WeCom said: %s)", errcode, problem.hint, errmsg
+            )
+        else:
+            log.debug("WeCom configuration error %d persists", errcode)
+        return problem

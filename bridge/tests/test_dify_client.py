@@ -1,0 +1,291 @@
+"""DifyClient against the Dify double over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from wecom_bridge.dify import DifyAnswer, DifyClient, DifySettings
+from wecom_bridge.doubles.dify_api import DifyDoubleState, create_dify_double
+from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.errors import ConversationNotFoundError, DifyError
+from wecom_bridge.metrics import Metrics
+
+API_KEY = "app-client-test-key"
+
+
+@pytest.fixture
+def dify_mode() -> str:
+    return "chat"
+
+
+@pytest.fixture
+def dify_server(dify_mode: str) -> Iterator[ServerThread]:
+    with ServerThread(create_dify_double(api_key=API_KEY, mode=dify_mode)) as server:
+        yield server
+        server.app.extensions["dify_double"].reset()  # release hanging handlers
+
+
+def state_of(server: ServerThread) -> DifyDoubleState:
+    return server.app.extensions["dify_double"]
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def make_client(dify_server: ServerThread, sleeps: list[float]) -> Callable[..., DifyClient]:
+    def make(metrics: Metrics | None = None, **overrides: object) -> DifyClient:
+        options: dict = {
+            "api_base": dify_server.url + "/v1",
+            "api_key": API_KEY,
+            "connect_timeout": 2.0,
+            "read_timeout": 5.0,
+        }
+        options.update(overrides)
+        return DifyClient(DifySettings(**options), metrics=metrics, sleep=sleeps.append)
+
+    return make
+
+
+def answer_requests(server: ServerThread) -> list[dict]:
+    return [r for r in state_of(server).snapshot() if r["path"] != "/v1/info"]
+
+
+def test_streaming_chat_answer_is_assembled(make_client, dify_server) -> None:
+    metrics = Metrics()
+    answer = make_client(metrics).ask("什么是企业微信？", user="zhangsan")
+    assert answer.text == "Dify double answer: 什么是企业微信？"
+    assert answer.conversation_id
+    assert answer.message_id
+    (sent,) = answer_requests(dify_server)
+    assert sent["path"] == "/v1/chat-messages"
+    assert sent["json"]["user"] == "zhangsan"
+    assert sent["json"]["response_mode"] == "streaming"
+    assert sent["json"]["conversation_id"] == ""
+    assert "wecom_bridge_dify_latency_seconds_count 1" in metrics.render()
+
+
+def test_conversation_id_is_passed_on(make_client, dify_server) -> None:
+    client = make_client()
+    first = client.ask("one", user="u1")
+    second = client.ask("two", user="u1", conversation_id=first.conversation_id)
+    assert second.conversation_id == first.conversation_id
+    assert answer_requests(dify_server)[1]["json"]["conversation_id"] == first.conversation_id
+
+
+def test_app_mode_comes_from_info_once(make_client, dify_server) -> None:
+    client = make_client()
+    assert client.app_mode() == "chat"
+    client.ask("a", user="u")
+    client.ask("b", user="u")
+    infos = [r for r in state_of(dify_server).snapshot() if r["path"] == "/v1/info"]
+    assert len(infos) == 1
+    assert client.info()["name"] == "Dify double"
+
+
+def test_configured_app_mode_skips_info(make_client, dify_server) -> None:
+    make_client(app_mode="chat").ask("q", user="u")
+    assert [r["path"] for r in state_of(dify_server).snapshot()] == ["/v1/chat-messages"]
+
+
+@pytest.mark.parametrize("dify_mode", ["agent-chat"])
+def test_agent_messages(make_client, dify_server) -> None:
+    answer = make_client().ask("use a tool", user="u")
+    assert answer.text == "Dify double answer: use a tool"
+
+
+@pytest.mark.parametrize("dify_mode", ["advanced-chat"])
+def test_chatflow_workflow_events_are_ignored(make_client) -> None:
+    assert make_client().ask("flow", user="u").text == "Dify double answer: flow"
+
+
+def test_message_replace_replaces_the_answer(make_client, dify_server) -> None:
+    state_of(dify_server).replace_next("该回答已被审核替换。")
+    assert make_client().ask("something rude", user="u").text == "该回答已被审核替换。"
+
+
+def test_error_event_raises_with_code(make_client, dify_server, sleeps) -> None:
+    metrics = Metrics()
+    state_of(dify_server).fail_next(
+        400, "provider_quota_exceeded", "Your quota is used up.", in_stream=True
+    )
+    with pytest.raises(DifyError) as caught:
+        make_client(metrics).ask("q", user="u")
+    assert caught.value.code == "provider_quota_exceeded"
+    assert caught.value.status == 400
+    assert not caught.value.retryable
+    assert sleeps == []
+    errors = metrics.value("wecom_bridge_dify_errors_total", {"code": "provider_quota_exceeded"})
+    assert errors == 1
+
+
+def test_retryable_error_event_is_retried(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).fail_next(500, "internal_server_error", "boom", in_stream=True)
+    assert make_client().ask("q", user="u").text == "Dify double answer: q"
+    assert len(sleeps) == 1
+
+
+def test_stream_without_message_end_is_retried(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).cut_next(times=1)
+    assert make_client().ask("q", user="u").text == "Dify double answer: q"
+    assert len(sleeps) == 1
+
+
+def test_forgotten_conversation_starts_a_new_one(make_client, dify_server, sleeps) -> None:
+    client = make_client()
+    answer = client.ask("hello again", user="u", conversation_id="3f6d6b3e-gone")
+    assert answer.text == "Dify double answer: hello again"
+    assert answer.conversation_id and answer.conversation_id != "3f6d6b3e-gone"
+    sent = [r["json"]["conversation_id"] for r in answer_requests(dify_server)]
+    assert sent == ["3f6d6b3e-gone", ""]
+    assert sleeps == []
+
+
+def test_missing_conversation_without_an_id_is_not_looped(make_client, dify_server) -> None:
+    state_of(dify_server).fail_next(404, "not_found", "Conversation Not Exists.", times=3)
+    with pytest.raises(ConversationNotFoundError):
+        make_client().ask("q", user="u")
+    assert len(answer_requests(dify_server)) == 1
+
+
+def test_wrong_key_is_not_retried(make_client, dify_server, sleeps) -> None:
+    with pytest.raises(DifyError) as caught:
+        make_client(api_key="app-wrong", app_mode="chat").ask("q", user="u")
+    assert caught.value.status == 401
+    assert caught.value.code == "unauthorized"
+    assert not caught.value.retryable
+    assert sleeps == []
+    assert len(state_of(dify_server).snapshot()) == 1
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_client_errors_are_not_retried(make_client, dify_server, sleeps, status: int) -> None:
+    state_of(dify_server).fail_next(status, "invalid_param", "nope")
+    with pytest.raises(DifyError) as caught:
+        make_client(app_mode="chat").ask("q", user="u")
+    assert caught.value.status == status
+    assert caught.value.code == "invalid_param"
+    assert sleeps == []
+
+
+def test_server_errors_are_retried_with_backoff(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).fail_next(500, "internal_server_error", "boom", times=2)
+    answer = make_client(app_mode="chat", max_attempts=3, backoff_base=1.0).ask("q", user="u")
+    assert answer.text == "Dify double answer: q"
+    assert len(answer_requests(dify_server)) == 3
+    assert len(sleeps) == 2
+    assert 1.0 <= sleeps[0] <= 1.5
+    assert 2.0 <= sleeps[1] <= 3.0
+
+
+def test_too_many_requests_is_retried(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).fail_next(429, "too_many_requests", "slow down")
+    assert make_client(app_mode="chat").ask("q", user="u").text.endswith("q")
+    assert len(sleeps) == 1
+
+
+def test_server_errors_give_up_after_max_attempts(make_client, dify_server, sleeps) -> None:
+    metrics = Metrics()
+    state_of(dify_server).fail_next(503, "service_unavailable", "down", times=5)
+    with pytest.raises(DifyError) as caught:
+        make_client(metrics, app_mode="chat", max_attempts=3).ask("q", user="u")
+    assert caught.value.status == 503
+    assert caught.value.retryable
+    assert len(sleeps) == 2
+    assert metrics.value("wecom_bridge_dify_errors_total", {"code": "service_unavailable"}) == 1
+
+
+def test_hang_longer_than_read_timeout_is_retried(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).hang_next(10, times=1)
+    answer = make_client(app_mode="chat", read_timeout=0.3).ask("q", user="u")
+    assert answer.text == "Dify double answer: q"
+    assert len(sleeps) == 1
+
+
+def test_hang_every_time_ends_in_a_timeout_error(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).hang_next(10, times=2)
+    with pytest.raises(DifyError) as caught:
+        make_client(app_mode="chat", read_timeout=0.3, max_attempts=2).ask("q", user="u")
+    assert caught.value.code == "timeout"
+    assert caught.value.retryable
+    assert len(sleeps) == 1
+
+
+def test_stream_stalling_after_the_first_ping_times_out(make_client, dify_server, sleeps) -> None:
+    state_of(dify_server).hang_next(10, times=2, mid_stream=True)
+    with pytest.raises(DifyError) as caught:
+        make_client(app_mode="chat", read_timeout=0.3, max_attempts=2).ask("q", user="u")
+    assert caught.value.code == "timeout"
+
+
+def test_dify_down_is_a_retryable_network_error(sleeps) -> None:
+    client = DifyClient(
+        DifySettings(api_base="http://127.0.0.1:9/v1", api_key=API_KEY, app_mode="chat"),
+        sleep=sleeps.append,
+    )
+    with pytest.raises(DifyError) as caught:
+        client.ask("q", user="u")
+    assert caught.value.code == "network"
+    assert len(sleeps) == 2
+
+
+@pytest.mark.parametrize("dify_mode", ["completion"])
+def test_completion_app(make_client, dify_server) -> None:
+    answer = make_client().ask("写一首诗", user="u")
+    assert answer == DifyAnswer(answer.text, "", answer.message_id)
+    assert answer.text == "Dify double answer: 写一首诗"
+    (sent,) = answer_requests(dify_server)
+    assert sent["path"] == "/v1/completion-messages"
+    assert sent["json"]["inputs"] == {"query": "写一首诗"}
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_workflow_answer_output(make_client, dify_server) -> None:
+    answer = make_client().ask("run it", user="u")
+    assert answer.text == "Dify double answer: run it"
+    (sent,) = answer_requests(dify_server)
+    assert sent["path"] == "/v1/workflows/run"
+    assert sent["json"]["response_mode"] == "blocking"
+
+
+def test_workflow_output_pick() -> None:
+    pick = DifyClient(DifySettings(api_base="http://x/v1", api_key="k"))._pick_output
+    assert pick({"answer": "a", "text": "t"}) == "a"
+    assert pick({"result": "r", "count": 3}) == "r"
+    assert pick({"summary": "only string", "n": 1}) == "only string"
+    with pytest.raises(DifyError, match="which workflow output"):
+        pick({"a": "1", "b": "2"})
+    chosen = DifyClient(
+        DifySettings(api_base="http://x/v1", api_key="k", workflow_output="data")
+    )._pick_output
+    assert chosen({"answer": "no", "data": {"k": "值"}}) == '{"k": "值"}'
+    with pytest.raises(DifyError, match="no output 'data'"):
+        chosen({"answer": "no"})
+
+
+def test_unknown_app_mode_is_an_error() -> None:
+    client = DifyClient(DifySettings(api_base="http://x/v1", api_key="k", app_mode="chatbot"))
+    with pytest.raises(DifyError, match="unsupported"):
+        client.ask("q", user="u")
+
+
+def test_long_answer_comes_back_whole(make_client, dify_server) -> None:
+    text = "很长的回答。" * 900
+    state_of(dify_server).set_answer(text)
+    assert make_client().ask("q", user="u").text == text
+
+
+def test_api_key_never_logged(make_client, dify_server, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    state_of(dify_server).fail_next(500, "internal_server_error", "boom")
+    make_client().ask("q", user="u")
+    with pytest.raises(DifyError):
+        make_client(api_key="app-wrong-key").ask("q", user="u")
+    assert API_KEY not in caplog.text
+    assert "app-wrong-key" not in caplog.text
+    assert all("Authorization" not in str(r) for r in state_of(dify_server).snapshot())

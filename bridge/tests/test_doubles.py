@@ -1,0 +1,585 @@
+"""The doubles themselves: callbacks they build, and the WeCom and Dify APIs they play."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from flask import Flask, Response, request
+from wechatpy.enterprise.crypto import WeChatCrypto  # wechatpy 1.8 names the WeCom module so
+
+from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.doubles.callbacks import (
+    CallbackClient,
+    build_callback,
+    build_event_callback,
+    build_text_callback,
+    build_url_verification,
+)
+from wecom_bridge.doubles.dify_api import create_dify_double, dify_double_from_env
+from wecom_bridge.doubles.server import ServerThread, parse_listen
+from wecom_bridge.doubles.wecom_api import create_wecom_double, wecom_double_from_env
+from wecom_bridge.errors import ConfigError
+from wecom_bridge.messages import parse_envelope, parse_message, parse_xml
+
+TOKEN = "QDG6eK"
+AES_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
+CORP_ID = "wx5823bf96d3bd56c7"
+SECRET = "double-test-secret"
+AGENT_ID = "1000002"
+DIFY_KEY = "app-double-test"
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - only parsed, never bound
+
+
+@pytest.fixture
+def crypto() -> WeComCrypto:
+    return WeComCrypto(TOKEN, AES_KEY, CORP_ID)
+
+
+def open_callback(crypto: WeComCrypto, params: dict[str, str], body: bytes) -> dict[str, str]:
+    envelope = parse_envelope(body)
+    crypto.verify_signature(
+        params["msg_signature"], params["timestamp"], params["nonce"], envelope.encrypt
+    )
+    return parse_xml(crypto.decrypt(envelope.encrypt))
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+
+def test_url_verification_round_trip(crypto: WeComCrypto) -> None:
+    params = build_url_verification(
+        crypto, "1616140317555161061", timestamp="1409659589", nonce="263014780"
+    )
+    assert params["timestamp"] == "1409659589"
+    assert params["nonce"] == "263014780"
+    plaintext = crypto.verify_url(
+        params["msg_signature"], params["timestamp"], params["nonce"], params["echostr"]
+    )
+    assert plaintext == "1616140317555161061"
+
+
+def test_text_callback_decrypts(crypto: WeComCrypto) -> None:
+    params, body = build_text_callback(
+        crypto,
+        from_user="zhangsan",
+        content="你好 <b>&</b>",
+        msg_id="1234567890123456789",
+        agent_id=AGENT_ID,
+        create_time=1700000000,
+    )
+    envelope = parse_envelope(body)
+    assert envelope.to_user == CORP_ID
+    assert envelope.agent_id == AGENT_ID
+    message = parse_message(crypto.decrypt(envelope.encrypt))
+    assert message.from_user == "zhangsan"
+    assert message.content == "你好 <b>&</b>"
+    assert message.msg_id == "1234567890123456789"
+    assert message.create_time == 1700000000
+    assert message.msg_type == "text"
+    assert message.corp_id == CORP_ID
+    assert open_callback(crypto, params, body)["AgentID"] == AGENT_ID
+
+
+def test_event_callback_decrypts(crypto: WeComCrypto) -> None:
+    params, body = build_event_callback(
+        crypto, from_user="lisi", event="enter_agent", agent_id=AGENT_ID, create_time=1700000001
+    )
+    fields = open_callback(crypto, params, body)
+    assert fields["MsgType"] == "event"
+    assert fields["Event"] == "enter_agent"
+    assert fields["EventKey"] == ""
+    assert parse_message(crypto.decrypt(parse_envelope(body).encrypt)).dedupe_key() == (
+        "event:lisi:1700000001:enter_agent:"
+    )
+
+
+def test_any_message_type(crypto: WeComCrypto) -> None:
+    fields = {
+        "FromUserName": "u",
+        "CreateTime": 1,
+        "MsgType": "image",
+        "PicUrl": "http://p",
+        "MediaId": "m1",
+        "MsgId": "42",
+        "AgentID": AGENT_ID,
+    }
+    params, body = build_callback(crypto, fields)
+    decrypted = open_callback(crypto, params, body)
+    assert decrypted["MediaId"] == "m1"
+    assert decrypted["ToUserName"] == CORP_ID
+
+
+def test_callbacks_are_unique(crypto: WeComCrypto) -> None:
+    one = build_text_callback(crypto, from_user="u", content="c", msg_id="1", agent_id=AGENT_ID)
+    two = build_text_callback(crypto, from_user="u", content="c", msg_id="1", agent_id=AGENT_ID)
+    assert one[1] != two[1]  # random AES prefix
+
+
+def test_wechatpy_decrypts_our_callback(crypto: WeComCrypto) -> None:
+    params, body = build_text_callback(
+        crypto, from_user="zhangsan", content="独立实现验证 ✅", msg_id="99", agent_id=AGENT_ID
+    )
+    oracle = WeChatCrypto(TOKEN, AES_KEY, CORP_ID)
+    xml = oracle.decrypt_message(
+        body.decode(), params["msg_signature"], params["timestamp"], params["nonce"]
+    )
+    assert parse_xml(xml.encode())["Content"] == "独立实现验证 ✅"
+
+
+def test_wechatpy_checks_our_url_verification(crypto: WeComCrypto) -> None:
+    params = build_url_verification(crypto, "echo-123")
+    oracle = WeChatCrypto(TOKEN, AES_KEY, CORP_ID)
+    echo = oracle.check_signature(
+        params["msg_signature"], params["timestamp"], params["nonce"], params["echostr"]
+    )
+    assert echo == "echo-123"
+
+
+def test_we_decrypt_what_wechatpy_encrypts(crypto: WeComCrypto) -> None:
+    oracle = WeChatCrypto(TOKEN, AES_KEY, CORP_ID)
+    inner = "<xml><Content><![CDATA[来自 wechatpy]]></Content><MsgType>text</MsgType></xml>"
+    envelope = parse_xml(oracle.encrypt_message(inner, "12345", "1700000000").encode())
+    crypto.verify_signature(envelope["MsgSignature"], "1700000000", "12345", envelope["Encrypt"])
+    assert parse_xml(crypto.decrypt(envelope["Encrypt"]))["Content"] == "来自 wechatpy"
+
+
+@pytest.fixture
+def receiver(crypto: WeComCrypto) -> Iterator[tuple[ServerThread, list[dict[str, str]]]]:
+    """A minimal callback endpoint that checks what CallbackClient sends."""
+    received: list[dict[str, str]] = []
+    app = Flask("receiver")
+
+    @app.route("/wxcomapp", methods=["GET", "POST"])
+    def callback() -> Response | str:
+        args = request.args
+        if request.method == "GET":
+            return crypto.verify_url(
+                args["msg_signature"], args["timestamp"], args["nonce"], args["echostr"]
+            )
+        received.append(open_callback(crypto, dict(args), request.get_data()))
+        return ""
+
+    with ServerThread(app) as server:
+        yield server, received
+
+
+def test_callback_client(crypto: WeComCrypto, receiver) -> None:
+    server, received = receiver
+    client = CallbackClient(server.url + "/wxcomapp", crypto, AGENT_ID)
+    assert client.verify_url("hello-echo").text == "hello-echo"
+    assert client.verify_url().text.isdigit()
+    assert client.send_text("zhangsan", "问题？", msg_id="777").status_code == 200
+    assert client.send_text("zhangsan", "second").status_code == 200
+    assert client.send_event("zhangsan", "enter_agent").status_code == 200
+    assert [r.get("Content") for r in received] == ["问题？", "second", None]
+    assert received[0]["MsgId"] == "777"
+    assert received[1]["MsgId"] != received[0]["MsgId"]
+    assert received[2]["Event"] == "enter_agent"
+
+
+# --- WeCom API double ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wecom() -> Iterator[ServerThread]:
+    app = create_wecom_double(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID)
+    with ServerThread(app) as server:
+        yield server
+
+
+def gettoken(server: ServerThread, corpid: str = CORP_ID, secret: str = SECRET) -> dict:
+    params = {"corpid": corpid, "corpsecret": secret}
+    return requests.get(server.url + "/cgi-bin/gettoken", params=params, timeout=5).json()
+
+
+def send(server: ServerThread, token: str, content: str = "hi", user: str = "u1") -> dict:
+    body = {
+        "touser": user,
+        "msgtype": "text",
+        "agentid": int(AGENT_ID),
+        "text": {"content": content},
+    }
+    url = server.url + "/cgi-bin/message/send"
+    return requests.post(url, params={"access_token": token}, json=body, timeout=5).json()
+
+
+def test_gettoken(wecom: ServerThread) -> None:
+    data = gettoken(wecom)
+    assert data["errcode"] == 0
+    assert data["expires_in"] == 7200
+    assert gettoken(wecom, secret="wrong")["errcode"] == 40001
+    assert gettoken(wecom, corpid="wrong")["errcode"] == 40013
+    assert wecom.app.extensions["wecom_double"].gettoken_calls == 3
+
+
+def test_send_records_messages(wecom: ServerThread) -> None:
+    token = gettoken(wecom)["access_token"]
+    result = send(wecom, token, "第一条")
+    assert result["errcode"] == 0
+    assert result["errmsg"] == "ok"
+    assert result["invaliduser"] == ""
+    assert result["msgid"]
+    messages = requests.get(wecom.url + "/_double/messages", timeout=5).json()["messages"]
+    assert [m["text"]["content"] for m in messages] == ["第一条"]
+    assert messages[0]["touser"] == "u1"
+    assert messages[0]["received_at"] <= time.time()
+    assert requests.delete(wecom.url + "/_double/messages", timeout=5).ok
+    assert requests.get(wecom.url + "/_double/messages", timeout=5).json() == {"messages": []}
+
+
+def test_send_checks_the_token(wecom: ServerThread) -> None:
+    assert send(wecom, "")["errcode"] == 41001
+    assert send(wecom, "made-up")["errcode"] == 40014
+    token = gettoken(wecom)["access_token"]
+    assert requests.post(wecom.url + "/_double/expire-tokens", timeout=5).ok
+    assert send(wecom, token)["errcode"] == 42001
+    assert send(wecom, gettoken(wecom)["access_token"])["errcode"] == 0
+
+
+def test_tokens_expire_after_their_ttl() -> None:
+    now = [0.0]
+    app = create_wecom_double(corp_id=CORP_ID, secret=SECRET, token_ttl=60, clock=lambda: now[0])
+    with ServerThread(app) as server:
+        token = gettoken(server)["access_token"]
+        assert send(server, token)["errcode"] == 0
+        now[0] = 60.0
+        assert send(server, token)["errcode"] == 42001
+
+
+def test_send_validates_the_body(wecom: ServerThread) -> None:
+    token = gettoken(wecom)["access_token"]
+    url = wecom.url + "/cgi-bin/message/send"
+
+    def post(body: dict) -> int:
+        resp = requests.post(url, params={"access_token": token}, json=body, timeout=5)
+        return resp.json()["errcode"]
+
+    text = {"msgtype": "text", "text": {"content": "x"}, "touser": "u"}
+    assert post({**text, "agentid": 999}) == 40056
+    assert post({**text, "agentid": int(AGENT_ID), "touser": ""}) == 81013
+    assert post({"msgtype": "image", "agentid": int(AGENT_ID), "touser": "u"}) == 47001
+    assert post({**text, "agentid": AGENT_ID, "text": {"content": ""}}) == 44004
+    markdown = {"msgtype": "markdown", "markdown": {"content": "**b**"}, "touser": "u"}
+    assert post({**markdown, "agentid": AGENT_ID}) == 0
+
+
+def test_over_long_text_is_truncated_silently(wecom: ServerThread) -> None:
+    token = gettoken(wecom)["access_token"]
+    assert send(wecom, token, "长" * 700)["errcode"] == 0
+    (message,) = wecom.app.extensions["wecom_double"].snapshot()
+    assert message["truncated"] is True
+    assert message["content_bytes"] == 2100
+    assert message["text"]["content"] == "长" * 682
+
+
+def test_rate_limit_drops_silently() -> None:
+    now = [0.0]
+    app = create_wecom_double(corp_id=CORP_ID, secret=SECRET, clock=lambda: now[0])
+    with ServerThread(app) as server:
+        token = gettoken(server)["access_token"]
+        for i in range(31):
+            assert send(server, token, f"m{i}")["errcode"] == 0
+        assert send(server, token, "other user", user="u2")["errcode"] == 0
+        stats = requests.get(server.url + "/_double/stats", timeout=5).json()
+        assert stats["messages"] == 31
+        assert stats["dropped"] == 1
+        assert stats["dropped_messages"][0]["text"]["content"] == "m30"
+        now[0] = 60.0
+        assert send(server, token, "next minute")["errcode"] == 0
+        assert server.app.extensions["wecom_double"].snapshot()[-1]["text"]["content"] == (
+            "next minute"
+        )
+
+
+def test_faults_through_the_control_api(wecom: ServerThread) -> None:
+    faults = {"gettoken": [60020], "send": [45009, 42001]}
+    assert requests.post(wecom.url + "/_double/faults", json=faults, timeout=5).ok
+    refused = gettoken(wecom)
+    assert refused["errcode"] == 60020
+    assert refused["errmsg"].startswith("not allow to access from your ip, hint: [")
+    assert (
+        ", from ip: 203.0.113.7, more info at https://open.work.weixin.qq.com/devtool/query?e=60020"
+        in (refused["errmsg"])
+    )
+    token = gettoken(wecom)["access_token"]
+    assert send(wecom, token)["errcode"] == 45009
+    assert send(wecom, token)["errcode"] == 42001
+    assert send(wecom, token)["errcode"] == 0
+    bad = requests.post(wecom.url + "/_double/faults", json={"media": [1]}, timeout=5)
+    assert bad.status_code == 400
+
+
+def test_fail_next_rejects_unknown_api(wecom: ServerThread) -> None:
+    with pytest.raises(ValueError, match="api"):
+        wecom.app.extensions["wecom_double"].fail_next("media", 1)
+
+
+def test_media_and_callback_ip(wecom: ServerThread) -> None:
+    token = gettoken(wecom)["access_token"]
+    media = requests.get(
+        wecom.url + "/cgi-bin/media/get",
+        params={"access_token": token, "media_id": "M1"},
+        timeout=5,
+    )
+    assert media.content == b"media M1"
+    ips = requests.get(
+        wecom.url + "/cgi-bin/getcallbackip", params={"access_token": token}, timeout=5
+    ).json()
+    assert ips["errcode"] == 0
+    assert ips["ip_list"]
+    unauth = requests.get(wecom.url + "/cgi-bin/getcallbackip", timeout=5).json()
+    assert unauth["errcode"] == 41001
+
+
+def test_reset_keeps_tokens(wecom: ServerThread) -> None:
+    state = wecom.app.extensions["wecom_double"]
+    token = gettoken(wecom)["access_token"]
+    send(wecom, token)
+    state.fail_next("send", 45009)
+    state.reset()
+    assert state.stats()["gettoken_calls"] == 0
+    assert send(wecom, token)["errcode"] == 0
+
+
+def test_wecom_double_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WECOM_CORP_ID", CORP_ID)
+    monkeypatch.setenv("WECOM_SECRET", SECRET)
+    monkeypatch.setenv("WECOM_AGENT_ID", AGENT_ID)
+    state = wecom_double_from_env().extensions["wecom_double"]
+    assert (state.corp_id, state.secret, state.agent_id) == (CORP_ID, SECRET, AGENT_ID)
+    monkeypatch.delenv("WECOM_SECRET")
+    with pytest.raises(ConfigError, match="WECOM_SECRET"):
+        wecom_double_from_env()
+
+
+# --- Dify API double -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dify_mode() -> str:
+    return "chat"
+
+
+@pytest.fixture
+def dify(dify_mode: str) -> Iterator[ServerThread]:
+    with ServerThread(create_dify_double(api_key=DIFY_KEY, mode=dify_mode)) as server:
+        yield server
+        server.app.extensions["dify_double"].reset()
+
+
+def v1(
+    server: ServerThread,
+    path: str,
+    body: dict | None = None,
+    key: str = DIFY_KEY,
+    stream: bool = False,
+) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{server.url}/v1{path}"
+    if body is None:
+        return requests.get(url, headers=headers, timeout=5)
+    return requests.post(url, json=body, headers=headers, timeout=5, stream=stream)
+
+
+def sse(response: requests.Response) -> list[dict]:
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.startswith("data: "):
+            events.append(json.loads(block[6:]))
+        elif block:
+            events.append({"raw": block})
+    return events
+
+
+def chat(query: str = "q", user: str = "u", mode: str = "streaming", cid: str = "") -> dict:
+    return {
+        "inputs": {},
+        "query": query,
+        "user": user,
+        "response_mode": mode,
+        "conversation_id": cid,
+    }
+
+
+def test_dify_auth(dify: ServerThread) -> None:
+    wrong = v1(dify, "/info", key="nope")
+    assert wrong.status_code == 401
+    assert wrong.json()["code"] == "unauthorized"
+    missing = requests.get(dify.url + "/v1/info", timeout=5)
+    assert missing.status_code == 401
+    info = v1(dify, "/info").json()
+    assert info["mode"] == "chat"
+    assert set(info) == {"name", "description", "tags", "mode", "author_name"}
+    assert "user_input_form" in v1(dify, "/parameters").json()
+
+
+def test_dify_streaming_chat(dify: ServerThread) -> None:
+    response = v1(dify, "/chat-messages", chat("你好"))
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = sse(response)
+    assert events[0] == {"raw": "event: ping"}
+    messages = [e for e in events if e.get("event") == "message"]
+    assert len(messages) > 1
+    assert "".join(e["answer"] for e in messages) == "Dify double answer: 你好"
+    end = events[-1]
+    assert end["event"] == "message_end"
+    assert end["metadata"]["usage"]["total_tokens"] > 0
+    assert end["conversation_id"]
+
+
+def test_dify_blocking_chat_and_conversations(dify: ServerThread) -> None:
+    first = v1(dify, "/chat-messages", chat("one", mode="blocking")).json()
+    assert first["answer"] == "Dify double answer: one"
+    cid = first["conversation_id"]
+    again = v1(dify, "/chat-messages", chat("two", mode="blocking", cid=cid)).json()
+    assert again["conversation_id"] == cid
+    other_user = v1(dify, "/chat-messages", chat("x", user="someone-else", cid=cid))
+    assert other_user.status_code == 404
+    unknown = v1(dify, "/chat-messages", chat(cid="00000000-0000-4000-8000-000000000000"))
+    assert unknown.status_code == 404
+    assert unknown.json() == {
+        "code": "not_found",
+        "message": "Conversation Not Exists.",
+        "status": 404,
+    }
+    assert requests.delete(dify.url + "/_double/conversations", timeout=5).ok
+    assert v1(dify, "/chat-messages", chat(cid=cid)).status_code == 404
+
+
+def test_dify_validation(dify: ServerThread) -> None:
+    assert v1(dify, "/chat-messages", chat(user="")).status_code == 400
+    assert v1(dify, "/chat-messages", chat(query="")).status_code == 400
+    wrong_route = v1(dify, "/completion-messages", {"inputs": {"query": "q"}, "user": "u"})
+    assert wrong_route.json()["code"] == "not_completion_app"
+
+
+@pytest.mark.parametrize("dify_mode", ["agent-chat"])
+def test_dify_agent_mode(dify: ServerThread) -> None:
+    assert v1(dify, "/chat-messages", chat(mode="blocking")).status_code == 400
+    events = sse(v1(dify, "/chat-messages", chat("tool")))
+    kinds = {e.get("event") for e in events}
+    assert {"agent_thought", "agent_message", "message_end"} <= kinds
+    assert "message" not in kinds
+
+
+@pytest.mark.parametrize("dify_mode", ["completion"])
+def test_dify_completion_mode(dify: ServerThread) -> None:
+    body = {"inputs": {"query": "诗"}, "user": "u", "response_mode": "blocking"}
+    data = v1(dify, "/completion-messages", body).json()
+    assert data["answer"] == "Dify double answer: 诗"
+    assert data["conversation_id"] == ""
+    assert v1(dify, "/chat-messages", chat()).json()["code"] == "not_chat_app"
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_dify_workflow_mode(dify: ServerThread) -> None:
+    body = {"inputs": {"query": "run"}, "user": "u", "response_mode": "blocking"}
+    data = v1(dify, "/workflows/run", body).json()
+    assert data["data"]["status"] == "succeeded"
+    assert data["data"]["outputs"] == {"answer": "Dify double answer: run"}
+    streamed = sse(v1(dify, "/workflows/run", {**body, "response_mode": "streaming"}))
+    assert streamed[-1]["event"] == "workflow_finished"
+    assert "".join(e["data"]["text"] for e in streamed if e.get("event") == "text_chunk") == (
+        "Dify double answer: run"
+    )
+
+
+def test_dify_control_api(dify: ServerThread) -> None:
+    url = dify.url + "/_double"
+    requests.post(
+        url + "/faults",
+        json={"status": 500, "code": "internal_server_error", "times": 2},
+        timeout=5,
+    )
+    assert v1(dify, "/chat-messages", chat()).status_code == 500
+    assert v1(dify, "/chat-messages", chat()).status_code == 500
+    assert v1(dify, "/chat-messages", chat()).status_code == 200
+    requests.post(url + "/answer", json={"text": "固定回答"}, timeout=5)
+    assert v1(dify, "/chat-messages", chat(mode="blocking")).json()["answer"] == "固定回答"
+    requests.post(url + "/answer", json={"text": None}, timeout=5)
+    requests.post(url + "/delay", json={"seconds": 0.3}, timeout=5)
+    started = time.monotonic()
+    assert (
+        v1(dify, "/chat-messages", chat("slow", mode="blocking")).json()["answer"].endswith("slow")
+    )
+    assert time.monotonic() - started >= 0.3
+    requests.post(url + "/delay", json={"seconds": 0}, timeout=5)
+    requests.post(url + "/faults", json={"hang": 0.4, "times": 1}, timeout=5)
+    with pytest.raises(requests.Timeout):
+        requests.post(
+            dify.url + "/v1/chat-messages",
+            json=chat(),
+            headers={"Authorization": f"Bearer {DIFY_KEY}"},
+            timeout=(2, 0.2),
+        )
+    recorded = requests.get(url + "/requests", timeout=5).json()["requests"]
+    assert len(recorded) == 6
+    assert recorded[0]["json"]["query"] == "q"
+    assert all("Authorization" not in json.dumps(r) for r in recorded)
+    assert requests.delete(url + "/requests", timeout=5).ok
+    assert requests.get(url + "/requests", timeout=5).json() == {"requests": []}
+    assert requests.post(url + "/faults", json={}, timeout=5).status_code == 400
+
+
+def test_dify_error_event_in_stream(dify: ServerThread) -> None:
+    dify.app.extensions["dify_double"].fail_next(
+        400, "completion_request_error", "bad", in_stream=True
+    )
+    response = v1(dify, "/chat-messages", chat())
+    assert response.status_code == 200
+    last = sse(response)[-1]
+    assert (last["event"], last["status"], last["code"]) == (
+        "error",
+        400,
+        "completion_request_error",
+    )
+
+
+def test_dify_health_and_setup(dify: ServerThread) -> None:
+    health = requests.get(dify.url + "/health", timeout=5).json()
+    assert health["status"] == "ok"
+    assert health["version"]
+    setup = dify.url + "/console/api/setup"
+    assert requests.get(setup, timeout=5).json() == {"step": "not_started"}
+    admin = {"email": "admin@example.com", "name": "admin", "password": "Passw0rd-long"}
+    assert requests.post(setup, json=admin, timeout=5).status_code == 201
+    assert requests.get(setup, timeout=5).json()["step"] == "finished"
+    assert requests.post(setup, json=admin, timeout=5).status_code == 403
+
+
+def test_dify_double_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFY_API_KEY", DIFY_KEY)
+    monkeypatch.setenv("DIFY_DOUBLE_MODE", "workflow")
+    monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "250")
+    state = dify_double_from_env().extensions["dify_double"]
+    assert (state.api_key, state.mode, state.delay) == (DIFY_KEY, "workflow", 0.25)
+    with pytest.raises(ValueError, match="mode"):
+        create_dify_double(api_key="k", mode="chatbot")
+    monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "soon")
+    with pytest.raises(ConfigError, match="DIFY_DOUBLE_DELAY_MS"):
+        dify_double_from_env()
+    monkeypatch.delenv("DIFY_API_KEY")
+    monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "0")
+    with pytest.raises(ConfigError, match="DIFY_API_KEY"):
+        dify_double_from_env()
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("0.0.0.0:9001", (ALL_INTERFACES, 9001)),
+        ("[::1]:9002", ("::1", 9002)),
+        (":9003", (ALL_INTERFACES, 9003)),
+    ],
+)
+def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(listen) == expected
+
+
+def test_parse_listen_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        parse_listen("localhost")
