@@ -36,6 +36,9 @@ class Runtime:
 
 def build_runtime(config: BridgeConfig) -> Runtime:
     store = Store(config.data_dir, busy_timeout=config.db_busy_timeout)
+    worker_store = Store(
+        config.data_dir, busy_timeout=config.db_busy_timeout, durable_commits=False
+    )
     metrics = Metrics()
     apps = {
         app.name: AppRuntime(
@@ -45,7 +48,7 @@ def build_runtime(config: BridgeConfig) -> Runtime:
                 api_base=config.wecom_api_base,
                 corp_id=app.corp_id,
                 secret=app.secret,
-                token_cache=store,
+                token_cache=worker_store,
                 metrics=metrics,
                 config_error_cooldown=config.config_error_cooldown,
             ),
@@ -53,14 +56,14 @@ def build_runtime(config: BridgeConfig) -> Runtime:
         for app in config.apps
     }
     processor = JobProcessor(
-        store,
+        worker_store,
         apps,
         metrics,
         limiter=SlidingWindowLimiter(),
         send_max_age=config.send_max_age_seconds,
     )
     pool = WorkerPool(
-        store,
+        worker_store,
         processor,
         size=config.job_workers,
         dedupe_ttl=config.dedupe_ttl_seconds,

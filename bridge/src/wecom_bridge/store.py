@@ -103,11 +103,17 @@ def _job(row: sqlite3.Row) -> Job:
 
 class Store:
     def __init__(
-        self, data_dir: Path, *, busy_timeout: float = 2.0, clock: Callable[[], float] = time.time
+        self,
+        data_dir: Path,
+        *,
+        busy_timeout: float = 2.0,
+        durable_commits: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "bridge.sqlite3"
         self._busy_timeout = busy_timeout
+        self._synchronous = "FULL" if durable_commits else "NORMAL"
         self._clock = clock
         self._local = threading.local()
         try:
@@ -128,8 +134,10 @@ class Store:
             )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: an acknowledged callback must survive power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
+            # FULL syncs the WAL at every commit, so an acknowledged callback survives power
+            # loss; NORMAL (worker progress) survives a process crash and is made durable by
+            # the next FULL commit. One fsync per worker step would starve the callbacks.
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
             self._local.conn = conn
         return conn
 

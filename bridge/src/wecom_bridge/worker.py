@@ -148,7 +148,6 @@ class JobProcessor:
 
     def _send_failed(self, job: Job, exc: WeComApiError, fields: dict[str, object]) -> None:
         age = self._clock() - job.received_at
-        self.metrics.inc("wecom_bridge_wecom_send_errors_total", {"errcode": str(exc.errcode)})
         if (exc.retryable or isinstance(exc, WeComConfigError)) and age < self.send_max_age:
             delay = min(MAX_JOB_RETRY_DELAY, 5.0 * 2 ** (job.attempts - 1))
             self.store.retry_later(job.id, delay, str(exc), exc.errcode)
