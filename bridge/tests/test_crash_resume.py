@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import requests
 from conftest import AppSecrets, BridgeProcess, dify_state, wait_for, wecom_state
 
 from wecom_bridge.doubles.callbacks import CallbackClient
@@ -38,6 +39,13 @@ def test_kill9_mid_burst_resumes_exactly_once(
         client.url = f"{second.url}/wxcomapp"
         assert client.send_text("user0", questions["user0"], msg_id="90000").status_code == 200
         time.sleep(1.0)
+        # The job process's metrics reach the web side's /metrics (written every second).
+        wait_for(
+            lambda: (
+                "wecom_bridge_wecom_messages_sent_total"
+                in requests.get(f"{second.url}/metrics", timeout=5).text
+            )
+        )
     finally:
         log = second.stop()
     per_user = Counter(m["touser"] for m in wecom_state(wecom_double).snapshot())

@@ -1,9 +1,18 @@
-"""The app factory: wires config, store, clients, workers and the HTTP endpoints together."""
+"""The app factory and the job process: wires config, store, clients and workers together.
+
+Production (`serve`) runs the HTTP side (gunicorn) and the job side (`work`) as separate
+processes sharing only the store, so answering Dify never competes with acknowledging WeCom for
+one interpreter lock. Tests and small setups can run both in one process.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask, Response, jsonify
 
@@ -15,6 +24,7 @@ from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.ratelimit import SlidingWindowLimiter
 from wecom_bridge.store import Store
+from wecom_bridge.wakeup import WakeupListener, WakeupSender
 from wecom_bridge.wecom import WeComClient
 from wecom_bridge.worker import AppRuntime, JobProcessor, WorkerPool
 
@@ -23,6 +33,8 @@ log = logging.getLogger("wecom_bridge.app")
 # A queue this deep means the workers cannot keep up; report not-ready so load balancers and
 # operators notice before WeCom's users do.
 MAX_READY_QUEUE_DEPTH = 10_000
+HEARTBEAT_SECONDS = 5.0
+WORKER_METRICS_FILE = "worker-metrics.prom"
 
 
 @dataclass
@@ -30,16 +42,13 @@ class Runtime:
     config: BridgeConfig
     store: Store
     metrics: Metrics
-    pool: WorkerPool
-    apps: dict[str, AppRuntime]
+    pool: WorkerPool | None  # None: the job side is a separate process
 
 
-def build_runtime(config: BridgeConfig) -> Runtime:
-    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout)
-    worker_store = Store(
-        config.data_dir, busy_timeout=config.db_busy_timeout, durable_commits=False
-    )
-    metrics = Metrics()
+def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
+    # Worker progress commits without fsync: it survives a crash of the process, and the next
+    # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
+    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout, durable_commits=False)
     apps = {
         app.name: AppRuntime(
             config=app,
@@ -48,7 +57,7 @@ def build_runtime(config: BridgeConfig) -> Runtime:
                 api_base=config.wecom_api_base,
                 corp_id=app.corp_id,
                 secret=app.secret,
-                token_cache=worker_store,
+                token_cache=store,
                 metrics=metrics,
                 config_error_cooldown=config.config_error_cooldown,
             ),
@@ -56,21 +65,20 @@ def build_runtime(config: BridgeConfig) -> Runtime:
         for app in config.apps
     }
     processor = JobProcessor(
-        worker_store,
+        store,
         apps,
         metrics,
         limiter=SlidingWindowLimiter(),
         send_max_age=config.send_max_age_seconds,
     )
-    pool = WorkerPool(
-        worker_store,
+    return WorkerPool(
+        store,
         processor,
         size=config.job_workers,
+        heartbeat_seconds=HEARTBEAT_SECONDS,
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
     )
-    metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
-    return Runtime(config, store, metrics, pool, apps)
 
 
 def _queue_depth(store: Store) -> float:
@@ -80,8 +88,13 @@ def _queue_depth(store: Store) -> float:
         return float("nan")
 
 
-def create_app(config: BridgeConfig, *, start_workers: bool = True) -> Flask:
-    runtime = build_runtime(config)
+def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flask:
+    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout)
+    metrics = Metrics()
+    metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
+    pool = build_pool(config, metrics) if in_process_workers else None
+    notify = pool.notify if pool else WakeupSender(config.data_dir).send
+    runtime = Runtime(config, store, metrics, pool)
     flask_app = Flask("wecom_bridge")
     flask_app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     flask_app.extensions["wecom_bridge"] = runtime
@@ -89,42 +102,52 @@ def create_app(config: BridgeConfig, *, start_workers: bool = True) -> Flask:
         handler = CallbackHandler(
             app=app,
             crypto=WeComCrypto(app.token, app.encoding_aes_key, app.corp_id),
-            store=runtime.store,
-            metrics=runtime.metrics,
-            notify=runtime.pool.notify,
+            store=store,
+            metrics=metrics,
+            notify=notify,
             max_body_bytes=config.max_body_bytes,
         )
-        register_callback(flask_app, handler, runtime.metrics)
+        register_callback(flask_app, handler, metrics)
     _register_ops(flask_app, runtime)
-    if start_workers:
-        runtime.pool.start()
+    if pool:
+        pool.start()
     log.info(
         "bridge ready to serve",
-        extra={
-            "apps": ",".join(a.name for a in config.apps),
-            "paths": ",".join(a.callback_path for a in config.apps),
-        },
+        extra={"paths": ",".join(a.callback_path for a in config.apps)},
     )
     return flask_app
 
 
 def readiness(runtime: Runtime) -> tuple[bool, dict[str, object]]:
-    status: dict[str, object] = {"workers": runtime.pool.alive()}
+    status: dict[str, object] = {}
+    depth = None
     try:
         runtime.store.probe_write()
         status["db"] = "writable"
+        if runtime.pool is not None:
+            status["workers"] = runtime.pool.alive()
+        else:
+            status["workers"] = runtime.store.live_workers(3 * HEARTBEAT_SECONDS) > 0
         depth = runtime.store.queue_depth()
         status["queue_depth"] = depth
     except StoreUnavailableError as exc:
         status["db"] = f"unavailable: {exc}"
-        depth = None
+        status.setdefault("workers", False)
     ready = (
         status["db"] == "writable"
         and bool(status["workers"])
-        and (depth is not None and depth < MAX_READY_QUEUE_DEPTH)
+        and depth is not None
+        and depth < MAX_READY_QUEUE_DEPTH
     )
     status["ready"] = ready
     return ready, status
+
+
+def _worker_metrics(data_dir: Path) -> str:
+    try:
+        return (data_dir / WORKER_METRICS_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 def _register_ops(flask_app: Flask, runtime: Runtime) -> None:
@@ -139,4 +162,29 @@ def _register_ops(flask_app: Flask, runtime: Runtime) -> None:
 
     @flask_app.get("/metrics")
     def metrics() -> Response:
-        return Response(runtime.metrics.render(), mimetype="text/plain; version=0.0.4")
+        text = runtime.metrics.render()
+        if runtime.pool is None:
+            text += _worker_metrics(runtime.config.data_dir)
+        return Response(text, mimetype="text/plain; version=0.0.4")
+
+
+def run_job_process(config: BridgeConfig) -> None:
+    """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
+    metrics = Metrics()
+    pool = build_pool(config, metrics)
+    listener = WakeupListener(config.data_dir, pool.notify)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    pool.start()
+    listener.start()
+    log.info("job workers started", extra={"workers": config.job_workers})
+    target = config.data_dir / WORKER_METRICS_FILE
+    while not stop.wait(HEARTBEAT_SECONDS / 5):
+        # The web side serves these with its own on /metrics.
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(metrics.render(), encoding="utf-8")
+        os.replace(tmp, target)
+    listener.close()
+    pool.stop()
+    log.info("job workers stopped")

@@ -1,4 +1,4 @@
-"""Command line: `wecom-bridge serve | check-config | wecom-double | dify-double`."""
+"""Command line: `wecom-bridge serve | work | check-config | wecom-double | dify-double`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from wecom_bridge.server import run_server
 
     run_server(config)
+    return 0
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    config = _load_or_exit()
+    setup_logging(config.log_format, config.log_level)
+    from wecom_bridge.app import run_job_process
+
+    run_job_process(config)
     return 0
 
 
@@ -68,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the bridge (production WSGI server)").set_defaults(
         func=cmd_serve
+    )
+    sub.add_parser("work", help="run only the job workers (serve starts one)").set_defaults(
+        func=cmd_work
     )
     sub.add_parser("check-config", help="validate the configuration and exit").set_defaults(
         func=cmd_check_config

@@ -74,6 +74,8 @@ class Metrics:
         gauges = {name: fn() for name, fn in self._gauge_fns.items()}
         with self._lock:
             for name, (kind, help_text) in DEFINITIONS.items():
+                if name not in gauges and not self._values.get(name) and not self._hist.get(name):
+                    continue  # the other process (web or jobs) owns this family
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
                 if name in gauges:
                     lines.append(f"{name} {gauges[name]:g}")

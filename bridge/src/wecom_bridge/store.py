@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     key TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 ACTIVE = ("queued", "running")
@@ -243,6 +244,23 @@ class Store:
                 "UPDATE jobs SET lease_until=? WHERE status='running' AND lease_owner=?",
                 (now + lease_seconds, owner),
             )
+
+    def heartbeat(self, owner: str) -> None:
+        """A job process says it is alive (readiness of the web side reads this)."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO worker_heartbeats (owner, at) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET at=excluded.at",
+                (owner, now),
+            )
+            db.execute("DELETE FROM worker_heartbeats WHERE at < ?", (now - 3600,))
+
+    def live_workers(self, max_age: float) -> int:
+        rows = self._read(
+            "SELECT count(*) FROM worker_heartbeats WHERE at >= ?", (self._clock() - max_age,)
+        )
+        return int(rows[0][0])
 
     def requeue_expired(self) -> int:
         """Jobs whose worker died (lease ran out) go back to the queue."""

@@ -202,6 +202,7 @@ class WorkerPool:
 
     def start(self) -> None:
         try:
+            self.store.heartbeat(self.owner)
             self.store.requeue_expired()
         except StoreUnavailableError as exc:
             log.error("store unavailable at start", extra={"error": str(exc)})
@@ -276,6 +277,7 @@ class WorkerPool:
         last_sweep = 0.0
         while not self._stopping.wait(self.heartbeat_seconds):
             try:
+                self.store.heartbeat(self.owner)
                 self.store.renew_leases(self.owner, self.lease_seconds)
                 if self.store.requeue_expired():
                     self.notify()
