@@ -165,3 +165,46 @@ def test_apps_file_unknown_key_named(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="secert"):
         load_config(env)
+
+
+def test_api_token_optional_and_validated() -> None:
+    assert load_config(base_env()).api_token is None
+    token = "0123456789abcdef-api"
+    config = load_config(base_env(BRIDGE_API_TOKEN=token))
+    assert config.api_token == token
+    assert token not in repr(config)
+    with pytest.raises(ConfigError) as err:
+        load_config(base_env(BRIDGE_API_TOKEN="short-secret"))
+    assert err.value.variable == "BRIDGE_API_TOKEN"
+    assert "short-secret" not in str(err.value)
+
+
+def test_callback_path_cannot_shadow_the_api() -> None:
+    for path in ("/api", "/api/v1/messages"):
+        with pytest.raises(ConfigError) as err:
+            load_config(base_env(BRIDGE_CALLBACK_PATH=path))
+        assert err.value.variable == "BRIDGE_CALLBACK_PATH"
+
+
+def test_dify_optional_for_send_only() -> None:
+    env = {k: v for k, v in base_env(DIFY_APP_MODE="bogus").items() if k != "DIFY_API_KEY"}
+    with pytest.raises(ConfigError, match="DIFY_APP_MODE"):
+        load_config(env)
+    env.pop("DIFY_APP_MODE")
+    with pytest.raises(ConfigError, match="DIFY_API_KEY"):
+        load_config(env)
+    env["DIFY_APP_MODE"] = "bogus"  # not even validated when Dify is not needed
+    config = load_config(env, require_dify=False)
+    assert config.apps[0].dify is None
+    # What send needs is still required, by name.
+    del env["WECOM_SECRET"]
+    with pytest.raises(ConfigError, match="WECOM_SECRET: is required"):
+        load_config(env, require_dify=False)
+
+
+def test_apps_file_without_dify_for_send_only(tmp_path: Path) -> None:
+    env = {"WECOM_CORP_ID": "ww1", "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, TWO_APPS))}
+    with pytest.raises(ConfigError, match="DIFY_API_BASE"):
+        load_config(env)
+    hr, it = load_config(env, require_dify=False).apps
+    assert (hr.name, it.name, hr.dify, it.dify) == ("hr", "it", None, None)

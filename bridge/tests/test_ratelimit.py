@@ -98,3 +98,16 @@ def test_thread_safe_booking() -> None:
 def test_bad_limits_are_refused(limits: tuple[tuple[int, float], ...]) -> None:
     with pytest.raises(ValueError, match="limits"):
         SlidingWindowLimiter(limits=limits)
+
+
+def test_reserve_all_books_every_member_at_the_latest_slot() -> None:
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(((2, 60.0),), clock=clock)
+    limiter.reserve("alice")
+    limiter.reserve("alice")
+    # bob is free, alice's next slot is in 60 s: a message to both waits for alice ...
+    assert limiter.reserve_all(["alice", "bob"]) == pytest.approx(60.0)
+    # ... and counts for bob at that time too, so bob's bookings stay in order.
+    assert limiter.reserve("bob") == pytest.approx(60.0)
+    assert limiter.reserve("bob") == pytest.approx(120.0)
+    assert limiter.reserve_all([]) == 0.0

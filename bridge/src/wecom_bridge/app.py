@@ -23,6 +23,7 @@ from wecom_bridge.dify import DifyClient
 from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.ratelimit import SlidingWindowLimiter
+from wecom_bridge.send_api import SendApi, register_send_api
 from wecom_bridge.store import Store
 from wecom_bridge.wakeup import WakeupListener, WakeupSender
 from wecom_bridge.wecom import WeComClient
@@ -52,7 +53,7 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
     apps = {
         app.name: AppRuntime(
             config=app,
-            dify=DifyClient(app.dify, metrics=metrics),
+            dify=DifyClient(app.dify, metrics=metrics) if app.dify else None,
             wecom=WeComClient(
                 api_base=config.wecom_api_base,
                 corp_id=app.corp_id,
@@ -108,12 +109,26 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
             max_body_bytes=config.max_body_bytes,
         )
         register_callback(flask_app, handler, metrics)
+    if config.api_token:
+        register_send_api(
+            flask_app,
+            SendApi(
+                config=config,
+                store=store,
+                metrics=metrics,
+                notify=notify,
+                token=config.api_token,
+            ),
+        )
     _register_ops(flask_app, runtime)
     if pool:
         pool.start()
     log.info(
         "bridge ready to serve",
-        extra={"paths": ",".join(a.callback_path for a in config.apps)},
+        extra={
+            "paths": ",".join(a.callback_path for a in config.apps),
+            "send_api": "on" if config.api_token else "off (BRIDGE_API_TOKEN not set)",
+        },
     )
     return flask_app
 

@@ -1,4 +1,4 @@
-"""Command line: `wecom-bridge serve | work | check-config | wecom-double | dify-double`."""
+"""Command line: `wecom-bridge serve | work | check-config | send | wecom-double | dify-double`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from wecom_bridge import __version__
 from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.logs import setup_logging
+from wecom_bridge.send_cli import add_send_parser
 
 
 def _load_or_exit() -> BridgeConfig:
@@ -41,12 +42,17 @@ def cmd_work(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     for app in config.apps:
+        dify = (
+            f"Dify {app.dify.api_base} (mode {app.dify.app_mode or 'from /info'})"
+            if app.dify
+            else "no Dify"
+        )
         print(
             f"app {app.name}: corp {app.corp_id}, agent {app.agent_id}, callback path "
-            f"{app.callback_path}, Dify {app.dify.api_base} "
-            f"(mode {app.dify.app_mode or 'from /info'})"
+            f"{app.callback_path}, {dify}"
         )
     print(f"WeCom API {config.wecom_api_base}; data {config.data_dir}; listen {config.listen}")
+    print(f"send API: {'on' if config.api_token else 'off (BRIDGE_API_TOKEN not set)'}")
     print("configuration OK")
     return 0
 
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate the configuration and exit").set_defaults(
         func=cmd_check_config
     )
+    add_send_parser(sub)
     for name, port in (("wecom", 9001), ("dify", 9002)):
         double = sub.add_parser(f"{name}-double", help=f"run the {name} test double")
         double.add_argument("--listen", default=f"127.0.0.1:{port}", help="host:port")

@@ -25,6 +25,8 @@ DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
 APP_MODES = ("chat", "advanced-chat", "agent-chat", "completion", "workflow")
 
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+API_TOKEN_MIN_LENGTH = 16
+RESERVED_PREFIXES = ("/api/",)
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 
 
@@ -39,7 +41,8 @@ class AppConfig:
     token: str = field(repr=False)
     encoding_aes_key: str = field(repr=False)
     callback_path: str
-    dify: DifySettings = field(repr=False)
+    # None only when loaded with require_dify=False (the `send` CLI needs no Dify).
+    dify: DifySettings | None = field(repr=False)
     reply_msgtype: str = "text"
     reset_words: tuple[str, ...] = DEFAULT_RESET_WORDS
     reset_reply: str = DEFAULT_RESET_REPLY
@@ -66,6 +69,8 @@ class BridgeConfig:
     config_error_cooldown: float = 60.0
     log_format: str = "text"
     log_level: str = "INFO"
+    # Bearer token of the send API (POST /api/v1/messages); None: the API is disabled (404).
+    api_token: str | None = field(default=None, repr=False)
 
     def app_by_path(self) -> dict[str, AppConfig]:
         return {app.callback_path: app for app in self.apps}
@@ -145,7 +150,11 @@ def _check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes
 
 
 def _callback_path(value: str, name: str) -> str:
-    if not _PATH_RE.match(value) or value in ("/healthz", "/readyz", "/metrics"):
+    if (
+        not _PATH_RE.match(value)
+        or value in ("/healthz", "/readyz", "/metrics", "/api")
+        or value.startswith(RESERVED_PREFIXES)
+    ):
         raise ConfigError(name, f"must be a URL path like /wxcomapp, got {value!r}")
     return value
 
@@ -186,7 +195,21 @@ def _replies(get: Mapping[str, str]) -> dict[str, object]:
     }
 
 
-def app_from_env(env: Mapping[str, str]) -> AppConfig:
+def _api_token(env: Mapping[str, str]) -> str | None:
+    value = env.get("BRIDGE_API_TOKEN", "").strip()
+    if not value:
+        return None
+    if len(value) < API_TOKEN_MIN_LENGTH or any(c.isspace() for c in value):
+        # The length only: the value itself is a secret.
+        raise ConfigError(
+            "BRIDGE_API_TOKEN",
+            f"must be at least {API_TOKEN_MIN_LENGTH} characters without spaces "
+            f"(got {len(value)}); e.g. `openssl rand -hex 32`",
+        )
+    return value
+
+
+def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppConfig:
     corp_id = _required(env, "WECOM_CORP_ID")
     agent_id = _required(env, "WECOM_AGENT_ID")
     token = _required(env, "WECOM_TOKEN")
@@ -202,7 +225,7 @@ def app_from_env(env: Mapping[str, str]) -> AppConfig:
         callback_path=_callback_path(
             env.get("BRIDGE_CALLBACK_PATH", "").strip() or "/wxcomapp", "BRIDGE_CALLBACK_PATH"
         ),
-        dify=_dify_settings(env),
+        dify=_dify_settings(env) if require_dify else None,
         **_replies(env),  # type: ignore[arg-type]
     )
 
@@ -235,7 +258,9 @@ _APP_KEYS = frozenset(
 )
 
 
-def _app_from_table(table: Mapping[str, object], env: Mapping[str, str], index: int) -> AppConfig:
+def _app_from_table(
+    table: Mapping[str, object], env: Mapping[str, str], index: int, *, require_dify: bool = True
+) -> AppConfig:
     """One `[[app]]` table of the apps file; keys are the env names without prefix, lowercase.
 
     Missing keys fall back to the environment (e.g. one corp id or one Dify for all apps).
@@ -261,13 +286,15 @@ def _app_from_table(table: Mapping[str, object], env: Mapping[str, str], index: 
         merged[target] = str(value)
     name = str(table.get("name", f"app{index + 1}"))
     try:
-        app = app_from_env(merged)
+        app = app_from_env(merged, require_dify=require_dify)
     except ConfigError as exc:
         raise ConfigError(f"{where} ({name}): {exc.variable}", exc.problem) from None
     return AppConfig(**{**app.__dict__, "name": name})
 
 
-def apps_from_file(path: Path, env: Mapping[str, str]) -> tuple[AppConfig, ...]:
+def apps_from_file(
+    path: Path, env: Mapping[str, str], *, require_dify: bool = True
+) -> tuple[AppConfig, ...]:
     try:
         mode = path.stat().st_mode
         raw = path.read_bytes()
@@ -282,17 +309,25 @@ def apps_from_file(path: Path, env: Mapping[str, str]) -> tuple[AppConfig, ...]:
     tables = doc.get("app")
     if not isinstance(tables, list) or not tables:
         raise ConfigError("BRIDGE_APPS_FILE", f"{path} must contain at least one [[app]] table")
-    apps = tuple(_app_from_table(t, env, i) for i, t in enumerate(tables))
+    apps = tuple(
+        _app_from_table(t, env, i, require_dify=require_dify) for i, t in enumerate(tables)
+    )
     paths = [a.callback_path for a in apps]
     if len(set(paths)) != len(paths):
         raise ConfigError("BRIDGE_APPS_FILE", "every [[app]] needs its own callback_path")
     return apps
 
 
-def load_config(env: Mapping[str, str] | None = None) -> BridgeConfig:
+def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = True) -> BridgeConfig:
+    """The whole configuration. `require_dify=False` (the `send` CLI) skips the DIFY_* settings:
+    they are neither required nor validated, and every app's `dify` is None."""
     env = os.environ if env is None else env
     apps_file = env.get("BRIDGE_APPS_FILE", "").strip()
-    apps = apps_from_file(Path(apps_file), env) if apps_file else (app_from_env(env),)
+    apps = (
+        apps_from_file(Path(apps_file), env, require_dify=require_dify)
+        if apps_file
+        else (app_from_env(env, require_dify=require_dify),)
+    )
     return BridgeConfig(
         apps=apps,
         wecom_api_base=_url(
@@ -311,4 +346,5 @@ def load_config(env: Mapping[str, str] | None = None) -> BridgeConfig:
         config_error_cooldown=_float(env, "WECOM_CONFIG_ERROR_COOLDOWN", 60.0, 1.0),
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        api_token=_api_token(env),
     )

@@ -56,6 +56,15 @@ class BodyTooLargeError(CallbackError):
     wecom_code = -40008
 
 
+class SendRequestError(BridgeError):
+    """A proactive send request (API body or CLI arguments) is invalid; names the field."""
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+        self.problem = problem
+
+
 class StoreUnavailableError(BridgeError):
     """The durable store could not take the write (disk full, locked too long)."""
 
@@ -103,6 +112,7 @@ class WeComConfigError(WeComApiError):
     Retrying is pointless and hammering gettoken gets the caller blocked.
     """
 
-    def __init__(self, errcode: int, errmsg: str, *, hint: str) -> None:
+    def __init__(self, errcode: int, errmsg: str, *, hint: str, ip: str | None = None) -> None:
         super().__init__(errcode, errmsg, retryable=False)
         self.hint = hint
+        self.ip = ip  # 60020: the egress IP to add to 企业可信IP, when WeCom named it

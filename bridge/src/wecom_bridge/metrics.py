@@ -23,6 +23,10 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     ),
     "wecom_bridge_token_refreshes_total": ("counter", "WeCom access token refreshes."),
     "wecom_bridge_jobs_total": ("counter", "Jobs finished, by final status."),
+    "wecom_bridge_send_api_requests_total": (
+        "counter",
+        "Send API requests (POST /api/v1/messages), by outcome.",
+    ),
 }
 
 

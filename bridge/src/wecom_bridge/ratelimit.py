@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 DEFAULT_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
 
@@ -34,16 +34,27 @@ class SlidingWindowLimiter:
 
     def reserve(self, key: str) -> float:
         """Book one send for `key` at the earliest allowed time; return the seconds to wait."""
+        return self.reserve_all((key,))
+
+    def reserve_all(self, keys: Iterable[str]) -> float:
+        """Book one send that counts for every key (a message to several members) at the
+        earliest time all of them allow; return the seconds to wait."""
         with self._lock:
             now = self._clock()
             self._sweep(now)
-            booked = self._booked.setdefault(key, deque(maxlen=self._keep))
+            queues = [self._booked.setdefault(k, deque(maxlen=self._keep)) for k in set(keys)]
             at = now
-            for count, window in self._limits:
-                if len(booked) >= count:
-                    # Bookings are non-decreasing, so the count-th latest one decides.
-                    at = max(at, booked[-count] + window)
-            booked.append(at)
+            for booked in queues:
+                if booked:
+                    # Keeps every key's bookings non-decreasing, even when another key of a
+                    # multi-member send pushed this key's last booking into the future.
+                    at = max(at, booked[-1])
+                for count, window in self._limits:
+                    if len(booked) >= count:
+                        # Bookings are non-decreasing, so the count-th latest one decides.
+                        at = max(at, booked[-count] + window)
+            for booked in queues:
+                booked.append(at)
             return at - now
 
     def _sweep(self, now: float) -> None:

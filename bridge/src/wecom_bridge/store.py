@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NO
 """
 
 ACTIVE = ("queued", "running")
+INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag")
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,15 @@ class Store:
                 ),
             )
 
-    def mark_part_sent(self, job_id: int, parts_sent: int, msgid: str = "") -> None:
+    def mark_part_sent(
+        self,
+        job_id: int,
+        parts_sent: int,
+        msgid: str = "",
+        invalid: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record a part WeCom accepted: its msgid and, when WeCom reported some, the
+        recipients it could not deliver to (invaliduser / invalidparty / invalidtag)."""
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET parts_sent=?, updated_at=?,"
@@ -302,6 +311,14 @@ class Store:
                 "coalesce(json_extract(result, '$.msgids'), json('[]')), '$[#]', ?)) WHERE id=?",
                 (parts_sent, self._clock(), msgid, job_id),
             )
+            for key, value in (invalid or {}).items():
+                if key not in INVALID_KEYS:
+                    raise ValueError(f"not a WeCom invalid-recipient field: {key}")
+                if value:
+                    db.execute(
+                        "UPDATE jobs SET result=json_set(result, ?, ?) WHERE id=?",
+                        (f"$.{key}", value, job_id),
+                    )
 
     def finish(self, job_id: int, *, error: str | None = None) -> None:
         with self._tx() as db:

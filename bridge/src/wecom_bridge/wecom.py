@@ -69,12 +69,14 @@ def config_error(errcode: int, errmsg: str) -> WeComConfigError | None:
     """The admin-only errors, with a hint saying what to change; None for other errcodes."""
     if errcode == 60020:
         match = _FROM_IP.search(errmsg)
-        ip = match.group(1) if match else "the server's egress IP"
+        ip = match.group(1) if match else None
+        where = ip or "the server's egress IP"
         hint = (
-            f"add {ip} to 企业可信IP in the app's settings "
+            f"add {where} to 企业可信IP in the app's settings "
             "(应用管理 › the app › 企业可信IP); it takes about a minute to apply"
         )
-    elif errcode == 40001:
+        return WeComConfigError(errcode, errmsg, hint=hint, ip=ip)
+    if errcode == 40001:
         hint = "WECOM_SECRET is wrong: copy this app's Secret from 应用管理 › the app"
     elif errcode == 40013:
         hint = "WECOM_CORP_ID is wrong: copy 企业ID from 我的企业"

@@ -16,10 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wecom_bridge.config import AppConfig
+from wecom_bridge.delivery import send_parts
 from wecom_bridge.dify import DifyClient
-from wecom_bridge.errors import DifyError, StoreUnavailableError, WeComApiError, WeComConfigError
-from wecom_bridge.messages import OutboundMessage
+from wecom_bridge.errors import (
+    DifyError,
+    SendRequestError,
+    StoreUnavailableError,
+    WeComApiError,
+    WeComConfigError,
+)
+from wecom_bridge.messages import OutboundMessage, SendResult
 from wecom_bridge.metrics import Metrics
+from wecom_bridge.proactive import SendRequest
 from wecom_bridge.ratelimit import SlidingWindowLimiter
 from wecom_bridge.splitter import split_message
 from wecom_bridge.store import Job, Store
@@ -35,7 +43,7 @@ class AppRuntime:
     """One configured app with its clients."""
 
     config: AppConfig
-    dify: DifyClient
+    dify: DifyClient | None  # None: configuration loaded without Dify
     wecom: WeComClient
 
 
@@ -65,6 +73,7 @@ class JobProcessor:
             "job_id": job.id,
             "user": job.user,
             "app": job.app,
+            "kind": job.kind,
             "msg_id": job.payload.get("msg_id", ""),
         }
         if app is None:
@@ -81,10 +90,14 @@ class JobProcessor:
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
             return
+        except SendRequestError as exc:  # a stored payload no longer valid: never retried
+            self._fail(job, f"invalid send request: {exc}", None, fields)
+            return
         dify_error = result.get("dify_error")
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "done"})
-        log.info("answered", extra={**fields, "event": "job_done", "parts": len(parts)})
+        done = "sent" if job.kind == "send" else "answered"
+        log.info(done, extra={**fields, "event": "job_done", "parts": len(parts)})
 
     # --- the answer -------------------------------------------------------------------------
 
@@ -101,10 +114,14 @@ class JobProcessor:
             return cfg.reset_reply, {}
         if job.kind == "notice":
             return str(job.payload.get("text", "")), {}
+        if job.kind == "send":
+            return SendRequest.from_payload(job.payload).content, {}
         return self._ask_dify(job, app)
 
     def _ask_dify(self, job: Job, app: AppRuntime) -> tuple[str, dict[str, object]]:
         cfg = app.config
+        if app.dify is None:  # only a configuration loaded without Dify has none
+            return cfg.fallback_reply, {"dify_error": "not configured"}
         conversation = self.store.get_conversation(cfg.corp_id, cfg.agent_id, job.user)
         query = str(job.payload.get("query", ""))
         try:
@@ -131,20 +148,40 @@ class JobProcessor:
 
     def _send_parts(self, job: Job, app: AppRuntime, parts: list[str]) -> None:
         cfg = app.config
-        for index in range(job.parts_sent, len(parts)):
-            # WeCom silently drops more than 30 messages a minute to one member: wait, never drop.
-            wait = self.limiter.reserve(f"{cfg.name}:{job.user}")
-            if wait > 0:
-                self._sleep(wait)
-            result = app.wecom.send(
+        if job.kind == "send":
+            request = SendRequest.from_payload(job.payload)
+            messages = [request.message(cfg.agent_id, part) for part in parts]
+            keys = request.recipients.limit_keys(cfg.name)
+        else:
+            messages = [
                 OutboundMessage(
                     agent_id=cfg.agent_id,
-                    content=parts[index],
+                    content=part,
                     msgtype=cfg.reply_msgtype,
                     touser=job.user,
                 )
-            )
-            self.store.mark_part_sent(job.id, index + 1, result.msgid)
+                for part in parts
+            ]
+            keys = [f"{cfg.name}:{job.user}"]
+
+        def sent(index: int, result: SendResult) -> None:
+            invalid = {
+                "invaliduser": result.invaliduser,
+                "invalidparty": result.invalidparty,
+                "invalidtag": result.invalidtag,
+            }
+            self.store.mark_part_sent(job.id, index + 1, result.msgid, invalid)
+
+        # WeCom silently drops more than 30 messages a minute to one member: wait, never drop.
+        send_parts(
+            app.wecom,
+            self.limiter,
+            keys,
+            messages,
+            on_sent=sent,
+            start=job.parts_sent,
+            sleep=self._sleep,
+        )
 
     def _send_failed(self, job: Job, exc: WeComApiError, fields: dict[str, object]) -> None:
         age = self._clock() - job.received_at

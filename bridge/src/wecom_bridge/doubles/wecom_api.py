@@ -74,6 +74,8 @@ class WeComDoubleState:
     send_calls: int = 0
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (clock time)
     faults: dict[str, deque[int]] = field(default_factory=dict)
+    # Userids WeCom does not know: reported in `invaliduser`; only unknown ones → 81013.
+    unknown_users: set[str] = field(default_factory=set)
     _sent_at: dict[str, deque[float]] = field(default_factory=dict)
     _msg_seq: int = 0
 
@@ -83,6 +85,10 @@ class WeComDoubleState:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         with self.lock:
             self.faults.setdefault(api, deque()).extend(int(code) for code in errcodes)
+
+    def set_unknown_users(self, *users: str) -> None:
+        with self.lock:
+            self.unknown_users = set(users)
 
     def expire_tokens(self) -> None:
         """Every token issued so far is now expired (the next use gets 42001)."""
@@ -252,6 +258,10 @@ def _check_send(state: WeComDoubleState, body: Any) -> int | None:
         return 40056
     if not (body.get("touser") or body.get("toparty") or body.get("totag")):
         return 81013
+    users = [u for u in str(body.get("touser", "")).split("|") if u]
+    known = [u for u in users if u not in state.unknown_users]
+    if users and not known and not (body.get("toparty") or body.get("totag")):
+        return 81013
     return None
 
 
@@ -265,15 +275,23 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
         record[msgtype] = {**body[msgtype], "content": _truncate(content, TEXT_LIMIT)}
         record["truncated"] = True
         record["content_bytes"] = size
-    users = [u for u in str(body.get("touser", "")).split("|") if u]
+    all_users = [u for u in str(body.get("touser", "")).split("|") if u]
+    invalid = [u for u in all_users if u in state.unknown_users]
+    users = [u for u in all_users if u not in state.unknown_users]
     refused = [u for u in users if not state.admit(u)]
+    record["msgid"] = state.next_msgid()
     if users and len(refused) == len(users):
         state.dropped.append(record)
     else:
         if refused:
             record["dropped_users"] = refused
         state.messages.append(record)
-    return {"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": state.next_msgid()}
+    return {
+        "errcode": 0,
+        "errmsg": "ok",
+        "invaliduser": "|".join(invalid),
+        "msgid": record["msgid"],
+    }
 
 
 def _control_routes(app: Flask, state: WeComDoubleState) -> None:

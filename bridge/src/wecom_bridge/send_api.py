@@ -1,0 +1,168 @@
+"""The send API: `POST /api/v1/messages` queues a proactive message, `GET …/<id>` reports it.
+
+Bearer-token authentication (BRIDGE_API_TOKEN, compared in constant time); without a configured
+token the routes do not exist (404). A request is answered 202 only once its `send` job is
+committed to the store, so it survives a crash or restart and is sent exactly once (the
+workers' usual guarantee); then the job side is poked, as for callbacks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from wecom_bridge.config import BridgeConfig
+from wecom_bridge.errors import SendRequestError, StoreUnavailableError
+from wecom_bridge.metrics import Metrics
+from wecom_bridge.proactive import SendRequest, parse_send_request, resolve_app
+from wecom_bridge.store import Job, NewJob, Store
+
+log = logging.getLogger("wecom_bridge.send_api")
+
+API_PATH = "/api/v1/messages"
+# What a member of the API sees of the store's job states.
+STATUS = {"queued": "queued", "running": "running", "done": "sent", "failed": "failed"}
+_METRIC = "wecom_bridge_send_api_requests_total"
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _problem(status: int, error: str, field_name: str | None = None) -> Response:
+    return _json({"error": error, "field": field_name}, status)
+
+
+@dataclass(frozen=True)
+class SendApi:
+    config: BridgeConfig
+    store: Store
+    metrics: Metrics
+    notify: Callable[[], None]
+    token: str = field(repr=False)
+
+    def authorized(self) -> bool:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(), self.token.encode())
+
+    def unauthorized(self) -> Response:
+        self.metrics.inc(_METRIC, {"outcome": "unauthorized"})
+        log.warning(
+            "send API request without a valid token",
+            extra={"event": "api_unauthorized", "remote": request.remote_addr},
+        )
+        return _json(
+            {"error": "missing or wrong bearer token", "field": None},
+            401,
+            {"WWW-Authenticate": 'Bearer realm="wecom-bridge"'},
+        )
+
+    def create(self) -> Response:
+        try:
+            body = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            self.metrics.inc(_METRIC, {"outcome": "too_large"})
+            return _problem(413, f"body over {self.config.max_body_bytes} bytes")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return self._invalid(SendRequestError(None, "body must be a JSON object"))
+        if not isinstance(doc, dict):
+            return self._invalid(SendRequestError(None, "body must be a JSON object"))
+        try:
+            message, app_name = parse_send_request(doc)
+            app = resolve_app(self.config, app_name)
+        except SendRequestError as exc:
+            return self._invalid(exc)
+        recipients = message.recipients
+        try:
+            job_id = self.store.enqueue(
+                app.name, NewJob("send", recipients.key(), message.payload())
+            )
+        except StoreUnavailableError as exc:
+            self.metrics.inc(_METRIC, {"outcome": "store_unavailable"})
+            log.error(
+                "send request not stored", extra={"event": "store_unavailable", "error": str(exc)}
+            )
+            return _problem(503, "not stored, try again")
+        self.metrics.inc(_METRIC, {"outcome": "queued"})
+        log.info(
+            "send request queued",
+            extra={
+                "event": "api_queued",
+                "job_id": job_id,
+                "app": app.name,
+                "user": recipients.key(),
+                "msgtype": message.msgtype,
+            },
+        )
+        self.notify()
+        return _json({"id": job_id, "status": "queued"}, 202, {"Location": f"{API_PATH}/{job_id}"})
+
+    def _invalid(self, exc: SendRequestError) -> Response:
+        self.metrics.inc(_METRIC, {"outcome": "invalid"})
+        return _problem(400, exc.problem, exc.field)
+
+    def status(self, job_id: int) -> Response:
+        try:
+            job = self.store.get_job(job_id)
+        except StoreUnavailableError:
+            return _problem(503, "store unavailable, try again")
+        if job is None or job.kind != "send":  # members' chats are not the API's business
+            return _problem(404, f"no message {job_id}")
+        return _json(describe(job), 200)
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """The API's view of a `send` job."""
+    result = job.result or {}
+    msgids = result.get("msgids")
+    status = STATUS.get(job.status, job.status)
+    sent = status == "sent"
+    if job.parts is not None:
+        parts = len(job.parts)
+    else:  # not prepared yet: the split is deterministic, so say what it will be
+        try:
+            parts = len(SendRequest.from_payload(job.payload).parts())
+        except SendRequestError:
+            parts = 0
+    return {
+        "id": job.id,
+        "status": status,
+        "app": job.app,
+        "msgids": msgids if isinstance(msgids, list) else [],
+        "parts": parts,
+        "parts_sent": job.parts_sent,
+        "attempts": job.attempts,
+        "errcode": 0 if sent else job.errcode,
+        "error": None if sent else job.error,
+        "invaliduser": result.get("invaliduser", ""),
+        "invalidparty": result.get("invalidparty", ""),
+        "invalidtag": result.get("invalidtag", ""),
+    }
+
+
+def register_send_api(flask_app: Flask, api: SendApi) -> None:
+    def create() -> Response:
+        return api.create() if api.authorized() else api.unauthorized()
+
+    def status(job_id: int) -> Response:
+        return api.status(job_id) if api.authorized() else api.unauthorized()
+
+    flask_app.add_url_rule(API_PATH, endpoint="send_api:create", view_func=create, methods=["POST"])
+    flask_app.add_url_rule(
+        f"{API_PATH}/<int:job_id>", endpoint="send_api:status", view_func=status, methods=["GET"]
+    )
