@@ -1,0 +1,285 @@
+"""Benchmark the bridge on loopback: callback ack latency/throughput, added latency, RSS.
+
+Starts the WeCom and Dify doubles and `wecom-bridge serve` (gunicorn) as separate processes,
+then drives valid, uniquely encrypted callbacks at it from an asyncio client (HTTP/1.1
+keep-alive, one connection per sender). Prints numbers; asserts nothing.
+
+    python bench/bench_bridge.py --concurrency 50 200 --rates 0 100 200 --requests 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+import requests
+
+from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.doubles.callbacks import build_text_callback
+
+CORP, AGENT, SECRET = "wwbenchcorp", "1000002", "bench-secret"
+TOKEN, AES_KEY, DIFY_KEY = "BenchToken", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "app-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+class Stack:
+    """Doubles + bridge as child processes; torn down on exit."""
+
+    def __init__(self, dify_delay_ms: int, threads: int, workers: int) -> None:
+        self.wecom_port, self.dify_port, self.bridge_port = free_port(), free_port(), free_port()
+        self.data = tempfile.mkdtemp(prefix="bridge-bench-")
+        base = {
+            **os.environ,
+            "WECOM_CORP_ID": CORP,
+            "WECOM_SECRET": SECRET,
+            "WECOM_AGENT_ID": AGENT,
+            "DIFY_API_KEY": DIFY_KEY,
+        }
+        self.procs = [
+            self._spawn(["wecom-double", "--listen", f"127.0.0.1:{self.wecom_port}"], base),
+            self._spawn(
+                ["dify-double", "--listen", f"127.0.0.1:{self.dify_port}"],
+                {**base, "DIFY_DOUBLE_DELAY_MS": str(dify_delay_ms)},
+            ),
+        ]
+        bridge_env = {
+            **base,
+            "WECOM_TOKEN": TOKEN,
+            "WECOM_ENCODING_AES_KEY": AES_KEY,
+            "WECOM_API_BASE": f"http://127.0.0.1:{self.wecom_port}",
+            "DIFY_API_BASE": f"http://127.0.0.1:{self.dify_port}/v1",
+            "BRIDGE_DATA_DIR": self.data,
+            "BRIDGE_LISTEN": f"127.0.0.1:{self.bridge_port}",
+            "BRIDGE_WEB_THREADS": str(threads),
+            "BRIDGE_JOB_WORKERS": str(workers),
+            "BRIDGE_LOG_LEVEL": "WARNING",
+        }
+        wait_http(f"http://127.0.0.1:{self.wecom_port}/_double/stats")
+        wait_http(f"http://127.0.0.1:{self.dify_port}/health")
+        self.bridge = self._spawn(["serve"], bridge_env)
+        self.procs.append(self.bridge)
+        wait_http(f"http://127.0.0.1:{self.bridge_port}/readyz")
+
+    @staticmethod
+    def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "wecom_bridge", *args],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def rss_mib(self) -> float:
+        """Resident memory of the bridge: gunicorn master plus its workers."""
+        pids = [self.bridge.pid]
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.bridge.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        pids += [int(p) for p in out.split()]
+        total_kib = 0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        return total_kib / 1024
+
+    def sent(self) -> list[dict]:
+        url = f"http://127.0.0.1:{self.wecom_port}/_double/messages"
+        return requests.get(url, timeout=30).json()["messages"]
+
+    def clear(self) -> None:
+        requests.delete(f"http://127.0.0.1:{self.wecom_port}/_double/messages", timeout=10)
+
+    def queue_depth(self) -> int:
+        url = f"http://127.0.0.1:{self.bridge_port}/readyz"
+        return int(requests.get(url, timeout=10).json()["queue_depth"])
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def prepare_requests(count: int, tag: str) -> list[bytes]:
+    """Raw HTTP requests, each a distinct, correctly signed and encrypted message."""
+    crypto = WeComCrypto(TOKEN, AES_KEY, CORP)
+    raw = []
+    for n in range(count):
+        params, body = build_text_callback(
+            crypto, from_user=f"{tag}-u{n}", content=f"q{n}", msg_id=f"{tag}{n:08d}", agent_id=AGENT
+        )
+        head = (
+            f"POST /wxcomapp?{urllib.parse.urlencode(params)} HTTP/1.1\r\n"
+            f"Host: bench\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        raw.append(head.encode() + body)
+    return raw
+
+
+async def _sender(
+    port: int,
+    queue: asyncio.Queue[bytes],
+    latencies: list[float],
+    errors: list[int],
+    interval: float,
+) -> None:
+    """One WeCom connection. interval 0: back to back (saturation); else paced sends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.sleep(interval * (hash(id(writer)) % 1000) / 1000)  # spread the senders
+    next_at = time.perf_counter()
+    try:
+        while True:
+            try:
+                req = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if interval:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += interval
+            start = time.perf_counter()
+            writer.write(req)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if length:
+                await reader.readexactly(length)
+            latencies.append(time.perf_counter() - start)
+            if b" 200 " not in status_line:
+                errors.append(int(status_line.split()[1]) if status_line else 0)
+    finally:
+        writer.close()
+
+
+async def _drive(
+    port: int, reqs: list[bytes], concurrency: int, interval: float
+) -> tuple[list[float], list[int], float]:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for req in reqs:
+        queue.put_nowait(req)
+    latencies: list[float] = []
+    errors: list[int] = []
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(_sender(port, queue, latencies, errors, interval) for _ in range(concurrency))
+    )
+    return latencies, errors, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def ack_run(stack: Stack, concurrency: int, count: int, rate: float) -> None:
+    """rate 0: closed loop, every sender back to back; else the total offered req/s."""
+    reqs = prepare_requests(count, f"c{concurrency}r{rate:g}x")
+    interval = concurrency / rate if rate else 0.0
+    latencies, errors, elapsed = asyncio.run(_drive(stack.bridge_port, reqs, concurrency, interval))
+    mode = f"paced {rate:g}/s" if rate else "saturation"
+    print(
+        f"ack  c={concurrency:<4} {mode:<14} n={count:<6} "
+        f"throughput={count / elapsed:6.0f} req/s  "
+        f"p50={pct(latencies, 0.50):6.1f} ms  p99={pct(latencies, 0.99):6.1f} ms  "
+        f"max={max(latencies) * 1000:6.1f} ms  non-200={len(errors)}  "
+        f"rss={stack.rss_mib():.0f} MiB"
+    )
+    deadline = time.monotonic() + 120
+    while stack.queue_depth() and time.monotonic() < deadline:  # let the answers drain
+        time.sleep(0.5)
+    print(f"     answers sent so far={len(stack.sent())}, queue depth={stack.queue_depth()}")
+    stack.clear()
+
+
+def added_latency_run(stack: Stack, count: int, dify_delay: float) -> None:
+    stack.clear()
+    crypto = WeComCrypto(TOKEN, AES_KEY, CORP)
+    session = requests.Session()
+    sent_at: dict[str, float] = {}
+    for n in range(count):
+        user = f"lat-u{n}"
+        params, body = build_text_callback(
+            crypto, from_user=user, content=f"latency {n}", msg_id=f"lat{n:08d}", agent_id=AGENT
+        )
+        sent_at[user] = time.time()
+        session.post(
+            f"http://127.0.0.1:{stack.bridge_port}/wxcomapp", params=params, data=body, timeout=10
+        )
+        time.sleep(dify_delay + 0.05)  # one at a time: measure the path, not the queue
+    deadline = time.monotonic() + 60
+    while len(stack.sent()) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    added = [(m["received_at"] - sent_at[m["touser"]] - dify_delay) for m in stack.sent()]
+    print(
+        f"added latency (callback sent -> message/send received, minus Dify's "
+        f"{dify_delay * 1000:.0f} ms) n={len(added)}: p50={pct(added, 0.5):.1f} ms  "
+        f"p99={pct(added, 0.99):.1f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[0, 100, 200],
+        help="offered req/s per run; 0 = saturation (closed loop)",
+    )
+    parser.add_argument("--latency-samples", type=int, default=100)
+    parser.add_argument("--dify-delay-ms", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args()
+    stack = Stack(args.dify_delay_ms, args.threads, args.workers)
+    try:
+        print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
+        for concurrency in args.concurrency:
+            for rate in args.rates:
+                ack_run(stack, concurrency, args.requests, rate)
+        added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
+        print(f"bridge rss after load={stack.rss_mib():.0f} MiB")
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()
