@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, app, user, id);
+-- Lets the claim walk queued jobs in id order and stop at the first runnable one, instead of
+-- sorting the whole queue while holding the write lock (5 ms at 3000 queued; now microseconds).
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, id);
 CREATE TABLE IF NOT EXISTS conversations (
     corp TEXT NOT NULL, agent TEXT NOT NULL, user TEXT NOT NULL,
     conversation_id TEXT NOT NULL, updated_at REAL NOT NULL,
