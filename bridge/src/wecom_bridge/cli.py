@@ -1,8 +1,11 @@
-"""Command line: `wecom-bridge serve | work | check-config | send | wecom-double | dify-double`."""
+"""Command line: `wecom-bridge serve | work | check-config | send | doctor | simulate |
+wecom-double | dify-double`."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -11,6 +14,7 @@ from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.send_cli import add_send_parser
+from wecom_bridge.simulate import add_simulate_parser
 
 
 def _load_or_exit() -> BridgeConfig:
@@ -57,17 +61,77 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from wecom_bridge.doctor import DoctorOptions, Status, render_json, render_table, run_doctor
+    from wecom_bridge.probe import Prober, parse_resolve
+
+    try:
+        resolve = dict(parse_resolve(spec) for spec in args.resolve)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    # The clients log configuration errors for the service's operators; the table says it here.
+    logging.getLogger("wecom_bridge").addHandler(logging.NullHandler())
+    options = DoctorOptions(
+        domain=args.domain,
+        verify_codes=tuple(args.verify_code),
+        callback_url=args.callback_url,
+        bridge_url=args.bridge_url,
+        cert_days=args.cert_days,
+        env=os.environ,
+    )
+    prober = Prober(resolve=resolve, ca_file=args.ca_file, timeout=args.timeout)
+    results = run_doctor(options, prober)
+    print(render_json(results) if args.json else render_table(results))
+    return 1 if any(r.status == Status.FAIL for r in results) else 0
+
+
+def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="preflight checks: domain, WW_verify file, TLS, callback, WeCom API, Dify, bridge",
+        description="Checks everything WeCom and Dify need and says how to fix what fails. "
+        "Configuration from the environment (WECOM_*, DIFY_*); checks without inputs are skipped.",
+    )
+    doctor.add_argument("--domain", help="the ICP-filed domain WeCom calls (host or host:port)")
+    doctor.add_argument(
+        "--verify-code",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="code of a WW_verify_CODE.txt file (repeatable)",
+    )
+    doctor.add_argument(
+        "--callback-url", help="default https://<domain>$BRIDGE_CALLBACK_PATH (/wxcomapp)"
+    )
+    doctor.add_argument("--bridge-url", help="the bridge's internal base URL, for /readyz")
+    doctor.add_argument(
+        "--cert-days", type=int, default=14, help="fail when the certificate expires sooner"
+    )
+    doctor.add_argument("--ca-file", help="also trust this CA bundle (a private or test CA)")
+    doctor.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:ADDR",
+        help="connect to ADDR for HOST:PORT, like curl --resolve (repeatable)",
+    )
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per network probe")
+    doctor.add_argument("--json", action="store_true", help="JSON: [{name,status,detail,hint}]")
+    doctor.set_defaults(func=cmd_doctor, parser=doctor)
+
+
 def _run_double(factory_name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from wecom_bridge.doubles import dify_api, wecom_api
         from wecom_bridge.doubles.server import serve_forever
 
         setup_logging("text", "INFO")
-        factory = {"wecom": wecom_api.wecom_double_from_env, "dify": dify_api.dify_double_from_env}[
-            factory_name
-        ]
+        factories: dict[str, Callable[[], object]] = {
+            "wecom": lambda: wecom_api.wecom_double_from_env(args.callback_url),
+            "dify": dify_api.dify_double_from_env,
+        }
         try:
-            app = factory()
+            app = factories[factory_name]()
         except ConfigError as exc:
             print(f"wecom-bridge: configuration error: {exc}", file=sys.stderr)
             return 2
@@ -91,10 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_check_config
     )
     add_send_parser(sub)
+    add_doctor_parser(sub)
+    add_simulate_parser(sub)
     for name, port in (("wecom", 9001), ("dify", 9002)):
         double = sub.add_parser(f"{name}-double", help=f"run the {name} test double")
         double.add_argument("--listen", default=f"127.0.0.1:{port}", help="host:port")
-        double.set_defaults(func=_run_double(name))
+        double.set_defaults(func=_run_double(name), callback_url=None)
+        if name == "wecom":
+            double.add_argument(
+                "--callback-url",
+                help="the bridge's callback URL for the chat page at /_double/chat "
+                "(default $WECOM_DOUBLE_CALLBACK_URL)",
+            )
     return parser
 
 

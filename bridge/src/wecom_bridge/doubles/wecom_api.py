@@ -3,6 +3,10 @@
 It issues and checks access tokens, records every message/send body, truncates over-long texts and
 drops sends beyond the per-member rate limit silently (as WeCom does), and answers with injected
 errcodes on demand. A JSON control API under /_double/ lets out-of-process tests drive it.
+
+It also plays the member's side for people: `GET /_double/chat` is a chat page whose messages go
+out as real signed, encrypted callbacks to the bridge (`ChatCallback`), and whose replies are the
+message/send bodies this double records — the whole WeCom path without WeCom.
 """
 
 from __future__ import annotations
@@ -14,16 +18,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
+import requests
 from flask import Flask, Response, jsonify, request
 
+from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.doubles.callbacks import CallbackClient
 from wecom_bridge.doubles.server import required_env
 
 TEXT_LIMIT = 2048
 DEFAULT_FAULT_IP = "203.0.113.7"
 DEFAULT_RATE_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
-APIS = ("gettoken", "send")
+APIS = ("gettoken", "send", "getcallbackip")
+MAX_WAIT = 30.0  # seconds a long-polling GET /_double/messages may hold the request
 
 ERRMSGS = {
     -1: "system busy",
@@ -76,8 +85,14 @@ class WeComDoubleState:
     faults: dict[str, deque[int]] = field(default_factory=dict)
     # Userids WeCom does not know: reported in `invaliduser`; only unknown ones → 81013.
     unknown_users: set[str] = field(default_factory=set)
+    # Where the chat page's messages go; None: the page cannot send (409).
+    chat_callback: ChatCallback | None = None
     _sent_at: dict[str, deque[float]] = field(default_factory=dict)
     _msg_seq: int = 0
+
+    def __post_init__(self) -> None:
+        # Wakes long-polling readers of /_double/messages when a message is recorded.
+        self.recorded = threading.Condition(self.lock)
 
     def fail_next(self, api: str, *errcodes: int) -> None:
         """The next calls of `api` ("gettoken" or "send") answer these errcodes, one per call."""
@@ -114,6 +129,24 @@ class WeComDoubleState:
     def snapshot(self) -> list[dict[str, Any]]:
         with self.lock:
             return [dict(m) for m in self.messages]
+
+    def messages_for(
+        self, user: str | None = None, after: float = 0.0, wait: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """Messages to `user` (all when None) recorded after `after` (the double's time.time()),
+        waiting up to `wait` seconds for the first one (long polling)."""
+
+        def matching() -> list[dict[str, Any]]:
+            return [
+                dict(m)
+                for m in self.messages
+                if m["received_at"] > after
+                and (user is None or user in str(m.get("touser", "")).split("|"))
+            ]
+
+        with self.lock:
+            self.recorded.wait_for(matching, timeout=max(0.0, min(wait, MAX_WAIT)))
+            return matching()
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -177,6 +210,7 @@ def create_wecom_double(
     fault_ip: str = DEFAULT_FAULT_IP,
     rate_limits: tuple[tuple[int, float], ...] = DEFAULT_RATE_LIMITS,
     clock: Callable[[], float] = time.monotonic,
+    chat_callback: ChatCallback | None = None,
 ) -> Flask:
     state = WeComDoubleState(
         corp_id=corp_id,
@@ -186,6 +220,7 @@ def create_wecom_double(
         fault_ip=fault_ip,
         rate_limits=rate_limits,
         clock=clock,
+        chat_callback=chat_callback,
     )
     app = Flask("wecom_double")
     app.extensions["wecom_double"] = state
@@ -237,11 +272,14 @@ def create_wecom_double(
     def getcallbackip() -> Response:
         with state.lock:
             problem = state.token_error(request.args.get("access_token"))
+            if problem is None:
+                problem = state.take_fault("getcallbackip")
         if problem is not None:
             return _error(state, problem)
         return jsonify({"errcode": 0, "errmsg": "ok", "ip_list": ["203.0.113.10", "203.0.113.11"]})
 
     _control_routes(app, state)
+    _chat_routes(app, state)
     return app
 
 
@@ -286,6 +324,7 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
         if refused:
             record["dropped_users"] = refused
         state.messages.append(record)
+        state.recorded.notify_all()
     return {
         "errcode": 0,
         "errmsg": "ok",
@@ -296,8 +335,15 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
 
 def _control_routes(app: Flask, state: WeComDoubleState) -> None:
     @app.get("/_double/messages")
-    def list_messages() -> Response:
-        return jsonify({"messages": state.snapshot()})
+    def list_messages() -> Response | tuple[Response, int]:
+        """All messages; `?user=U&after=T&wait=S` filters and long-polls (chat page, simulator)."""
+        try:
+            after = float(request.args.get("after", 0) or 0)
+            wait = float(request.args.get("wait", 0) or 0)
+        except ValueError:
+            return jsonify({"error": "after and wait must be numbers"}), 400
+        user = request.args.get("user") or None
+        return jsonify({"messages": state.messages_for(user, after, wait)})
 
     @app.delete("/_double/messages")
     def clear_messages() -> Response:
@@ -329,10 +375,78 @@ def _control_routes(app: Flask, state: WeComDoubleState) -> None:
         return jsonify(state.stats())
 
 
-def wecom_double_from_env() -> Flask:
-    """The double configured like the bridge: WECOM_CORP_ID, WECOM_SECRET, WECOM_AGENT_ID."""
+@dataclass(frozen=True)
+class ChatCallback:
+    """Where the chat page's messages go: the bridge's callback URL and the app's crypto."""
+
+    url: str
+    token: str = field(repr=False)
+    encoding_aes_key: str = field(repr=False)
+    verify: bool | str = True  # False: accept any certificate; a path: trust that CA bundle
+
+    def client(self, corp_id: str, agent_id: str) -> CallbackClient:
+        crypto = WeComCrypto(self.token, self.encoding_aes_key, corp_id)
+        return CallbackClient(self.url, crypto, agent_id, verify=self.verify, timeout=10.0)
+
+
+def chat_page() -> str:
+    return (resources.files("wecom_bridge") / "static" / "chat.html").read_text("utf-8")
+
+
+def _chat_routes(app: Flask, state: WeComDoubleState) -> None:
+    @app.get("/_double/chat")
+    def chat() -> Response:
+        return Response(chat_page(), mimetype="text/html")
+
+    @app.post("/_double/chat/send")
+    def chat_send() -> tuple[Response, int]:
+        """{user, text} or {user, event}: to the bridge as WeCom sends it, signed and encrypted."""
+        callback = state.chat_callback
+        if callback is None:
+            return jsonify({"error": "no callback URL: set WECOM_DOUBLE_CALLBACK_URL"}), 409
+        spec = request.get_json(force=True, silent=True) or {}
+        user, text, event = (str(spec.get(k, "")).strip() for k in ("user", "text", "event"))
+        if not user or not (text or event):
+            return jsonify({"error": "user and text (or event) are required"}), 400
+        client = callback.client(state.corp_id, state.agent_id)
+        sent_at = time.time()
+        try:
+            answer = client.send_event(user, event) if event else client.send_text(user, text)
+        except requests.RequestException as exc:
+            problem = f"callback to {callback.url} failed: {type(exc).__name__}"
+            return jsonify({"error": problem}), 502
+        result = {"status": answer.status_code, "body": answer.text[:200], "sent_at": sent_at}
+        return jsonify(result), 200
+
+
+def _verify_setting(raw: str) -> bool | str:
+    if raw.lower() in ("", "1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    return raw  # a CA bundle
+
+
+def wecom_double_from_env(callback_url: str | None = None) -> Flask:
+    """The double configured like the bridge: WECOM_CORP_ID, WECOM_SECRET, WECOM_AGENT_ID.
+
+    The chat page needs WECOM_DOUBLE_CALLBACK_URL (or `callback_url`) and WECOM_TOKEN,
+    WECOM_ENCODING_AES_KEY; WECOM_DOUBLE_CALLBACK_VERIFY=false|<CA file> for test certificates.
+    """
+    url = callback_url or os.environ.get("WECOM_DOUBLE_CALLBACK_URL", "")
+    chat_callback = (
+        ChatCallback(
+            url=url,
+            token=required_env("WECOM_TOKEN"),
+            encoding_aes_key=required_env("WECOM_ENCODING_AES_KEY"),
+            verify=_verify_setting(os.environ.get("WECOM_DOUBLE_CALLBACK_VERIFY", "")),
+        )
+        if url
+        else None
+    )
     return create_wecom_double(
         corp_id=required_env("WECOM_CORP_ID"),
         secret=required_env("WECOM_SECRET"),
         agent_id=os.environ.get("WECOM_AGENT_ID", ""),
+        chat_callback=chat_callback,
     )

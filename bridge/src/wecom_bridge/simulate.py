@@ -1,0 +1,241 @@
+"""`wecom-bridge simulate`: play WeCom against a bridge and print what the member would see.
+
+The callback goes out signed and encrypted like WeCom's (doubles/callbacks.py); the answer is read
+from the WeCom API double the bridge sends to (doubles/wecom_api.py) — one the simulator starts
+itself (`--serve-api`) or one already running (`--api-url`). One implementation of the doubles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from wecom_bridge.config import _check_app_secrets, _required
+from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.doubles.callbacks import (
+    CallbackClient,
+    build_event_callback,
+    build_text_callback,
+    new_msg_id,
+)
+from wecom_bridge.doubles.server import ServerThread, parse_listen
+from wecom_bridge.doubles.wecom_api import create_wecom_double
+from wecom_bridge.errors import BridgeError, ConfigError
+
+QUIET_SECONDS = 2.0  # after the last part, this long without another means the answer is complete
+
+
+class SimulationError(BridgeError):
+    """The simulated exchange failed (callback refused, no answer); exit code 1."""
+
+
+@dataclass(frozen=True)
+class SimulatorApp:
+    """The WeCom app the simulator plays: what WeCom's console holds for it."""
+
+    corp_id: str
+    agent_id: str
+    token: str = field(repr=False)
+    encoding_aes_key: str = field(repr=False)
+    secret: str = field(default="", repr=False)  # only to serve the API double (--serve-api)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SimulatorApp:
+        app = cls(
+            corp_id=_required(env, "WECOM_CORP_ID"),
+            agent_id=_required(env, "WECOM_AGENT_ID"),
+            token=_required(env, "WECOM_TOKEN"),
+            encoding_aes_key=_required(env, "WECOM_ENCODING_AES_KEY"),
+            secret=env.get("WECOM_SECRET", "").strip(),
+        )
+        _check_app_secrets("WECOM_", app.corp_id, app.agent_id, app.token, app.encoding_aes_key)
+        return app
+
+    def crypto(self) -> WeComCrypto:
+        return WeComCrypto(self.token, self.encoding_aes_key, self.corp_id)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    label: str
+    status: int
+    body: bytes
+    elapsed: float
+
+
+@dataclass
+class RecordedReplies:
+    """What a WeCom API double received for one member (GET /_double/messages, long polling)."""
+
+    api_url: str
+    user: str
+    session: requests.Session = field(default_factory=requests.Session)
+    after: float = 0.0
+
+    def fetch(self, wait: float) -> list[dict[str, Any]]:
+        response = self.session.get(
+            f"{self.api_url.rstrip('/')}/_double/messages",
+            params={"user": self.user, "after": str(self.after), "wait": str(wait)},
+            timeout=wait + 10,
+        )
+        response.raise_for_status()
+        messages: list[dict[str, Any]] = response.json()["messages"]
+        for message in messages:
+            self.after = max(self.after, float(message["received_at"]))
+        return messages
+
+    def mark(self) -> None:
+        """Only messages recorded from now on count (earlier conversations are ignored)."""
+        self.fetch(0)
+
+    def collect(self, timeout: float, quiet: float = QUIET_SECONDS) -> list[dict[str, Any]]:
+        """Wait up to `timeout` for the first part, then until `quiet` passes without another."""
+        deadline = time.monotonic() + timeout
+        parts = self.fetch(max(0.0, deadline - time.monotonic()))
+        while parts:
+            more = self.fetch(quiet)
+            if not more:
+                break
+            parts += more
+        return parts
+
+
+def text_of(message: Mapping[str, Any]) -> str:
+    body = message.get(str(message.get("msgtype")), {}) or {}
+    return str(body.get("content", f"({message.get('msgtype')})"))
+
+
+def deliver(client: CallbackClient, app: SimulatorApp, args: argparse.Namespace) -> list[Delivery]:
+    """The callback and its redeliveries: the very same request, as WeCom repeats it."""
+    crypto, user = client.crypto, args.user
+    if args.event:
+        params, body = build_event_callback(
+            crypto, from_user=user, event=args.event, agent_id=app.agent_id
+        )
+        label = f"event {args.event}"
+    else:
+        msg_id = new_msg_id()
+        params, body = build_text_callback(
+            crypto, from_user=user, content=args.text, msg_id=msg_id, agent_id=app.agent_id
+        )
+        label = f"text MsgId {msg_id}"
+    deliveries = []
+    for attempt in range(1 + args.redeliver):
+        started = time.monotonic()
+        try:
+            response = client.post(params, body)
+        except requests.RequestException as exc:
+            raise SimulationError(f"POST {client.url} failed: {type(exc).__name__}") from None
+        name = label if attempt == 0 else f"redelivery {attempt}/{args.redeliver} (same request)"
+        deliveries.append(
+            Delivery(name, response.status_code, response.content, time.monotonic() - started)
+        )
+    return deliveries
+
+
+def _api_double(
+    args: argparse.Namespace, app: SimulatorApp
+) -> AbstractContextManager[ServerThread | None]:
+    if not args.serve_api:
+        return nullcontext(None)
+    if not app.secret:
+        raise ConfigError("WECOM_SECRET", "is required with --serve-api (the double issues tokens)")
+    host, port = parse_listen(args.serve_api)
+    double = create_wecom_double(corp_id=app.corp_id, secret=app.secret, agent_id=app.agent_id)
+    return ServerThread(double, host, port)
+
+
+def simulate(
+    args: argparse.Namespace, env: Mapping[str, str], out: Callable[[str], None] = print
+) -> int:
+    app = SimulatorApp.from_env(env)
+    verify: bool | str = args.ca_file or not args.insecure
+    client = CallbackClient(args.url, app.crypto(), app.agent_id, verify=verify, timeout=10.0)
+    with _api_double(args, app) as served:
+        api_url = served.url if served else args.api_url
+        replies = RecordedReplies(api_url, args.user)
+        replies.mark()
+        what = f"event {args.event}" if args.event else repr(args.text)
+        out(f"→ {args.user} sends {what} to {args.url}")
+        for delivery in deliver(client, app, args):
+            text = delivery.body.decode("utf-8", "replace").strip()
+            out(
+                f"  {delivery.label}: HTTP {delivery.status} in {delivery.elapsed * 1000:.0f} ms"
+                + (f" {text!r}" if text else "")
+            )
+            if delivery.status != 200:
+                raise SimulationError(
+                    f"the bridge refused the callback (HTTP {delivery.status}); run "
+                    "`wecom-bridge doctor` to see why"
+                )
+        parts = replies.collect(args.timeout, args.quiet)
+    if not parts:
+        if args.event:
+            out("← no reply (a welcome is sent only when BRIDGE_WELCOME_TEXT is set)")
+            return 0
+        raise SimulationError(
+            f"no answer within {args.timeout:g} s (is the bridge's WECOM_API_BASE {api_url}?)"
+        )
+    out(f"← {args.user} receives {len(parts)} message(s):")
+    for number, message in enumerate(parts, 1):
+        if len(parts) > 1:
+            out(f"--- part {number}/{len(parts)} ---")
+        out(text_of(message))
+    return 0
+
+
+def add_simulate_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "simulate",
+        help="play WeCom: send a signed callback to a bridge and print the answer",
+        description="Sends a message (or event) as a WeCom member to the bridge's callback URL, "
+        "signed and encrypted with WECOM_TOKEN / WECOM_ENCODING_AES_KEY / WECOM_CORP_ID, and "
+        "prints the answer the bridge sent through message/send to a WeCom API double.",
+    )
+    parser.add_argument("text", nargs="?", default="", help="the message text")
+    parser.add_argument("--url", required=True, help="the bridge's callback URL")
+    parser.add_argument("--user", default="zhangsan", help="the member's userid")
+    parser.add_argument("--redeliver", type=int, default=0, metavar="N", help="N redeliveries")
+    parser.add_argument("--event", help="send this event (e.g. enter_agent) instead of text")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=QUIET_SECONDS,
+        metavar="S",
+        help="the answer is complete when S seconds pass without another part",
+    )
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", help="accept any TLS certificate")
+    tls.add_argument("--ca-file", help="trust this CA bundle for the callback URL")
+    api = parser.add_mutually_exclusive_group(required=True)
+    api.add_argument(
+        "--serve-api",
+        metavar="HOST:PORT",
+        help="run the WeCom API double here (the bridge's WECOM_API_BASE must point to it)",
+    )
+    api.add_argument("--api-url", help="read the answer from this running WeCom API double")
+    parser.set_defaults(func=run_simulate, parser=parser)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    if not args.event and not args.text:
+        args.parser.error("give the message text (or --event)")
+    if args.redeliver < 0:
+        args.parser.error("--redeliver must be >= 0")
+    try:
+        return simulate(args, os.environ)
+    except ConfigError as exc:
+        print(f"wecom-bridge simulate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (SimulationError, requests.RequestException) as exc:
+        print(f"wecom-bridge simulate: {exc}", file=sys.stderr)
+        return 1

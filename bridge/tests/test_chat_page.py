@@ -1,0 +1,170 @@
+"""The simulator's chat page (served by the WeCom double) in headless Chromium: a message typed as
+a member goes to the bridge as a real signed callback, and the bridge's reply shows up.
+
+Chromium is required (Debian package `chromium`): missing, these tests fail rather than skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+import requests
+from conftest import AppSecrets, wecom_state
+
+from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.doubles.wecom_api import ChatCallback
+
+REPLY_RGB = (0xDB, 0xEA, 0xFE)  # .reply .bubble background in static/chat.html
+WINDOW = (640, 480)
+
+
+@pytest.fixture
+def chat(bridge: ServerThread, wecom_double: ServerThread, secrets: AppSecrets) -> ServerThread:
+    wecom_state(wecom_double).chat_callback = ChatCallback(
+        f"{bridge.url}/wxcomapp", secrets.token, secrets.aes_key
+    )
+    return wecom_double
+
+
+def chromium(tmp_path: Path, url: str, *mode: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("chromium is not installed: apt-get install -y chromium")
+    profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+    args = [
+        binary,
+        *("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"),
+        *("--disable-background-networking", "--disable-component-update", "--disable-sync"),
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--virtual-time-budget=30000",
+        *mode,
+        url,
+    ]
+    # Its own process group: on a timeout the renderer and helpers go too, not only the parent.
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("chromium did not finish within 120 s (no reply, so the page kept polling?)")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def page_url(double: ServerThread, user: str, text: str) -> str:
+    # once=1: stop polling when the answer is in, so the headless browser can finish.
+    query = urlencode({"user": user, "text": text, "once": "1", "wait": "2"})
+    return f"{double.url}/_double/chat?{query}"
+
+
+def test_reply_appears_in_the_page(chat: ServerThread, tmp_path: Path) -> None:
+    result = chromium(tmp_path, page_url(chat, "zhaoliu", "报销流程是什么？"), "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    assert '<body data-state="done">' in dom
+    assert '<div class="row mine"><div class="bubble">报销流程是什么？</div></div>' in dom
+    assert '<div class="bubble">Dify double answer: 报销流程是什么？</div>' in dom
+    (message,) = wecom_state(chat).snapshot()  # through the real path: callback → bridge → send
+    assert message["touser"] == "zhaoliu"
+    assert f'data-msgid="{message["msgid"]}"' in dom
+
+
+def test_screenshot_shows_the_reply(chat: ServerThread, tmp_path: Path) -> None:
+    shot = tmp_path / "chat.png"
+    result = chromium(tmp_path, page_url(chat, "sunqi", "你好"), f"--screenshot={shot}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert wecom_state(chat).snapshot(), "the bridge did not answer"
+    data = shot.read_bytes()
+    width, height, pixels = decode_png(data)
+    assert (width, height) == WINDOW
+    assert len(data) > 3000  # not a blank page
+    reply_pixels = sum(1 for rgb in pixels if rgb == REPLY_RGB)
+    assert reply_pixels > 2000, f"no reply bubble in the screenshot ({reply_pixels} pixels)"
+    distinct = len(set(pixels[::97]))
+    assert distinct > 5  # header, background, bubbles, text
+
+
+def test_chat_send_api(
+    wecom_double: ServerThread, bridge: ServerThread, secrets: AppSecrets
+) -> None:
+    url = f"{wecom_double.url}/_double/chat/send"
+    assert requests.post(url, json={"user": "u", "text": "hi"}, timeout=5).status_code == 409
+    assert "<title>" in requests.get(f"{wecom_double.url}/_double/chat", timeout=5).text
+    wecom_state(wecom_double).chat_callback = ChatCallback(
+        f"{bridge.url}/wxcomapp", "WrongToken1", secrets.aes_key
+    )
+    assert requests.post(url, json={"user": "u"}, timeout=5).status_code == 400
+    refused = requests.post(url, json={"user": "u", "text": "hi"}, timeout=5).json()
+    assert refused["status"] == 403
+    wecom_state(wecom_double).chat_callback = ChatCallback(
+        f"{bridge.url}/wxcomapp", secrets.token, secrets.aes_key
+    )
+    sent = requests.post(url, json={"user": "u", "event": "enter_agent"}, timeout=5).json()
+    assert sent["status"] == 200
+    welcome = requests.get(
+        f"{wecom_double.url}/_double/messages",
+        params={"user": "u", "after": sent["sent_at"] - 1, "wait": 10},
+        timeout=15,
+    ).json()["messages"]
+    assert [m["text"]["content"] for m in welcome] == ["欢迎使用知识库助手"]
+
+
+# --- a minimal PNG decoder (8-bit RGB/RGBA, not interlaced: what Chromium writes) --------------
+
+
+def decode_png(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+    bpp = 3 if color == 2 else 4
+    raw = zlib.decompress(idat)
+    stride = width * bpp
+    previous = bytearray(stride)
+    pixels: list[tuple[int, int, int]] = []
+    for row in range(height):
+        start = row * (stride + 1)
+        line = _unfilter(raw[start], bytearray(raw[start + 1 : start + 1 + stride]), previous, bpp)
+        pixels.extend(zip(line[0::bpp], line[1::bpp], line[2::bpp], strict=True))
+        previous = line
+    return width, height, pixels
+
+
+def _unfilter(kind: int, line: bytearray, prev: bytearray, bpp: int) -> bytearray:
+    if kind == 0:
+        return line
+    if kind == 2:
+        return bytearray((a + b) & 0xFF for a, b in zip(line, prev, strict=True))
+    for i in range(len(line)):
+        left = line[i - bpp] if i >= bpp else 0
+        up, corner = prev[i], (prev[i - bpp] if i >= bpp else 0)
+        if kind == 1:
+            line[i] = (line[i] + left) & 0xFF
+        elif kind == 3:
+            line[i] = (line[i] + ((left + up) >> 1)) & 0xFF
+        else:
+            estimate = left + up - corner
+            pa, pb, pc = abs(estimate - left), abs(estimate - up), abs(estimate - corner)
+            best = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
+            line[i] = (line[i] + best) & 0xFF
+    return line
