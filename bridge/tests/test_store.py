@@ -150,3 +150,42 @@ def test_concurrent_claims_never_double_claim(tmp_path: Path) -> None:
     for t in threads:
         t.join(30)
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 60
+
+
+def test_group_commit_many_concurrent_callbacks(tmp_path: Path) -> None:
+    from wecom_bridge.groupcommit import GroupCommitter
+
+    store = Store(tmp_path)
+    committer = GroupCommitter(store)
+    results: list[int | None] = []
+    lock = threading.Lock()
+
+    def deliver(n: int) -> None:
+        # every key delivered twice, concurrently: exactly one of each pair is new
+        result = committer.accept("app", f"msg:{n // 2}", chat(f"u{n}", "x"))
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=deliver, args=(n,)) for n in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 200
+    assert results.count(None) == 100
+    assert store.queue_depth() == 100
+
+
+def test_group_commit_reports_store_failure(tmp_path: Path) -> None:
+    from wecom_bridge.groupcommit import GroupCommitter
+
+    store = Store(tmp_path, busy_timeout=0.2)
+    committer = GroupCommitter(store)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailableError):
+            committer.accept("app", "msg:1", chat("u", "x"))
+    finally:
+        blocker.execute("ROLLBACK")
+    assert committer.accept("app", "msg:1", chat("u", "x"))

@@ -21,6 +21,7 @@ from wecom_bridge.config import BridgeConfig
 from wecom_bridge.crypto import WeComCrypto
 from wecom_bridge.dify import DifyClient
 from wecom_bridge.errors import StoreUnavailableError
+from wecom_bridge.groupcommit import GroupCommitter
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.ratelimit import SlidingWindowLimiter
 from wecom_bridge.send_api import SendApi, register_send_api
@@ -99,11 +100,12 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     flask_app = Flask("wecom_bridge")
     flask_app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     flask_app.extensions["wecom_bridge"] = runtime
+    acceptor = GroupCommitter(store)
     for app in config.apps:
         handler = CallbackHandler(
             app=app,
             crypto=WeComCrypto(app.token, app.encoding_aes_key, app.corp_id),
-            store=store,
+            acceptor=acceptor,
             metrics=metrics,
             notify=notify,
             max_body_bytes=config.max_body_bytes,

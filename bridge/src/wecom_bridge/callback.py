@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from flask import Flask, Response, request
 
@@ -18,7 +19,7 @@ from wecom_bridge.crypto import WeComCrypto
 from wecom_bridge.errors import CallbackError, StoreUnavailableError
 from wecom_bridge.messages import InboundMessage, parse_envelope, parse_message
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.store import NewJob, Store
+from wecom_bridge.store import NewJob
 
 log = logging.getLogger("wecom_bridge.callback")
 
@@ -26,11 +27,17 @@ WELCOME_EVENTS = ("enter_agent", "subscribe")
 _QUERY = ("msg_signature", "timestamp", "nonce")
 
 
+class Acceptor(Protocol):
+    """Stores a delivery durably with its dedupe key (Store, or GroupCommitter in front of it)."""
+
+    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None: ...
+
+
 @dataclass(frozen=True)
 class CallbackHandler:
     app: AppConfig
     crypto: WeComCrypto
-    store: Store
+    acceptor: Acceptor
     metrics: Metrics
     notify: Callable[[], None]
     max_body_bytes: int
@@ -58,7 +65,7 @@ class CallbackHandler:
         )
         message = parse_message(self.crypto.decrypt(envelope.encrypt))
         job = self.job_for(message)
-        job_id = self.store.accept(self.app.name, message.dedupe_key(), job)
+        job_id = self.acceptor.accept(self.app.name, message.dedupe_key(), job)
         fields = {
             "app": self.app.name,
             "user": message.from_user,

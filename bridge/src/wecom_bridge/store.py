@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,15 @@ class NewJob:
     kind: str  # chat | reset | notice | send
     user: str
     payload: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One callback to record: its dedupe key and the job it asks for (None: nothing to do)."""
+
+    app: str
+    dedupe_key: str
+    job: NewJob | None
 
 
 @dataclass(frozen=True)
@@ -188,17 +197,24 @@ class Store:
     def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None:
         """Record a delivery once. Returns the new job id, 0 when nothing is to be done,
         or None when the key was seen before (a redelivery)."""
+        return self.accept_many([Delivery(app, dedupe_key, job)])[0]
+
+    def accept_many(self, deliveries: Sequence[Delivery]) -> list[int | None]:
+        """accept() for several deliveries in one transaction: one fsync for all of them."""
         now = self._clock()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO dedupe (app, key, seen_at) VALUES (?, ?, ?)",
-                (app, dedupe_key, now),
-            )
-            if cur.rowcount == 0:
-                return None
-            if job is None:
-                return 0
-            return self._insert_job(db, app, job, now)
+            return [self._accept_one(db, d, now) for d in deliveries]
+
+    def _accept_one(self, db: sqlite3.Connection, delivery: Delivery, now: float) -> int | None:
+        cur = db.execute(
+            "INSERT OR IGNORE INTO dedupe (app, key, seen_at) VALUES (?, ?, ?)",
+            (delivery.app, delivery.dedupe_key, now),
+        )
+        if cur.rowcount == 0:
+            return None
+        if delivery.job is None:
+            return 0
+        return self._insert_job(db, delivery.app, delivery.job, now)
 
     def enqueue(self, app: str, job: NewJob) -> int:
         with self._tx() as db:

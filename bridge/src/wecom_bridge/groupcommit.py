@@ -1,0 +1,65 @@
+"""Group commit for callbacks: concurrent acknowledgements share one synced transaction.
+
+Each acknowledged callback must be on disk (fsync) before WeCom gets its 200. One fsync per
+callback caps throughput at the disk's sync rate and makes callbacks queue for the write lock;
+a single committer thread instead takes everything that arrived while the previous sync ran and
+commits it together. A lone callback is committed at once, so nothing waits for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from wecom_bridge.errors import StoreUnavailableError
+from wecom_bridge.store import Delivery, NewJob, Store
+
+MAX_BATCH = 256
+
+
+@dataclass
+class _Pending:
+    delivery: Delivery
+    done: threading.Event = field(default_factory=threading.Event)
+    result: int | None = None
+    error: StoreUnavailableError | None = None
+
+
+class GroupCommitter:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None:
+        """Same contract as Store.accept; raises StoreUnavailableError when not stored."""
+        pending = _Pending(Delivery(app, dedupe_key, job))
+        self._queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = self._store.accept_many([p.delivery for p in batch])
+        except StoreUnavailableError as exc:
+            for pending in batch:
+                pending.error = exc
+                pending.done.set()
+            return
+        for pending, result in zip(batch, results, strict=True):
+            pending.result = result
+            pending.done.set()
