@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test lint unit images molecule venv
+.PHONY: test lint unit images molecule venv demo demo-down
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml
@@ -28,3 +28,10 @@ images: venv
 
 molecule: venv images
 	molecule test -s default
+
+# The README's main-job command: the whole stack on a local server container, plus a sample conversation.
+demo: venv
+	scripts/demo
+
+demo-down: venv
+	molecule destroy -s default
