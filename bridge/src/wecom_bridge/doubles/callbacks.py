@@ -66,6 +66,17 @@ def build_callback(
     return params, body.encode("utf-8")
 
 
+def _common_fields(
+    crypto: WeComCrypto, to_user: str | None, from_user: str, create_time: int | None, msg_type: str
+) -> dict[str, str | int]:
+    return {
+        "ToUserName": to_user if to_user is not None else crypto.receive_id,
+        "FromUserName": from_user,
+        "CreateTime": create_time if create_time is not None else int(time.time()),
+        "MsgType": msg_type,
+    }
+
+
 def build_text_callback(
     crypto: WeComCrypto,
     *,
@@ -78,11 +89,7 @@ def build_text_callback(
     nonce: str | None = None,
     to_user: str | None = None,
 ) -> tuple[dict[str, str], bytes]:
-    fields: dict[str, str | int] = {
-        "ToUserName": to_user if to_user is not None else crypto.receive_id,
-        "FromUserName": from_user,
-        "CreateTime": create_time if create_time is not None else int(time.time()),
-        "MsgType": "text",
+    fields = _common_fields(crypto, to_user, from_user, create_time, "text") | {
         "Content": content,
         "MsgId": msg_id,
         "AgentID": agent_id,
@@ -102,11 +109,7 @@ def build_event_callback(
     nonce: str | None = None,
     to_user: str | None = None,
 ) -> tuple[dict[str, str], bytes]:
-    fields: dict[str, str | int] = {
-        "ToUserName": to_user if to_user is not None else crypto.receive_id,
-        "FromUserName": from_user,
-        "CreateTime": create_time if create_time is not None else int(time.time()),
-        "MsgType": "event",
+    fields = _common_fields(crypto, to_user, from_user, create_time, "event") | {
         "AgentID": agent_id,
         "Event": event,
         "EventKey": event_key,
