@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test lint unit images molecule venv demo demo-down
+.PHONY: test lint unit images molecule molecule-default molecule-dify venv demo demo-down
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml
@@ -26,8 +26,14 @@ unit: venv
 images: venv
 	scripts/build-images
 
-molecule: venv images
+molecule: molecule-default molecule-dify
+
+molecule-default: venv images
 	molecule test -s default
+
+# roles/dify's install -> upgrade -> refused downgrade -> restore, on the Dify stand-in release.
+molecule-dify: venv images
+	molecule test -s dify-upgrade
 
 # The README's main-job command: the whole stack on a local server container, plus a sample conversation.
 demo: venv
