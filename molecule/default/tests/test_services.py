@@ -45,3 +45,32 @@ def test_bridge_port_on_loopback_only(host):
         "curl -sS --max-time 3 http://%s:%s/healthz", address, BRIDGE_PORT
     )
     assert outside.rc != 0
+
+
+def test_dify_env_root_only_and_healthy(host):
+    env_file = host.file("/opt/dify/current/docker/.env")
+    assert env_file.user == "root"
+    assert env_file.mode == 0o600
+    assert host.file("/opt/dify/secrets.yml").mode == 0o600
+    assert host.file("/opt/dify/VERSION").content_string.strip() == "1.17.1"
+    out = host.check_output(
+        "cd /opt/dify/current/docker && docker compose -p dify ps --format json"
+    )
+    health = {
+        row["Service"]: row["Health"]
+        for row in map(json.loads, filter(None, out.splitlines()))
+    }
+    assert health["api"] == "healthy"
+    assert health["db_postgres"] == "healthy"
+
+
+def test_dify_setup_finished_through_edge(host):
+    """The role created the first admin through https://<domain>/console/api/setup."""
+    host.check_output(
+        "curl -sS --fail --cacert /etc/pebble/cert.pem -o /tmp/pebble-root.pem "
+        "https://127.0.0.1:15000/roots/0"
+    )
+    res = host.check_output(
+        "curl -sS --fail --cacert /tmp/pebble-root.pem https://wecom-bot.test/console/api/setup"
+    )
+    assert json.loads(res)["step"] == "finished"
