@@ -164,6 +164,19 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _error_event(common: dict[str, Any], fault: Fault) -> str:
+    """A failure inside a 200 stream, as Dify sends it."""
+    return _sse(
+        {
+            "event": "error",
+            **common,
+            "status": fault.status,
+            "code": fault.code,
+            "message": fault.message,
+        }
+    )
+
+
 def _chunks(text: str, count: int) -> list[str]:
     size = max(1, -(-len(text) // count))
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
@@ -403,16 +416,7 @@ def _stream(state: DifyDoubleState, turn: _Turn, query: str) -> Iterator[str]:
     for chunk in _chunks(turn.answer, STREAM_CHUNKS):
         yield _sse({"event": kind, "id": turn.message_id, **common, "answer": chunk})
     if turn.fault is not None:
-        fault = turn.fault
-        yield _sse(
-            {
-                "event": "error",
-                **common,
-                "status": fault.status,
-                "code": fault.code,
-                "message": fault.message,
-            }
-        )
+        yield _error_event(common, turn.fault)
         return
     if turn.replacement is not None:
         yield _sse({"event": "message_replace", **common, "answer": turn.replacement})
@@ -458,16 +462,7 @@ def _workflow(state: DifyDoubleState, body: dict[str, Any]) -> Response:
         for chunk in _chunks(turn.answer, STREAM_CHUNKS):
             yield _sse({"event": "text_chunk", **common, "data": {"text": chunk}})
         if turn.fault is not None:
-            fault = turn.fault
-            yield _sse(
-                {
-                    "event": "error",
-                    **common,
-                    "status": fault.status,
-                    "code": fault.code,
-                    "message": fault.message,
-                }
-            )
+            yield _error_event(common, turn.fault)
             return
         yield _sse({"event": "workflow_finished", **common, "data": data})
 
