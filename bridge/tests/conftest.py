@@ -81,17 +81,24 @@ def dify_state(server: ServerThread):
     return server.app.extensions["dify_double"]
 
 
-@pytest.fixture
-def bridge_env(
-    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
-) -> dict[str, str]:
+def wecom_env(secrets: AppSecrets, api_base: str) -> dict[str, str]:
+    """The WeCom half of the bridge's configuration, pointed at a WeCom double."""
     return {
         "WECOM_CORP_ID": secrets.corp_id,
         "WECOM_AGENT_ID": secrets.agent_id,
         "WECOM_SECRET": secrets.secret,
         "WECOM_TOKEN": secrets.token,
         "WECOM_ENCODING_AES_KEY": secrets.aes_key,
-        "WECOM_API_BASE": wecom_double.url,
+        "WECOM_API_BASE": api_base,
+    }
+
+
+@pytest.fixture
+def bridge_env(
+    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
+) -> dict[str, str]:
+    return {
+        **wecom_env(secrets, wecom_double.url),
         "DIFY_API_BASE": f"{dify_double.url}/v1",
         "DIFY_API_KEY": secrets.dify_key,
         "DIFY_BACKOFF": "0.05",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import AppSecrets, BridgeProcess, wait_for, wecom_state
+from conftest import AppSecrets, BridgeProcess, wait_for, wecom_env, wecom_state
 
 from wecom_bridge.app import create_app
 from wecom_bridge.config import load_config
@@ -310,12 +310,7 @@ def cli_env(tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread) -> 
     }
     return {
         **inherited,
-        "WECOM_CORP_ID": secrets.corp_id,
-        "WECOM_AGENT_ID": secrets.agent_id,
-        "WECOM_SECRET": secrets.secret,
-        "WECOM_TOKEN": secrets.token,
-        "WECOM_ENCODING_AES_KEY": secrets.aes_key,
-        "WECOM_API_BASE": wecom_double.url,
+        **wecom_env(secrets, wecom_double.url),
         "BRIDGE_DATA_DIR": str(tmp_path / "data"),
     }
 
