@@ -129,7 +129,7 @@ def _query(args: object, names: tuple[str, ...]) -> dict[str, str]:
 def register_callback(flask_app: Flask, handler: CallbackHandler, metrics: Metrics) -> None:
     def view() -> Response:
         try:
-            if request.method == "GET":
+            if request.method in ("GET", "HEAD"):  # Flask answers HEAD with the GET view
                 return handler.verify_url()
             return handler.receive()
         except CallbackError as exc:

@@ -21,7 +21,9 @@ def parse_xml(data: bytes) -> dict[str, str]:
         raise MalformedXmlError("XML with a DTD or entity declaration is refused")
     try:
         doc = xmltodict.parse(data, disable_entities=True)
-    except (ExpatError, ValueError) as exc:
+    except (ExpatError, ValueError, LookupError) as exc:
+        # LookupError: an XML declaration naming an encoding Python does not know
+        # (`<?xml version="1.0" encoding="foo"?>`), raised by expat's codec lookup.
         raise MalformedXmlError(f"not well-formed XML: {exc}") from exc
     root = doc.get("xml") if isinstance(doc, dict) else None
     if not isinstance(root, dict):
