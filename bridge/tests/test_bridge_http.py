@@ -8,12 +8,15 @@ import time
 import requests
 from conftest import AppSecrets, dify_state, wait_for, wecom_state
 
+from wecom_bridge.app import create_app
+from wecom_bridge.config import load_config
 from wecom_bridge.doubles.callbacks import (
     CallbackClient,
     build_text_callback,
     build_url_verification,
 )
 from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.store import FreeSpaceFloor
 
 
 def sent_texts(wecom_double: ServerThread, user: str | None = None) -> list[str]:
@@ -253,6 +256,49 @@ def test_store_unavailable_answers_503_then_redelivery_accepted(
     assert callbacks.send_text("han", "locked", msg_id="990001").status_code == 200
     wait_for(lambda: sent_texts(wecom_double, "han"))
     assert len(sent_texts(wecom_double, "han")) == 1
+
+
+def test_low_disk_space_refuses_new_work_until_space_returns(
+    callbacks: CallbackClient, wecom_double: ServerThread, bridge: ServerThread
+) -> None:
+    store = bridge.app.extensions["wecom_bridge"].store
+    real_floor = store.space
+    # The real free space of the test's data dir, with the floor set just above it.
+    store.space = FreeSpaceFloor(real_floor.directory, real_floor.free_bytes() + 2**30)
+    resp = callbacks.send_text("lowdisk", "disk full?", msg_id="990002")
+    assert resp.status_code == 503
+    ready = requests.get(f"{bridge.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert "BRIDGE_MIN_FREE_MB" in ready.json()["db"]
+    assert not sent_texts(wecom_double, "lowdisk")
+
+    store.space = real_floor  # space is back: WeCom's redelivery is taken
+    assert requests.get(f"{bridge.url}/readyz", timeout=5).status_code == 200
+    assert callbacks.send_text("lowdisk", "disk full?", msg_id="990002").status_code == 200
+    wait_for(lambda: sent_texts(wecom_double, "lowdisk"))
+    assert len(sent_texts(wecom_double, "lowdisk")) == 1
+
+
+def test_unusable_data_dir_at_start_is_not_fatal(
+    bridge_env: dict[str, str], secrets: AppSecrets, wecom_double: ServerThread, tmp_path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the data dir's parent should be")
+    env = {**bridge_env, "BRIDGE_DATA_DIR": str(blocker / "data")}
+    app = create_app(load_config(env))
+    try:
+        with ServerThread(app) as server:
+            client = CallbackClient(f"{server.url}/wxcomapp", secrets.crypto(), secrets.agent_id)
+            assert client.send_text("nodisk", "stored?", msg_id="990003").status_code == 503
+            assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 503
+
+            blocker.unlink()  # the operator fixes the volume
+            (blocker / "data").mkdir(parents=True)
+            wait_for(lambda: requests.get(f"{server.url}/readyz", timeout=5).status_code == 200)
+            assert client.send_text("nodisk", "stored?", msg_id="990003").status_code == 200
+            wait_for(lambda: sent_texts(wecom_double, "nodisk"))
+    finally:
+        app.extensions["wecom_bridge"].pool.stop()
 
 
 def test_health_ready_metrics(

@@ -50,7 +50,12 @@ class Runtime:
 def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
     # Worker progress commits without fsync: it survives a crash of the process, and the next
     # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
-    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout, durable_commits=False)
+    store = Store(
+        config.data_dir,
+        busy_timeout=config.db_busy_timeout,
+        durable_commits=False,
+        min_free_bytes=config.min_free_bytes,
+    )
     apps = {
         app.name: AppRuntime(
             config=app,
@@ -91,7 +96,11 @@ def _queue_depth(store: Store) -> float:
 
 
 def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flask:
-    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout)
+    store = Store(
+        config.data_dir,
+        busy_timeout=config.db_busy_timeout,
+        min_free_bytes=config.min_free_bytes,
+    )
     metrics = Metrics()
     metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
     pool = build_pool(config, metrics) if in_process_workers else None
@@ -185,6 +194,22 @@ def _register_ops(flask_app: Flask, runtime: Runtime) -> None:
         return Response(text, mimetype="text/plain; version=0.0.4")
 
 
+def _write_worker_metrics(target: Path, metrics: Metrics, *, was_ok: bool) -> bool:
+    """Best effort: a full or read-only data dir must not take the job process down.
+    Logs once when writing starts failing, not at every heartbeat."""
+    tmp = target.with_suffix(".tmp")
+    try:
+        tmp.write_text(metrics.render(), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        if was_ok:
+            log.warning(
+                "cannot write worker metrics", extra={"path": str(target), "error": str(exc)}
+            )
+        return False
+    return True
+
+
 def run_job_process(config: BridgeConfig) -> None:
     """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
     metrics = Metrics()
@@ -197,11 +222,10 @@ def run_job_process(config: BridgeConfig) -> None:
     listener.start()
     log.info("job workers started", extra={"workers": config.job_workers})
     target = config.data_dir / WORKER_METRICS_FILE
+    metrics_ok = True
     while not stop.wait(HEARTBEAT_SECONDS / 5):
         # The web side serves these with its own on /metrics.
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(metrics.render(), encoding="utf-8")
-        os.replace(tmp, target)
+        metrics_ok = _write_worker_metrics(target, metrics, was_ok=metrics_ok)
     listener.close()
     pool.stop()
     log.info("job workers stopped")

@@ -66,6 +66,8 @@ class BridgeConfig:
     job_retention_seconds: float = 7 * 24 * 3600
     send_max_age_seconds: float = 3600
     db_busy_timeout: float = 2.0
+    # Callbacks are refused (503, WeCom redelivers) while the data dir has less free space.
+    min_free_bytes: int = 64 * 2**20
     # After 40001/60020 gettoken is not called again for this long (WeCom blocks hammering).
     config_error_cooldown: float = 60.0
     log_format: str = "text"
@@ -343,6 +345,7 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         job_retention_seconds=_float(env, "BRIDGE_JOB_RETENTION_DAYS", 7.0, 0.0) * 86400,
         send_max_age_seconds=_float(env, "BRIDGE_SEND_MAX_AGE_MINUTES", 60.0, 1.0) * 60,
         db_busy_timeout=_float(env, "BRIDGE_DB_BUSY_TIMEOUT", 2.0, 0.05),
+        min_free_bytes=_int(env, "BRIDGE_MIN_FREE_MB", 64) * 2**20,
         config_error_cooldown=_float(env, "WECOM_CONFIG_ERROR_COOLDOWN", 60.0, 1.0),
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

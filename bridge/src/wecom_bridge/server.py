@@ -15,6 +15,8 @@ from wecom_bridge.app import create_app
 from wecom_bridge.config import BridgeConfig
 
 log = logging.getLogger("wecom_bridge.server")
+RESTART_DELAY_MIN = 1.0
+RESTART_DELAY_MAX = 30.0
 
 
 class JobProcessSupervisor:
@@ -28,12 +30,22 @@ class JobProcessSupervisor:
         threading.Thread(target=self._supervise, name="job-supervisor", daemon=True).start()
 
     def _supervise(self) -> None:
+        delay = RESTART_DELAY_MIN
         while not self._stopping.is_set():
+            started = time.monotonic()
             self._proc = subprocess.Popen([sys.executable, "-m", "wecom_bridge", "work"])
             code = self._proc.wait()
-            if not self._stopping.is_set():
-                log.error("job process exited, restarting", extra={"exit_code": code})
-                time.sleep(1.0)
+            if self._stopping.is_set():
+                return
+            # A process that keeps dying at start (e.g. an unwritable data dir) is retried ever
+            # more slowly; one that ran a while is restarted at once.
+            delay = RESTART_DELAY_MIN if time.monotonic() - started > 60 else delay
+            log.error(
+                "job process exited, restarting",
+                extra={"exit_code": code, "restart_in_seconds": delay},
+            )
+            self._stopping.wait(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)
 
     def stop(self) -> None:
         self._stopping.set()

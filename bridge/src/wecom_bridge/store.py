@@ -2,12 +2,16 @@
 
 Holds inbound jobs with status, dedupe keys, per-user Dify conversation ids and cached access
 tokens. Every method is one short transaction; a failure to write raises StoreUnavailableError
-so the callback can answer non-200 and WeCom redelivers.
+so the callback can answer non-200 and WeCom redelivers. New work (callbacks, send requests) is
+also refused while the data directory's free space is below a floor: what is already accepted
+keeps the rest to finish with, and a full disk never half-stores a message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -115,6 +119,48 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+class FreeSpaceFloor:
+    """Refuses new work while the data directory has less than `min_free_bytes` available.
+
+    statvfs is cheap but runs on every callback, so its answer is reused for `ttl` seconds.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        min_free_bytes: int,
+        ttl: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.min_free_bytes = min_free_bytes
+        self._ttl = ttl
+        self._clock = clock
+        self._checked_at = float("-inf")
+        self._free = 0
+
+    def free_bytes(self) -> int:
+        now = self._clock()
+        if now - self._checked_at >= self._ttl:
+            try:
+                stat = os.statvfs(self.directory)
+            except OSError as exc:
+                raise StoreUnavailableError(f"cannot stat {self.directory}: {exc}") from exc
+            self._free = stat.f_bavail * stat.f_frsize
+            self._checked_at = now
+        return self._free
+
+    def check(self) -> None:
+        if not self.min_free_bytes:
+            return
+        free = self.free_bytes()
+        if free < self.min_free_bytes:
+            raise StoreUnavailableError(
+                f"{free // 2**20} MiB free in {self.directory}, below the "
+                f"{self.min_free_bytes // 2**20} MiB floor (BRIDGE_MIN_FREE_MB): new work refused"
+            )
+
+
 class Store:
     def __init__(
         self,
@@ -122,24 +168,41 @@ class Store:
         *,
         busy_timeout: float = 2.0,
         durable_commits: bool = True,
+        min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a missing, unwritable dir fails at first use
+            data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "bridge.sqlite3"
+        self.space = FreeSpaceFloor(data_dir, min_free_bytes)
         self._busy_timeout = busy_timeout
         self._synchronous = "FULL" if durable_commits else "NORMAL"
         self._clock = clock
         self._local = threading.local()
-        try:
-            self._conn().executescript(SCHEMA)  # executescript manages its own transaction
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"cannot open {self.path}: {exc}") from exc
+        self._schema_ready = False
+        # A store that cannot be opened yet (read-only or full disk) is not fatal: every use
+        # raises StoreUnavailableError (callbacks 503, /readyz not ready) until it works.
+        with contextlib.suppress(sqlite3.Error, StoreUnavailableError):
+            self._conn()
 
     # --- connections and transactions -----------------------------------------------------
+
+    def _check_writable(self) -> None:
+        """SQLite opens a file it cannot write read-only, and the process then shares that
+        read-only WAL index with every later connection: better not to open it at all."""
+        paths = [
+            self.path.parent,
+            self.path,
+            *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm")),
+        ]
+        for path in paths:
+            if path.exists() and not os.access(path, os.W_OK):
+                raise StoreUnavailableError(f"{path} is not writable by uid {os.getuid()}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self._check_writable()
             conn = sqlite3.connect(
                 self.path,
                 timeout=self._busy_timeout,
@@ -153,6 +216,9 @@ class Store:
             # the next FULL commit. One fsync per worker step would starve the callbacks.
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             self._local.conn = conn
+        if not self._schema_ready:
+            conn.executescript(SCHEMA)  # executescript manages its own transaction
+            self._schema_ready = True
         return conn
 
     def _drop_conn(self) -> None:
@@ -173,7 +239,9 @@ class Store:
             yield conn
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            # A fresh connection next time: one opened while the disk was read-only stays so.
             self._rollback(conn)
+            self._drop_conn()
             raise StoreUnavailableError(f"write failed: {exc}") from exc
         except BaseException:
             self._rollback(conn)
@@ -201,6 +269,7 @@ class Store:
 
     def accept_many(self, deliveries: Sequence[Delivery]) -> list[int | None]:
         """accept() for several deliveries in one transaction: one fsync for all of them."""
+        self.space.check()
         now = self._clock()
         with self._tx() as db:
             return [self._accept_one(db, d, now) for d in deliveries]
@@ -217,6 +286,7 @@ class Store:
         return self._insert_job(db, delivery.app, delivery.job, now)
 
     def enqueue(self, app: str, job: NewJob) -> int:
+        self.space.check()
         with self._tx() as db:
             return self._insert_job(db, app, job, self._clock())
 
@@ -444,7 +514,8 @@ class Store:
         return keys, jobs
 
     def probe_write(self) -> None:
-        """A real write, for readiness: proves the disk and the lock both work."""
+        """A real write, for readiness: proves the disk, the lock and the free-space floor."""
+        self.space.check()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO probe (id, at) VALUES (1, ?)"
