@@ -240,6 +240,32 @@ def test_send_checks_the_token(wecom: ServerThread) -> None:
     assert send(wecom, gettoken(wecom)["access_token"])["errcode"] == 0
 
 
+def test_journal_keeps_messages_and_tokens_across_restarts(tmp_path) -> None:
+    journal = tmp_path / "wecom-double.jsonl"
+    first = create_wecom_double(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID, journal=journal)
+    with ServerThread(first) as server:
+        token = gettoken(server)["access_token"]
+        old_token = gettoken(server)["access_token"]
+        assert send(server, token, "before the clear")["errcode"] == 0
+        assert requests.delete(server.url + "/_double/messages", timeout=5).ok
+        assert send(server, token, "kept")["errcode"] == 0
+    with journal.open("a") as cut:
+        cut.write('{"kind": "message", "rec')  # killed mid-write
+
+    second = create_wecom_double(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID, journal=journal)
+    with ServerThread(second) as server:
+        messages = requests.get(server.url + "/_double/messages", timeout=5).json()["messages"]
+        assert [m["text"]["content"] for m in messages] == ["kept"]
+        assert send(server, old_token)["errcode"] == 0  # issued tokens stay valid
+        assert requests.post(server.url + "/_double/expire-tokens", timeout=5).ok
+    third = create_wecom_double(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID, journal=journal)
+    with ServerThread(third) as server:
+        assert send(server, token)["errcode"] == 42001
+        assert (
+            len(requests.get(server.url + "/_double/messages", timeout=5).json()["messages"]) == 2
+        )
+
+
 def test_tokens_expire_after_their_ttl() -> None:
     now = [0.0]
     app = create_wecom_double(corp_id=CORP_ID, secret=SECRET, token_ttl=60, clock=lambda: now[0])

@@ -7,10 +7,14 @@ errcodes on demand. A JSON control API under /_double/ lets out-of-process tests
 It also plays the member's side for people: `GET /_double/chat` is a chat page whose messages go
 out as real signed, encrypted callbacks to the bridge (`ChatCallback`), and whose replies are the
 message/send bodies this double records — the whole WeCom path without WeCom.
+
+With a journal file (WECOM_DOUBLE_JOURNAL) it remembers recorded messages and issued tokens across
+its own restarts, as WeCom's servers would: fault tests restart the Docker engine it runs under.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import threading
@@ -19,7 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import requests
 from flask import Flask, Response, jsonify, request
@@ -65,6 +70,38 @@ def _truncate(text: str, limit: int) -> str:
     return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
+class Journal:
+    """An append-only JSON-lines file of the state changes the double must not forget."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+
+    def entries(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [entry for line in lines if (entry := _complete_line(line)) is not None]
+
+    def append(self, entry: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+            if self._file.tell():
+                self._file.write("\n")  # ends a line a kill may have cut short
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+
+def _complete_line(line: str) -> dict[str, Any] | None:
+    """A journal entry, or None for an empty line or one cut short when the double was killed."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
 @dataclass
 class WeComDoubleState:
     """Everything the double remembers; all access under `lock`."""
@@ -87,12 +124,33 @@ class WeComDoubleState:
     unknown_users: set[str] = field(default_factory=set)
     # Where the chat page's messages go; None: the page cannot send (409).
     chat_callback: ChatCallback | None = None
+    journal: Journal | None = None
     _sent_at: dict[str, deque[float]] = field(default_factory=dict)
     _msg_seq: int = 0
 
     def __post_init__(self) -> None:
         # Wakes long-polling readers of /_double/messages when a message is recorded.
         self.recorded = threading.Condition(self.lock)
+        if self.journal is not None:
+            for entry in self.journal.entries():
+                self._replay(entry)
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        kind = entry["kind"]
+        if kind == "token":
+            self.tokens[entry["token"]] = self.clock() + self.token_ttl
+        elif kind in ("message", "dropped"):
+            (self.messages if kind == "message" else self.dropped).append(entry["record"])
+            self._msg_seq += 1
+        elif kind == "expire-tokens":
+            self.tokens = dict.fromkeys(self.tokens, float("-inf"))
+        elif kind in ("clear", "reset"):
+            self.messages.clear()
+            self.dropped.clear()
+
+    def _log(self, kind: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.append({"kind": kind, **fields})
 
     def fail_next(self, api: str, *errcodes: int) -> None:
         """The next calls of `api` ("gettoken" or "send") answer these errcodes, one per call."""
@@ -109,12 +167,14 @@ class WeComDoubleState:
         """Every token issued so far is now expired (the next use gets 42001)."""
         with self.lock:
             self.tokens = dict.fromkeys(self.tokens, float("-inf"))
+            self._log("expire-tokens")
 
     def clear_messages(self) -> None:
         with self.lock:
             self.messages.clear()
             self.dropped.clear()
             self._sent_at.clear()
+            self._log("clear")
 
     def reset(self) -> None:
         """Forget messages, faults and counters; issued tokens stay valid."""
@@ -125,6 +185,7 @@ class WeComDoubleState:
             self.faults.clear()
             self.gettoken_calls = 0
             self.send_calls = 0
+            self._log("reset")
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -177,6 +238,7 @@ class WeComDoubleState:
     def issue_token(self) -> str:
         token = secrets.token_urlsafe(96)
         self.tokens[token] = self.clock() + self.token_ttl
+        self._log("token", token=token)
         return token
 
     def admit(self, user: str) -> bool:
@@ -211,6 +273,7 @@ def create_wecom_double(
     rate_limits: tuple[tuple[int, float], ...] = DEFAULT_RATE_LIMITS,
     clock: Callable[[], float] = time.monotonic,
     chat_callback: ChatCallback | None = None,
+    journal: Path | None = None,
 ) -> Flask:
     state = WeComDoubleState(
         corp_id=corp_id,
@@ -221,6 +284,7 @@ def create_wecom_double(
         rate_limits=rate_limits,
         clock=clock,
         chat_callback=chat_callback,
+        journal=Journal(journal) if journal else None,
     )
     app = Flask("wecom_double")
     app.extensions["wecom_double"] = state
@@ -320,10 +384,12 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
     record["msgid"] = state.next_msgid()
     if users and len(refused) == len(users):
         state.dropped.append(record)
+        state._log("dropped", record=record)
     else:
         if refused:
             record["dropped_users"] = refused
         state.messages.append(record)
+        state._log("message", record=record)
         state.recorded.notify_all()
     return {
         "errcode": 0,
@@ -432,6 +498,7 @@ def wecom_double_from_env(callback_url: str | None = None) -> Flask:
 
     The chat page needs WECOM_DOUBLE_CALLBACK_URL (or `callback_url`) and WECOM_TOKEN,
     WECOM_ENCODING_AES_KEY; WECOM_DOUBLE_CALLBACK_VERIFY=false|<CA file> for test certificates.
+    WECOM_DOUBLE_JOURNAL=<file>: remember messages and tokens across restarts.
     """
     url = callback_url or os.environ.get("WECOM_DOUBLE_CALLBACK_URL", "")
     chat_callback = (
@@ -449,4 +516,5 @@ def wecom_double_from_env(callback_url: str | None = None) -> Flask:
         secret=required_env("WECOM_SECRET"),
         agent_id=os.environ.get("WECOM_AGENT_ID", ""),
         chat_callback=chat_callback,
+        journal=Path(journal) if (journal := os.environ.get("WECOM_DOUBLE_JOURNAL")) else None,
     )
