@@ -103,3 +103,28 @@ def crypto():
         TEST_VARS["wecom_test_encoding_aes_key"],
         TEST_VARS["wecom_test_corp_id"],
     )
+
+
+# --- ordering and reporting for the reliability tests -------------------------------------------
+
+# name -> counts line, printed at the end of the run (CI logs keep them).
+TALLIES: dict[str, str] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "disruptive: kills or restarts parts of the stack; runs after the other tests",
+    )
+
+
+def pytest_collection_modifyitems(items):
+    """Disruptive tests last, in their file order, so they cannot disturb the others."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TALLIES:
+        terminalreporter.section("reliability counts (per test)")
+        for name, line in TALLIES.items():
+            terminalreporter.write_line(f"{name}: {line}")
