@@ -577,6 +577,17 @@ def test_dify_health_and_setup(dify: ServerThread) -> None:
     assert requests.post(setup, json=admin, timeout=5).status_code == 403
 
 
+def test_dify_setup_survives_a_restart_with_a_setup_file(tmp_path) -> None:
+    admin = {"email": "admin@example.com", "name": "admin", "password": "Passw0rd-long"}
+    setup_file = tmp_path / "dify-double-setup"
+    with ServerThread(create_dify_double(api_key=DIFY_KEY, setup_file=setup_file)) as first:
+        assert requests.post(first.url + "/console/api/setup", json=admin, timeout=5).ok
+    with ServerThread(create_dify_double(api_key=DIFY_KEY, setup_file=setup_file)) as second:
+        setup = second.url + "/console/api/setup"
+        assert requests.get(setup, timeout=5).json()["step"] == "finished"
+        assert requests.post(setup, json=admin, timeout=5).status_code == 403
+
+
 def test_dify_double_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFY_API_KEY", DIFY_KEY)
     monkeypatch.setenv("DIFY_DOUBLE_MODE", "workflow")

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -200,12 +201,17 @@ def create_dify_double(
     mode: str = "chat",
     delay: float = 0.0,
     answer_template: str = "Dify double answer: {query}",
+    setup_file: Path | None = None,
 ) -> Flask:
+    """`setup_file`: where the first admin's setup time is kept across restarts (real Dify keeps
+    it in PostgreSQL); without one it is forgotten with the process."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     state = DifyDoubleState(
         api_key=api_key, mode=mode, delay=delay, answer_template=answer_template
     )
+    if setup_file is not None and setup_file.exists():
+        state.setup_at = setup_file.read_text(encoding="utf-8").strip() or None
     app = Flask("dify_double")
     app.extensions["dify_double"] = state
 
@@ -302,6 +308,8 @@ def create_dify_double(
             if state.setup_at is not None:
                 return _error(403, "already_setup", "Dify has been successfully installed.")
             state.setup_at = datetime.now(UTC).isoformat()
+            if setup_file is not None:
+                setup_file.write_text(state.setup_at, encoding="utf-8")
         response = jsonify({"result": "success"})
         response.status_code = 201
         return response
@@ -529,13 +537,18 @@ def _control_routes(app: Flask, state: DifyDoubleState) -> None:
 
 
 def dify_double_from_env() -> Flask:
-    """DIFY_API_KEY (the key it accepts), DIFY_DOUBLE_MODE (chat), DIFY_DOUBLE_DELAY_MS (0)."""
+    """DIFY_API_KEY (the key it accepts), DIFY_DOUBLE_MODE (chat), DIFY_DOUBLE_DELAY_MS (0),
+    DIFY_DOUBLE_STATE_DIR (where the setup state survives restarts; unset: in memory)."""
     mode = os.environ.get("DIFY_DOUBLE_MODE", "chat")
     if mode not in MODES:
         raise ConfigError("DIFY_DOUBLE_MODE", f"must be one of {', '.join(MODES)}")
     delay_ms = os.environ.get("DIFY_DOUBLE_DELAY_MS", "0")
     if not delay_ms.isdigit():
         raise ConfigError("DIFY_DOUBLE_DELAY_MS", "must be a whole number of milliseconds")
+    state_dir = os.environ.get("DIFY_DOUBLE_STATE_DIR", "").strip()
     return create_dify_double(
-        api_key=required_env("DIFY_API_KEY"), mode=mode, delay=int(delay_ms) / 1000
+        api_key=required_env("DIFY_API_KEY"),
+        mode=mode,
+        delay=int(delay_ms) / 1000,
+        setup_file=Path(state_dir) / "dify-double-setup" if state_dir else None,
     )
