@@ -14,8 +14,8 @@ $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyprojec
 test: lint unit molecule
 
 lint: venv
-	ruff check bridge molecule scripts
-	ruff format --check bridge molecule scripts
+	ruff check bridge molecule scripts bench
+	ruff format --check bridge molecule scripts bench
 	yamllint -s .
 	ansible-lint --profile production
 	scripts/gixy-rendered
