@@ -27,7 +27,7 @@ def _load_or_exit() -> BridgeConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_exit()
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level, background=True)
     from wecom_bridge.server import run_server
 
     run_server(config)
@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_work(args: argparse.Namespace) -> int:
     config = _load_or_exit()
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level, background=True)
     from wecom_bridge.app import run_job_process
 
     run_job_process(config)

@@ -5,10 +5,13 @@ Secrets never reach a log record: the code logs ids and error codes, never confi
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import sys
 import time
+from logging.handlers import QueueHandler, QueueListener
 
 # Attributes every LogRecord has; anything else came in through `extra=` and is context.
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
@@ -43,11 +46,35 @@ class TextFormatter(logging.Formatter):
         return f"{line} {context}" if context else line
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class _Background:
+    """The listener thread of the current background setup (one per process)."""
+
+    listener: QueueListener | None = None
+
+
+@atexit.register
+def _stop_background() -> None:
+    """Writes what is still queued, then ends the writer thread."""
+    if _Background.listener is not None:
+        _Background.listener.stop()
+        _Background.listener = None
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO", *, background: bool = False) -> None:
+    """`background`: request threads only queue their records and one thread writes them, so
+    a slow stderr (a container log pipe under load) never holds up a callback's 200. Call it
+    again in a forked child: the parent's writer thread does not exist there."""
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    _stop_background()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    if background:
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        _Background.listener = QueueListener(records, stream)
+        _Background.listener.start()
+        root.handlers[:] = [QueueHandler(records)]
+    else:
+        root.handlers[:] = [stream]
     root.setLevel(level)
     # Library request logs would print URLs with access tokens in the query string.
     logging.getLogger("urllib3").setLevel(logging.WARNING)

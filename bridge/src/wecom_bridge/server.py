@@ -13,6 +13,7 @@ from gunicorn.app.base import BaseApplication
 
 from wecom_bridge.app import create_app
 from wecom_bridge.config import BridgeConfig
+from wecom_bridge.logs import setup_logging
 
 log = logging.getLogger("wecom_bridge.server")
 RESTART_DELAY_MIN = 1.0
@@ -77,6 +78,10 @@ class BridgeServer(BaseApplication):  # type: ignore[misc]
             "accesslog": None,
             "errorlog": "-",
             "when_ready": lambda server: self.jobs.start(),
+            # The master's log writer thread is not forked: each web worker starts its own.
+            "post_fork": lambda server, worker: setup_logging(
+                config.log_format, config.log_level, background=True
+            ),
             "on_exit": lambda server: self.jobs.stop(),
         }
         for key, value in options.items():
