@@ -243,21 +243,27 @@ def test_token_invalidated_mid_burst(stack):
 
 @pytest.fixture
 def data_on_tmpfs(stack):
-    """The bridge's data dir on a 96 MiB tmpfs, so the test can fill it; moved back after."""
+    """The bridge's data dir on a tmpfs (its data + 128 MiB) the test can fill; moved back after."""
     saved = "/root/bridge-data.saved"
     stack.sh(f"docker stop {BRIDGE} && rm -rf {saved} && cp -a {BRIDGE_DATA} {saved}")
-    stack.sh(
-        f"mount -t tmpfs -o size=96m,mode=0750,uid=10001,gid=10001 bridge-data {BRIDGE_DATA}"
-    )
-    stack.sh(f"cp -a {saved}/. {BRIDGE_DATA}/ && docker start {BRIDGE}")
-    stack.wait_ready()
-    yield
-    stack.sh(f"rm -f {BRIDGE_DATA}/filler && chmod -R u+w {BRIDGE_DATA} && docker stop {BRIDGE}")
-    stack.sh(f"rm -rf {saved} && cp -a {BRIDGE_DATA} {saved} && umount {BRIDGE_DATA}")
-    stack.sh(
-        f"cp -a {saved}/. {BRIDGE_DATA}/ && rm -rf {saved} && docker start {BRIDGE}"
-    )
-    stack.wait_ready()
+    size_mib = int(stack.sh(f"du -sm {saved} | cut -f1")) + 128
+    options = f"size={size_mib}m,mode=0750,uid=10001,gid=10001"
+    stack.sh(f"mount -t tmpfs -o {options} bridge-data {BRIDGE_DATA}")
+    try:
+        stack.sh(f"cp -a {saved}/. {BRIDGE_DATA}/ && docker start {BRIDGE}")
+        stack.wait_ready()
+        yield
+    finally:  # also when the setup failed: later tests need the data dir back on disk
+        stack.sh(
+            f"rm -f {BRIDGE_DATA}/filler; chmod -R u+w {BRIDGE_DATA}; docker stop {BRIDGE}"
+        )
+        stack.sh(
+            f"rm -rf {saved} && cp -a {BRIDGE_DATA} {saved} && umount {BRIDGE_DATA}"
+        )
+        stack.sh(
+            f"cp -a {saved}/. {BRIDGE_DATA}/ && rm -rf {saved} && docker start {BRIDGE}"
+        )
+        stack.wait_ready()
 
 
 def refused_then_taken(stack, name, messages):
@@ -280,7 +286,12 @@ def test_data_dir_full_or_unwritable(stack, data_on_tmpfs):
     # Full: free space under the bridge's floor (BRIDGE_MIN_FREE_MB, 64 MiB by default).
     free = int(stack.sh(f"df --output=avail -B1 {BRIDGE_DATA} | tail -n 1"))
     stack.sh(f"fallocate -l {free - 16 * 2**20} {BRIDGE_DATA}/filler")
-    wait_until(lambda: stack.ready_status() == "503", 10, 0.5, "the bridge to see the full disk")
+    wait_until(
+        lambda: stack.ready_status() == "503",
+        10,
+        0.5,
+        "the bridge to see the full disk",
+    )
     full = stack.messages("disk-full", 10)
     refused_then_taken(stack, "data dir full", full)
     stack.sh(f"rm {BRIDGE_DATA}/filler")
