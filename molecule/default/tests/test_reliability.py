@@ -134,18 +134,28 @@ def assert_exactly_once(counts: Tally):
     assert counts.answered == counts.acknowledged, counts
 
 
-def strike_when(deliverer, acks, action):
-    """Runs `action` in the background once `deliverer` has had `acks` 200s."""
+class Strike(threading.Thread):
+    """Runs `action` once `deliverer` has had `acks` 200s; join() re-raises what it raised."""
 
-    def run():
-        wait_until(
-            lambda: deliverer.acknowledged >= acks, 60, 0.01, f"{acks} acknowledgements"
-        )
-        action()
+    def __init__(self, deliverer, acks, action):
+        super().__init__(daemon=True)
+        self.deliverer, self.acks, self.action = deliverer, acks, action
+        self.error = None
+        self.start()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    def run(self):
+        try:
+            wait_until(
+                lambda: self.deliverer.acknowledged >= self.acks, 60, 0.01, "acks"
+            )
+            self.action()
+        except Exception as exc:  # noqa: BLE001 (reported by join(), in the test thread)
+            self.error = exc
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        if self.error is not None:
+            raise AssertionError(f"the fault could not be struck: {self.error!r}")
 
 
 def test_redelivery_storm(stack):
@@ -190,11 +200,12 @@ def test_kill9_of_the_bridge_container_mid_burst(stack):
         stack.sh(f"kill -9 $(docker inspect -f '{{{{.State.Pid}}}}' {BRIDGE})")
         stack.dify("/_double/delay", {"seconds": 0})
 
-    striker = strike_when(deliverer, 40, kill)
+    striker = Strike(deliverer, 40, kill)
     outcomes = deliverer.deliver_all(messages)
     striker.join()
     counts = stack.finish("kill -9 mid-burst", outcomes)
-    assert stack.bridge_state()["RestartCount"] == restarts + 1
+    logs = stack.sh(f"docker logs --tail 40 {BRIDGE} 2>&1")
+    assert stack.bridge_state()["RestartCount"] == restarts + 1, logs
     assert counts.non_200 > 0, "the kill did not interrupt the burst"
     assert counts.acknowledged == counts.sent == 150, counts
     assert_exactly_once(counts)
@@ -229,7 +240,7 @@ def test_token_invalidated_mid_burst(stack):
     expire = lambda: requests.post(
         f"{stack.wecom_api}/_double/expire-tokens", timeout=10
     )
-    striker = strike_when(deliverer, 60, expire)
+    striker = Strike(deliverer, 60, expire)
     outcomes = deliverer.deliver_all(stack.messages("token", 120))
     striker.join()
     counts = stack.finish("42001 mid-burst", outcomes)
@@ -323,7 +334,7 @@ def test_service_restart_during_traffic(stack, service):
     stack.dify("/_double/delay", {"seconds": 0.2})
     deliverer = stack.deliverer(concurrency=8)
     restart = lambda: stack.sh(f"systemctl restart {service}")
-    striker = strike_when(deliverer, 30, restart)
+    striker = Strike(deliverer, 30, restart)
     outcomes = deliverer.deliver_all(stack.messages(f"restart-{service}", 120))
     striker.join()
     stack.wait_ready()
