@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test lint unit images molecule molecule-default molecule-dify venv demo demo-down
+.PHONY: test lint unit images molecule molecule-default molecule-dify venv demo demo-down bench
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml
@@ -41,3 +41,7 @@ demo: venv
 
 demo-down: venv
 	molecule destroy -s default
+
+# The deployed stack's benchmarks (run `make demo` first): prints numbers, see docs/benchmarks.md.
+bench: venv
+	python bench/stack_bench.py
