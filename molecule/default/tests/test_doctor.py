@@ -56,9 +56,7 @@ def test_doctor_all_green(edge, host):
     rc, checks = doctor(host, "--verify-code", TEST_VARS["wecom_test_verify_code"])
     failed = {name: c for name, c in checks.items() if c["status"] != "PASS"}
     assert rc == 0 and not failed, failed
-    assert {"dns", "tls", "callback", "wecom-gettoken", "dify", "bridge-ready"} <= set(
-        checks
-    )
+    assert {"dns", "tls", "callback", "wecom-gettoken", "dify", "bridge-ready"} <= set(checks)
 
 
 def test_doctor_names_a_wrong_token(edge, host):
@@ -70,7 +68,5 @@ def test_doctor_names_a_wrong_token(edge, host):
     )
     assert rc != 0
     assert checks["callback"]["status"] == "FAIL"
-    assert (
-        "token" in (checks["callback"]["detail"] + checks["callback"]["hint"]).lower()
-    )
+    assert "token" in (checks["callback"]["detail"] + checks["callback"]["hint"]).lower()
     assert checks["tls"]["status"] == "PASS"

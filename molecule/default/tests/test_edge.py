@@ -83,9 +83,7 @@ def test_certificate_issued_by_pebble(host, edge):
 def test_renewal_configured(host):
     assert host.service("certbot.timer").is_enabled
     hooks = host.file("/etc/letsencrypt/renewal-hooks/deploy")
-    assert any(
-        host.file(f"{hooks.path}/{name}").mode & 0o100 for name in hooks.listdir()
-    )
+    assert any(host.file(f"{hooks.path}/{name}").mode & 0o100 for name in hooks.listdir())
     renewal = host.file(f"/etc/letsencrypt/renewal/{DOMAIN}.conf")
     assert renewal.contains("https://127.0.0.1:14000/dir")
 

@@ -41,9 +41,7 @@ def test_bridge_port_on_loopback_only(host):
     assert local == {f"127.0.0.1:{BRIDGE_PORT}"}
     assert host.run("curl -sS --fail http://127.0.0.1:%s/healthz", BRIDGE_PORT).rc == 0
     address = host.interface("eth0").addresses[0]
-    outside = host.run(
-        "curl -sS --max-time 3 http://%s:%s/healthz", address, BRIDGE_PORT
-    )
+    outside = host.run("curl -sS --max-time 3 http://%s:%s/healthz", address, BRIDGE_PORT)
     assert outside.rc != 0
 
 
@@ -57,8 +55,7 @@ def test_dify_env_root_only_and_healthy(host):
         "cd /opt/dify/current/docker && docker compose -p dify ps --format json"
     )
     health = {
-        row["Service"]: row["Health"]
-        for row in map(json.loads, filter(None, out.splitlines()))
+        row["Service"]: row["Health"] for row in map(json.loads, filter(None, out.splitlines()))
     }
     assert health["api"] == "healthy"
     assert health["db_postgres"] == "healthy"

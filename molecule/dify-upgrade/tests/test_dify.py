@@ -1,4 +1,4 @@
-"""End state after install -> upgrade -> refused downgrade -> restore: Dify 1.17.0 from the backup."""
+"""End state after install -> upgrade -> refused downgrade -> restore: 1.17.0 from the backup."""
 
 import json
 from pathlib import Path
@@ -33,10 +33,7 @@ def env(host):
 
 
 def test_restored_version_recorded(host):
-    assert (
-        host.file(f"{BASE}/VERSION").content_string.strip()
-        == TEST_VARS["dify_test_version_a"]
-    )
+    assert host.file(f"{BASE}/VERSION").content_string.strip() == TEST_VARS["dify_test_version_a"]
     current = host.file(f"{BASE}/current")
     assert current.is_symlink
     assert current.linked_to == f"{BASE}/releases/{TEST_VARS['dify_test_version_a']}"
@@ -86,14 +83,8 @@ def test_secrets_generated_paired_and_kept(host):
     assert values["PLUGIN_DAEMON_KEY"] == TEST_VARS["dify_secrets"]["PLUGIN_DAEMON_KEY"]
     assert len(values["SECRET_KEY"]) >= 42
     assert values["CODE_EXECUTION_API_KEY"] == values["SANDBOX_API_KEY"]
-    assert (
-        values["WEAVIATE_AUTHENTICATION_APIKEY_ALLOWED_KEYS"]
-        == values["WEAVIATE_API_KEY"]
-    )
-    assert (
-        values["CELERY_BROKER_URL"]
-        == f"redis://:{values['REDIS_PASSWORD']}@redis:6379/1"
-    )
+    assert values["WEAVIATE_AUTHENTICATION_APIKEY_ALLOWED_KEYS"] == values["WEAVIATE_API_KEY"]
+    assert values["CELERY_BROKER_URL"] == f"redis://:{values['REDIS_PASSWORD']}@redis:6379/1"
     assert len(values["DIFY_AGENT_SERVER_SECRET_KEY"]) == 44
 
 
@@ -128,9 +119,7 @@ def test_nginx_on_loopback_only(host):
 
 
 def test_setup_finished_by_role(host):
-    res = json.loads(
-        host.check_output("curl -sS http://127.0.0.1:8080/console/api/setup")
-    )
+    res = json.loads(host.check_output("curl -sS http://127.0.0.1:8080/console/api/setup"))
     assert res["step"] == "finished"
 
 
@@ -152,6 +141,4 @@ def test_backups_root_only(host):
     [backup] = backups.listdir()
     for name in host.file(f"{backups.path}/{backup}").listdir():
         assert host.file(f"{backups.path}/{backup}/{name}").mode == 0o600, name
-    assert any(
-        name.startswith("volumes.pre-restore-") for name in host.file(BASE).listdir()
-    )
+    assert any(name.startswith("volumes.pre-restore-") for name in host.file(BASE).listdir())
