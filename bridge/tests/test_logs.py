@@ -45,9 +45,9 @@ def test_background_writer_keeps_every_line_and_its_context(capsys) -> None:
         n * 1000 + i for n in range(4) for i in range(200)
     )
     assert {line["user"] for line in stored} == {"u0", "u1", "u2", "u3"}
-    failed = next(line for line in lines if line["msg"].startswith("job failed"))
+    failed = next(line for line in lines if line["msg"] == "job failed")
     assert failed["job_id"] == 7 and failed["level"] == "ERROR"
-    assert "ValueError: boom" in failed["msg"]
+    assert "ValueError: boom" in failed["exc"]
 
 
 def test_text_format_carries_the_context(capsys) -> None:

@@ -46,6 +46,15 @@ class TextFormatter(logging.Formatter):
         return f"{line} {context}" if context else line
 
 
+class _HandOff(QueueHandler):
+    """Queues the record itself, exception included: the writer thread is in this process, so
+    the formatters see what they would have seen (QueueHandler would flatten it into msg)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
 class _Background:
     """The listener thread of the current background setup (one per process)."""
 
@@ -72,7 +81,7 @@ def setup_logging(fmt: str = "text", level: str = "INFO", *, background: bool = 
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         _Background.listener = QueueListener(records, stream)
         _Background.listener.start()
-        root.handlers[:] = [QueueHandler(records)]
+        root.handlers[:] = [_HandOff(records)]
     else:
         root.handlers[:] = [stream]
     root.setLevel(level)
