@@ -464,6 +464,16 @@ def test_cli_config_error_names_the_variable(cli_env: dict[str, str]) -> None:
     assert "WECOM_SECRET: is required" in result.stderr
 
 
+def test_cli_unusable_data_dir_says_what_to_do(cli_env: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli(
+        {**cli_env, "BRIDGE_DATA_DIR": str(blocker / "data")}, "--to", "u", "--text", "hi"
+    )
+    assert result.returncode == 2
+    assert "run as the bridge's user" in result.stderr
+
+
 def test_api_body_too_large(api_bridge: ServerThread) -> None:
     body = {"touser": "u", "msgtype": "text", "content": "x" * 70_000}
     resp = post(api_bridge.url, body)

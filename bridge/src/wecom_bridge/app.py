@@ -54,7 +54,6 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         config.data_dir,
         busy_timeout=config.db_busy_timeout,
         durable_commits=False,
-        min_free_bytes=config.min_free_bytes,
     )
     apps = {
         app.name: AppRuntime(

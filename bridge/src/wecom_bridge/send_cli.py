@@ -177,6 +177,7 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         return usage(f"{_OPTION.get(exc.field or '', exc.field)}: {exc.problem}")
     try:
         store = Store(config.data_dir, busy_timeout=config.db_busy_timeout)
+        store.check_open()
     except StoreUnavailableError as exc:
         return usage(
             f"cannot open the token cache in BRIDGE_DATA_DIR ({exc}); run as the bridge's user"

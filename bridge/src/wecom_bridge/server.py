@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from wecom_bridge.logs import setup_logging
 log = logging.getLogger("wecom_bridge.server")
 RESTART_DELAY_MIN = 1.0
 RESTART_DELAY_MAX = 30.0
+HEALTHY_RUN_SECONDS = 60.0  # a job process that lived this long resets the restart backoff
 
 
 class JobProcessSupervisor:
@@ -39,8 +41,9 @@ class JobProcessSupervisor:
             if self._stopping.is_set():
                 return
             # A process that keeps dying at start (e.g. an unwritable data dir) is retried ever
-            # more slowly; one that ran a while is restarted at once.
-            delay = RESTART_DELAY_MIN if time.monotonic() - started > 60 else delay
+            # more slowly; one that ran a while is restarted after the shortest delay.
+            if time.monotonic() - started > HEALTHY_RUN_SECONDS:
+                delay = RESTART_DELAY_MIN
             log.error(
                 "job process exited, restarting",
                 extra={"exit_code": code, "restart_in_seconds": delay},
@@ -92,5 +95,7 @@ class BridgeServer(BaseApplication):  # type: ignore[misc]
 
 
 def run_server(config: BridgeConfig) -> None:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # An unusable data dir is reported by the store (503, /readyz), not fatal here.
+    with contextlib.suppress(OSError):
+        config.data_dir.mkdir(parents=True, exist_ok=True)
     BridgeServer(config).run()

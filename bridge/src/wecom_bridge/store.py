@@ -119,6 +119,19 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+# SQLite's primary result codes that mean the file or disk, not the statement, failed.
+_DISK_ERRORS = {
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+}
+
+
+def _is_disk_error(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _DISK_ERRORS
+
+
 class FreeSpaceFloor:
     """Refuses new work while the data directory has less than `min_free_bytes` available.
 
@@ -239,9 +252,9 @@ class Store:
             yield conn
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            # A fresh connection next time: one opened while the disk was read-only stays so.
             self._rollback(conn)
-            self._drop_conn()
+            if _is_disk_error(exc):  # a connection opened while the disk was read-only stays so
+                self._drop_conn()
             raise StoreUnavailableError(f"write failed: {exc}") from exc
         except BaseException:
             self._rollback(conn)
@@ -512,6 +525,11 @@ class Store:
                 (now - job_retention,),
             ).rowcount
         return keys, jobs
+
+    def check_open(self) -> None:
+        """Raises StoreUnavailableError now if the store cannot be used (for CLIs, which should
+        fail fast with a hint rather than later)."""
+        self._read("SELECT 1")
 
     def probe_write(self) -> None:
         """A real write, for readiness: proves the disk, the lock and the free-space floor."""
