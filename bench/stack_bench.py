@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import tempfile
@@ -47,9 +48,7 @@ REMOTE_DIR = "/root/bench"
 
 
 def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(
-        args, capture_output=True, text=True, check=check
-    ).stdout.strip()
+    return subprocess.run(args, capture_output=True, text=True, check=check).stdout.strip()
 
 
 def in_server(command: str) -> str:
@@ -70,25 +69,20 @@ def crypto() -> WeComCrypto:
 
 
 def dify_control(path: str, payload: dict) -> None:
-    body = json.dumps(payload).replace("'", "")
     in_server(
         f"docker exec dify-api-1 curl -sS --fail -X POST -H 'Content-Type: application/json'"
-        f" -d '{body}' http://127.0.0.1:5001{path}"
+        f" -d {shlex.quote(json.dumps(payload))} http://127.0.0.1:5001{path}"
     )
 
 
 def bridge_rss_mib() -> float:
     """Resident memory of every process in the bridge container (gunicorn, workers, job process)."""
-    out = in_server(
-        "docker top wecom-bridge -o pid,rss"
-    )  # docker top needs the pid column
+    out = in_server("docker top wecom-bridge -o pid,rss")  # docker top needs the pid column
     return sum(int(line.split()[1]) for line in out.splitlines()[1:]) / 1024
 
 
 def queue_depth() -> int:
-    return int(
-        json.loads(in_server("curl -s http://127.0.0.1:8400/readyz"))["queue_depth"]
-    )
+    return int(json.loads(in_server("curl -s http://127.0.0.1:8400/readyz"))["queue_depth"])
 
 
 @dataclass
@@ -99,6 +93,7 @@ class WrkResult:
     p99_ms: float
     max_ms: float
     errors: int
+    refused: int  # non-2xx answers (counted in `requests` by wrk)
     wrapped: int
 
     @property
@@ -106,9 +101,7 @@ class WrkResult:
         return self.requests / self.seconds
 
 
-def wrk(
-    url: str, concurrency: int, duration: int, requests_file: str | None = None
-) -> WrkResult:
+def wrk(url: str, concurrency: int, duration: int, requests_file: str | None = None) -> WrkResult:
     threads = min(2, os.cpu_count() or 1)
     script_args = ["--", requests_file, str(threads)] if requests_file else []
     command = [
@@ -116,12 +109,8 @@ def wrk(
         "--timeout", "10s", "-s", f"{REMOTE_DIR}/wrk-replay.lua", url, *script_args,
     ]  # fmt: skip
     out = sh(*command)
-    data = json.loads(
-        next(line for line in out.splitlines() if line.startswith("WRK_JSON"))[9:]
-    )
-    errors = sum(
-        data[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors")
-    )
+    data = json.loads(next(line for line in out.splitlines() if line.startswith("WRK_JSON"))[9:])
+    errors = sum(data[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors"))
     return WrkResult(
         requests=data["requests"],
         seconds=data["duration_us"] / 1e6,
@@ -129,6 +118,7 @@ def wrk(
         p99_ms=data["p99_us"] / 1000,
         max_ms=data["max_us"] / 1000,
         errors=errors + data["timeouts"],
+        refused=data["non_2xx"],
         wrapped=data["wrapped"],
     )
 
@@ -172,9 +162,7 @@ def wait_drained(timeout: float = 600) -> float:
     return time.monotonic() - start
 
 
-def ack_benchmark(
-    address: str, concurrency: int, duration: int, expected_rate: int
-) -> None:
+def ack_benchmark(address: str, concurrency: int, duration: int, expected_rate: int) -> None:
     ceiling = wrk(
         f"https://{DOMAIN}/WW_verify_{VARS['wecom_test_verify_code']}.txt",
         concurrency,
@@ -187,7 +175,7 @@ def ack_benchmark(
     drain = wait_drained()
     # wrk counts the answers it read; requests still in flight when it stopped may be stored
     # (and answered) too, so answered >= acked is the no-loss check.
-    acked = min(bridge.requests, len(users))
+    acked = min(bridge.requests - bridge.refused, len(users))
     per_user = answers_by_user(recorded_messages(f"http://{address}:9001"))
     answered = sum(1 for u in users if per_user[u])
     duplicates = sum(max(0, per_user[u] - 1) for u in users)
@@ -199,16 +187,12 @@ def ack_benchmark(
         flush=True,
     )
     if bridge.wrapped:
-        print(
-            f"  (ran out of distinct messages: raise --expected-rate above {expected_rate})"
-        )
+        print(f"  (ran out of distinct messages: raise --expected-rate above {expected_rate})")
 
 
 def added_latency(address: str, count: int, dify_delay: float, ca_file: str) -> None:
     dify_control("/_double/delay", {"seconds": dify_delay})
-    deliverer = Deliverer(
-        f"https://{address}/wxcomapp", verify=ca_file, hostname=DOMAIN
-    )
+    deliverer = Deliverer(f"https://{address}/wxcomapp", verify=ca_file, hostname=DOMAIN)
     sent_at = {}
     for message in make_messages(
         crypto(), VARS["wecom_test_agent_id"], f"lat-{time.time():.0f}", count
@@ -224,6 +208,8 @@ def added_latency(address: str, count: int, dify_delay: float, ca_file: str) -> 
         if m.get("touser") in sent_at
     )
     dify_control("/_double/delay", {"seconds": 0})
+    if not added:
+        raise SystemExit("added latency: no answer arrived (is the stack up and ready?)")
     print(
         f"added latency, n={len(added)} (Dify double delay {dify_delay * 1000:.0f} ms subtracted): "
         f"p50 {statistics.median(added):.1f} ms, p99 {added[int(0.99 * (len(added) - 1))]:.1f} ms, "
@@ -255,7 +241,7 @@ def provisioning() -> None:
 def prepare_server() -> str:
     """wrk and the replay script in the server; pebble's root here, for the latency client."""
     in_server(
-        "command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk"
+        "command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }"
     )
     in_server(f"mkdir -p {REMOTE_DIR}")
     sh(
@@ -266,9 +252,7 @@ def prepare_server() -> str:
     )
     ca = Path(tempfile.mkdtemp()) / "root.pem"
     ca.write_text(
-        in_server(
-            "curl -sS --cacert /etc/pebble/cert.pem https://127.0.0.1:15000/roots/0"
-        )
+        in_server("curl -sS --cacert /etc/pebble/cert.pem https://127.0.0.1:15000/roots/0")
     )
     return str(ca)
 
@@ -294,12 +278,11 @@ def main() -> None:
         provisioning()
     ca_file = prepare_server()
     address = server_address()
+    print(f"cpus={os.cpu_count()} server={address}; bridge idle rss={bridge_rss_mib():.0f} MiB")
     print(
-        f"cpus={os.cpu_count()} server={address}; bridge idle rss={bridge_rss_mib():.0f} MiB"
-    )
-    print(
-        "| senders | ceiling req/s | ceiling p50 / p99 / max ms | bridge req/s | bridge p50 / p99 / "
-        "max ms | bridge/ceiling | errors | acked / answered / duplicates | drain | peak RSS |"
+        "| senders | ceiling req/s | ceiling p50 / p99 / max ms | bridge req/s "
+        "| bridge p50 / p99 / max ms | bridge/ceiling | errors | acked / answered / duplicates "
+        "| drain | peak RSS |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for concurrency in args.concurrency:

@@ -24,6 +24,7 @@ from wecom_bridge.doubles.wecom_delivery import (
     Tally,
     WeComRetry,
     make_messages,
+    recorded_messages,
     tally,
     wait_for_answers,
 )
@@ -71,8 +72,12 @@ class Stack:
         return make_messages(self.crypto, TEST_VARS["wecom_test_agent_id"], tag, count)
 
     def finish(self, name, outcomes, timeout=120):
-        records = wait_for_answers(self.wecom_api, outcomes, timeout)
-        counts = tally(outcomes, records)
+        """Counts once every job is done: a job resumed after its lease (15 s) would only
+        then send a duplicate answer."""
+        wait_for_answers(self.wecom_api, outcomes, timeout)
+        wait_until(lambda: self.queue_depth() == 0, timeout, 1.0, "the bridge's queue to empty")
+        time.sleep(2)
+        counts = tally(outcomes, recorded_messages(self.wecom_api))
         TALLIES[name] = counts.line()
         return counts
 
@@ -85,17 +90,27 @@ class Stack:
         )
 
     def ready_status(self):
-        return self.host.run(
-            f"curl -s -o /dev/null -w '%{{http_code}}' {READY_URL}"
-        ).stdout
+        return self.host.run(f"curl -s -o /dev/null -w '%{{http_code}}' {READY_URL}").stdout
 
     def wait_ready(self, timeout=120):
-        wait_until(
-            lambda: self.ready_status() == "200", timeout, 1.0, "the bridge's /readyz"
-        )
+        wait_until(lambda: self.ready_status() == "200", timeout, 1.0, "the bridge's /readyz")
+
+    def queue_depth(self):
+        return json.loads(self.sh(f"curl -sS {READY_URL}")).get("queue_depth", -1)
 
     def bridge_state(self):
-        return json.loads(self.sh(f"docker inspect {BRIDGE}"))[0]
+        """State and restart count only: the full inspect holds the bridge's secrets (Env)."""
+        fields = '{"State": {{json .State}}, "RestartCount": {{.RestartCount}}}'
+        return json.loads(self.sh(f"docker inspect -f '{fields}' {BRIDGE}"))
+
+    def wait_wecom_double(self, timeout=120):
+        def answers():
+            try:
+                return requests.get(f"{self.wecom_api}/_double/stats", timeout=5).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(answers, timeout, 1.0, "the WeCom double")
 
     def wecom_stats(self):
         return requests.get(f"{self.wecom_api}/_double/stats", timeout=10).json()
@@ -129,9 +144,11 @@ def dify_restored(stack):
 
 
 def assert_exactly_once(counts: Tally):
+    """Nothing acknowledged is lost or answered twice. A message can be stored yet miss its 200
+    (then it is answered without being acknowledged): answered >= acknowledged."""
     assert counts.lost == 0, counts
     assert counts.duplicates == 0, counts
-    assert counts.answered == counts.acknowledged, counts
+    assert counts.answered >= counts.acknowledged, counts
 
 
 class Strike(threading.Thread):
@@ -145,11 +162,9 @@ class Strike(threading.Thread):
 
     def run(self):
         try:
-            wait_until(
-                lambda: self.deliverer.acknowledged >= self.acks, 60, 0.01, "acks"
-            )
+            wait_until(lambda: self.deliverer.acknowledged >= self.acks, 60, 0.01, "acks")
             self.action()
-        except Exception as exc:  # noqa: BLE001 (reported by join(), in the test thread)
+        except Exception as exc:  # reported by join(), in the test's thread
             self.error = exc
 
     def join(self, timeout=None):
@@ -170,9 +185,7 @@ def test_redelivery_storm(stack):
             target=lambda: spaced_out.extend(deliverer.deliver_all(spaced, (0, 5, 10)))
         ),
         threading.Thread(
-            target=lambda: same_out.extend(
-                deliverer.deliver_all(same_instant, (0, 0, 0))
-            )
+            target=lambda: same_out.extend(deliverer.deliver_all(same_instant, (0, 0, 0)))
         ),
     ]
     spaced_out: list[Outcome] = []
@@ -189,16 +202,20 @@ def test_redelivery_storm(stack):
 
 
 def test_kill9_of_the_bridge_container_mid_burst(stack):
-    # Answers take 3 s, so the kill lands while workers wait on Dify, never inside the
+    # Answers would take 30 s, so the kill lands while workers wait on Dify, never inside the
     # milliseconds between WeCom accepting an answer and the bridge recording it.
-    stack.dify("/_double/delay", {"seconds": 3})
+    stack.dify("/_double/delay", {"seconds": 30})
     restarts = stack.bridge_state()["RestartCount"]
     messages = stack.messages("kill9", 150)
     deliverer = stack.deliverer(concurrency=8)
 
     def kill():
+        answered = tally(outcomes_so_far, recorded_messages(stack.wecom_api)).answered
+        assert answered == 0, "an answer went out before the kill: the test lost its timing"
         stack.sh(f"kill -9 $(docker inspect -f '{{{{.State.Pid}}}}' {BRIDGE})")
         stack.dify("/_double/delay", {"seconds": 0})
+
+    outcomes_so_far = [Outcome(m) for m in messages]
 
     striker = Strike(deliverer, 40, kill)
     outcomes = deliverer.deliver_all(messages)
@@ -237,9 +254,10 @@ def test_token_invalidated_mid_burst(stack):
     stack.dify("/_double/delay", {"seconds": 0.1})  # spread the answers over the burst
     calls = stack.wecom_stats()["gettoken_calls"]
     deliverer = stack.deliverer(concurrency=16)
-    expire = lambda: requests.post(
-        f"{stack.wecom_api}/_double/expire-tokens", timeout=10
-    )
+
+    def expire():
+        requests.post(f"{stack.wecom_api}/_double/expire-tokens", timeout=10).raise_for_status()
+
     striker = Strike(deliverer, 60, expire)
     outcomes = deliverer.deliver_all(stack.messages("token", 120))
     striker.join()
@@ -247,9 +265,7 @@ def test_token_invalidated_mid_burst(stack):
     assert counts.sent == counts.acknowledged == counts.answered == 120, counts
     assert counts.fallbacks == 0, counts
     assert_exactly_once(counts)
-    assert stack.wecom_stats()["gettoken_calls"] > calls, (
-        "the bridge never fetched a new token"
-    )
+    assert stack.wecom_stats()["gettoken_calls"] > calls, "the bridge never fetched a new token"
 
 
 @pytest.fixture
@@ -265,14 +281,13 @@ def data_on_tmpfs(stack):
         stack.wait_ready()
         yield
     finally:  # also when the setup failed: later tests need the data dir back on disk
+        # Under the tmpfs lie the files from before the test (an old WAL among them): the
+        # directory is emptied before the data comes back, and every step runs.
         stack.sh(
-            f"rm -f {BRIDGE_DATA}/filler; chmod -R u+w {BRIDGE_DATA}; docker stop {BRIDGE}"
-        )
-        stack.sh(
-            f"rm -rf {saved} && cp -a {BRIDGE_DATA} {saved} && umount {BRIDGE_DATA}"
-        )
-        stack.sh(
-            f"cp -a {saved}/. {BRIDGE_DATA}/ && rm -rf {saved} && docker start {BRIDGE}"
+            f"rm -f {BRIDGE_DATA}/filler; chmod -R u+w {BRIDGE_DATA}; docker stop {BRIDGE};"
+            f" rm -rf {saved} && cp -a {BRIDGE_DATA} {saved}; umount {BRIDGE_DATA};"
+            f" find {BRIDGE_DATA} -mindepth 1 -delete && cp -a {saved}/. {BRIDGE_DATA}/"
+            f" && rm -rf {saved}; docker start {BRIDGE}"
         )
         stack.wait_ready()
 
@@ -282,14 +297,10 @@ def refused_then_taken(stack, name, messages):
     restarts = stack.bridge_state()["RestartCount"]
     once = stack.deliverer(retry=WeComRetry(attempts=1))
     refused = once.deliver_all(messages)
-    assert all(o.statuses and o.statuses[0] >= 500 for o in refused), [
-        o.statuses for o in refused
-    ]
+    assert all(o.statuses and o.statuses[0] >= 500 for o in refused), [o.statuses for o in refused]
     assert stack.ready_status() == "503"
     state = stack.bridge_state()
-    assert state["State"]["Running"] and state["RestartCount"] == restarts, state[
-        "State"
-    ]
+    assert state["State"]["Running"] and state["RestartCount"] == restarts, state["State"]
     TALLIES[f"{name} (while it lasts)"] = f"sent={len(messages)} non_200={len(refused)}"
 
 
@@ -307,17 +318,13 @@ def test_data_dir_full_or_unwritable(stack, data_on_tmpfs):
     refused_then_taken(stack, "data dir full", full)
     stack.sh(f"rm {BRIDGE_DATA}/filler")
     stack.wait_ready(30)
-    counts = stack.finish(
-        "data dir full, then space back", stack.deliverer().deliver_all(full)
-    )
+    counts = stack.finish("data dir full, then space back", stack.deliverer().deliver_all(full))
     assert counts.sent == counts.acknowledged == counts.answered == 10, counts
     assert_exactly_once(counts)
 
     # Unwritable: the bridge restarted on a read-only data dir stays up, refusing.
     stack.sh(f"chmod -R a-w {BRIDGE_DATA} && docker restart {BRIDGE}")
-    wait_until(
-        lambda: stack.ready_status() == "503", 60, 1.0, "the restarted bridge to answer"
-    )
+    wait_until(lambda: stack.ready_status() == "503", 60, 1.0, "the restarted bridge to answer")
     unwritable = stack.messages("disk-ro", 10)
     refused_then_taken(stack, "data dir unwritable", unwritable)
     stack.sh(f"chmod -R u+w {BRIDGE_DATA}")
@@ -333,18 +340,18 @@ def test_data_dir_full_or_unwritable(stack, data_on_tmpfs):
 def test_service_restart_during_traffic(stack, service):
     stack.dify("/_double/delay", {"seconds": 0.2})
     deliverer = stack.deliverer(concurrency=8)
-    restart = lambda: stack.sh(f"systemctl restart {service}")
+
+    def restart():
+        stack.sh(f"systemctl restart {service}")
+
     striker = Strike(deliverer, 30, restart)
     outcomes = deliverer.deliver_all(stack.messages(f"restart-{service}", 120))
     striker.join()
     stack.wait_ready()
+    stack.wait_wecom_double()
     counts = stack.finish(f"{service} restart", outcomes, timeout=180)
-    assert counts.non_200 > 0 or service == "nginx", (
-        "the restart did not interrupt the burst"
-    )
+    assert counts.non_200 > 0 or service == "nginx", "the restart did not interrupt the burst"
     assert_exactly_once(counts)
-    # WeCom gives up after its retries; whatever it gave up on was never acknowledged.
-    assert counts.acknowledged + counts.unacknowledged == counts.sent
     # The stack came back by itself: containers up, a new message answered.
     assert stack.sh("systemctl is-active docker nginx").split() == ["active", "active"]
     after = stack.deliverer().deliver_all(stack.messages(f"after-{service}", 5))
@@ -354,5 +361,5 @@ def test_service_restart_during_traffic(stack, service):
 
 def test_stack_state_after_faults(stack):
     """The faults left nothing behind: no job stuck, the data dir back on disk."""
-    assert json.loads(stack.sh(f"curl -sS {READY_URL}"))["queue_depth"] == 0
+    assert stack.queue_depth() == 0
     assert "bridge-data" not in stack.sh("findmnt -n -o SOURCE --target " + BRIDGE_DATA)

@@ -226,7 +226,8 @@ def tally(outcomes: Sequence[Outcome], records: Iterable[dict[str, Any]]) -> Tal
     texts: dict[str, list[str]] = {}
     for record in records:
         content = str(record.get(record.get("msgtype", "text"), {}).get("content", ""))
-        texts.setdefault(str(record.get("touser", "")), []).append(content)
+        for user in str(record.get("touser", "")).split("|"):
+            texts.setdefault(user, []).append(content)
     answered = [o for o in outcomes if per_user[o.message.user]]
     fallbacks = [o for o in answered if not any(o.message.text in t for t in texts[o.message.user])]
     return Tally(
