@@ -241,7 +241,8 @@ def provisioning() -> None:
 def prepare_server() -> str:
     """wrk and the replay script in the server; pebble's root here, for the latency client."""
     in_server(
-        "command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }"
+        "command -v wrk >/dev/null"
+        " || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }"
     )
     in_server(f"mkdir -p {REMOTE_DIR}")
     sh(
