@@ -240,6 +240,9 @@ def provisioning() -> None:
 
 def prepare_server() -> str:
     """wrk and the replay script in the server; pebble's root here, for the latency client."""
+    running = sh("docker", "inspect", "-f", "{{.State.Running}}", SERVER, check=False)
+    if running != "true":
+        raise SystemExit(f"no running '{SERVER}' container: bring the stack up with `make demo`")
     in_server(
         "command -v wrk >/dev/null"
         " || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }"
