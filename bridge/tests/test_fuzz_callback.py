@@ -44,6 +44,7 @@ from wecom_bridge.crypto import PKCS7_BLOCK, WeComCrypto, parse_encoding_aes_key
 from wecom_bridge.doubles.callbacks import build_callback, build_text_callback, new_msg_id
 from wecom_bridge.errors import CallbackError, MalformedXmlError, SignatureError
 from wecom_bridge.messages import (
+    KNOWN_FIELDS,
     Envelope,
     InboundMessage,
     parse_envelope,
@@ -73,18 +74,8 @@ def fuzz(examples: int) -> settings:
 B64_ALPHABET = string.ascii_letters + string.digits + "+/="
 JUNK_ALPHABET = B64_ALPHABET + " \n\t-_.!é中\x00"
 XML_NAME = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.-]{0,12}", fullmatch=True)
-KNOWN_FIELDS = (
-    "ToUserName",
-    "FromUserName",
-    "CreateTime",
-    "MsgType",
-    "Content",
-    "MsgId",
-    "AgentID",
-    "Event",
-    "EventKey",
-    "Encrypt",
-)
+# The message fields the parser knows, plus the envelope's.
+FIELD_NAMES = (*sorted(KNOWN_FIELDS), "Encrypt")
 ENCODINGS = ("utf-8", "UTF-16", "iso-8859-1", "gbk", "ascii", "foo", "", "utf-8'?>")
 # Text that may appear unescaped inside an element, plus a few that can never be XML.
 TEXT = st.text(max_size=40)
@@ -125,7 +116,7 @@ def element_value(draw: st.DrawFn) -> str:
 
 @st.composite
 def xml_child(draw: st.DrawFn) -> str:
-    name = draw(st.one_of(st.sampled_from(KNOWN_FIELDS), XML_NAME))
+    name = draw(st.one_of(st.sampled_from(FIELD_NAMES), XML_NAME))
     if name in ("CreateTime", "AgentID", "MsgId") and draw(st.booleans()):
         value = escape(draw(NUMERIC_ISH))
     elif name == "MsgType" and draw(st.booleans()):

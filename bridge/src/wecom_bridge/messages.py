@@ -81,17 +81,20 @@ class InboundMessage:
         return f"event:{self.from_user}:{self.create_time}:{self.event}:{self.event_key}"
 
 
-_KNOWN = {
-    "ToUserName",
-    "FromUserName",
-    "CreateTime",
-    "MsgType",
-    "Content",
-    "MsgId",
-    "AgentID",
-    "Event",
-    "EventKey",
-}
+# The fields InboundMessage has attributes for; anything else lands in `extra`.
+KNOWN_FIELDS = frozenset(
+    {
+        "ToUserName",
+        "FromUserName",
+        "CreateTime",
+        "MsgType",
+        "Content",
+        "MsgId",
+        "AgentID",
+        "Event",
+        "EventKey",
+    }
+)
 
 
 def parse_message(plaintext: bytes) -> InboundMessage:
@@ -113,7 +116,7 @@ def parse_message(plaintext: bytes) -> InboundMessage:
         msg_id=fields.get("MsgId", ""),
         event=fields.get("Event", ""),
         event_key=fields.get("EventKey", ""),
-        extra={k: v for k, v in fields.items() if k not in _KNOWN},
+        extra={k: v for k, v in fields.items() if k not in KNOWN_FIELDS},
     )
 
 
