@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test lint unit images molecule molecule-default molecule-dify venv demo demo-down bench
+.PHONY: test test-stages lint unit images molecule molecule-default molecule-dify venv demo demo-down bench
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml
@@ -11,17 +11,25 @@ $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyprojec
 	$(VENV)/bin/pip install -q -r requirements-dev.txt -e bridge
 	touch $@
 
-test: lint unit molecule
+REPORTS := $(CURDIR)/.cache/reports
+
+# On failure, the failed tests are printed again at the very end, where a truncated CI log still shows them.
+test:
+	@rm -rf $(REPORTS) && mkdir -p $(REPORTS)
+	@$(MAKE) --no-print-directory test-stages || { scripts/test-digest $(REPORTS); exit 1; }
+
+test-stages: lint unit molecule
 
 lint: venv
-	ruff check bridge molecule scripts bench
-	ruff format --check bridge molecule scripts bench
+	ruff check bridge molecule scripts scripts/test-digest bench
+	ruff format --check bridge molecule scripts scripts/test-digest bench
 	yamllint -s .
 	ansible-lint --profile production
 	scripts/gixy-rendered
 
 unit: venv
-	cd bridge && pytest -q
+	mkdir -p $(REPORTS)
+	cd bridge && pytest -q --junitxml=$(REPORTS)/unit.xml
 
 images: venv
 	scripts/build-images
