@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
 from conftest import AppSecrets
 
 from wecom_bridge.doubles.server import ServerThread
@@ -31,6 +34,25 @@ def test_redeliveries_are_counted_and_answered_once(
         "deliveries=18 non_200=0"
     )
     assert deliverer.acknowledged == 18
+
+
+def test_spread_delivers_the_messages_evenly_over_the_interval(
+    bridge: ServerThread, secrets: AppSecrets
+) -> None:
+    messages = make_messages(secrets.crypto(), secrets.agent_id, "paced", 5)
+    deliverer = Deliverer(f"{bridge.url}/wxcomapp", retry=FAST, concurrency=5)
+    arrivals: list[float] = []
+    post_once = deliverer.post_once
+
+    def timed_post(message):  # the real POST, with the time it was made
+        arrivals.append(time.monotonic())
+        return post_once(message)
+
+    deliverer.post_once = timed_post
+    outcomes = deliverer.deliver_all(messages, spread=1.0)
+    assert all(o.acknowledged for o in outcomes)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert len(gaps) == 4 and min(gaps) >= 0.15, gaps  # 0.2 s apart, not all at once
 
 
 def test_refused_deliveries_are_retried_then_given_up(

@@ -35,6 +35,10 @@ BRIDGE = "wecom-bridge"
 BRIDGE_DATA = "/var/lib/wecom-bridge"
 DIFY_API = "dify-api-1"
 READY_URL = "http://127.0.0.1:8400/readyz"
+# A burst a fault is struck into arrives over this many seconds: all at once, the bridge takes
+# 150 callbacks in well under a second, about the time `docker exec ... kill` needs to land, and
+# the fault could miss the burst (seen as "the kill did not interrupt the burst").
+BURST_SECONDS = 10.0
 
 
 def wait_until(predicate, timeout, step=0.2, what="condition"):
@@ -218,7 +222,7 @@ def test_kill9_of_the_bridge_container_mid_burst(stack):
     outcomes_so_far = [Outcome(m) for m in messages]
 
     striker = Strike(deliverer, 40, kill)
-    outcomes = deliverer.deliver_all(messages)
+    outcomes = deliverer.deliver_all(messages, spread=BURST_SECONDS)
     striker.join()
     counts = stack.finish("kill -9 mid-burst", outcomes)
     logs = stack.sh(f"docker logs --tail 40 {BRIDGE} 2>&1")
@@ -259,7 +263,7 @@ def test_token_invalidated_mid_burst(stack):
         requests.post(f"{stack.wecom_api}/_double/expire-tokens", timeout=10).raise_for_status()
 
     striker = Strike(deliverer, 60, expire)
-    outcomes = deliverer.deliver_all(stack.messages("token", 120))
+    outcomes = deliverer.deliver_all(stack.messages("token", 120), spread=BURST_SECONDS)
     striker.join()
     counts = stack.finish("42001 mid-burst", outcomes)
     assert counts.sent == counts.acknowledged == counts.answered == 120, counts
@@ -345,7 +349,8 @@ def test_service_restart_during_traffic(stack, service):
         stack.sh(f"systemctl restart {service}")
 
     striker = Strike(deliverer, 30, restart)
-    outcomes = deliverer.deliver_all(stack.messages(f"restart-{service}", 120))
+    messages = stack.messages(f"restart-{service}", 120)
+    outcomes = deliverer.deliver_all(messages, spread=BURST_SECONDS)
     striker.join()
     stack.wait_ready()
     stack.wait_wecom_double()

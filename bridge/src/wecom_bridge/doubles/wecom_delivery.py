@@ -163,12 +163,19 @@ class Deliverer:
         return statuses
 
     def deliver_all(
-        self, messages: Sequence[Message], schedule: Sequence[float] = (0.0,)
+        self,
+        messages: Sequence[Message],
+        schedule: Sequence[float] = (0.0,),
+        spread: float = 0.0,
     ) -> list[Outcome]:
         """Deliver every message once per `schedule` entry (seconds after the start), all
-        messages concurrently; each delivery retried as WeCom would."""
+        messages concurrently; each delivery retried as WeCom would.
+
+        `spread`: the messages arrive evenly over this many seconds instead of all at once, so
+        that a fault struck mid-burst still finds deliveries to interrupt on a fast machine."""
         outcomes = [Outcome(m) for m in messages]
-        due = [(offset, n) for offset in schedule for n in range(len(messages))]
+        step = spread / len(messages) if messages else 0.0
+        due = [(offset + n * step, n) for offset in schedule for n in range(len(messages))]
         heapq.heapify(due)
         lock = threading.Lock()
 
