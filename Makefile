@@ -13,10 +13,11 @@ $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyprojec
 
 REPORTS := $(CURDIR)/.cache/reports
 
-# On failure, the failed tests are printed again at the very end, where a truncated CI log still shows them.
+# Every stage runs even after one fails (--keep-going: one CI run reports all that is broken), and the
+# failed tests are printed again at the very end, where a truncated CI log still shows them.
 test:
 	@rm -rf $(REPORTS) && mkdir -p $(REPORTS)
-	@$(MAKE) --no-print-directory test-stages || { scripts/test-digest $(REPORTS); exit 1; }
+	@$(MAKE) --no-print-directory --keep-going test-stages || { scripts/test-digest $(REPORTS); exit 1; }
 
 test-stages: lint unit molecule
 
