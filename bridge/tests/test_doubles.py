@@ -266,6 +266,31 @@ def test_journal_keeps_messages_and_tokens_across_restarts(tmp_path) -> None:
         )
 
 
+def test_journal_is_compacted_to_the_state_at_start_and_owner_only(tmp_path) -> None:
+    journal = tmp_path / "wecom-double.jsonl"
+    first = create_wecom_double(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID, journal=journal)
+    with ServerThread(first) as server:
+        token = gettoken(server)["access_token"]
+        for n in range(20):
+            assert send(server, token, f"old {n}")["errcode"] == 0
+        assert requests.delete(server.url + "/_double/messages", timeout=5).ok
+        assert send(server, token, "kept")["errcode"] == 0
+        assert requests.post(server.url + "/_double/expire-tokens", timeout=5).ok
+    assert len(journal.read_text().splitlines()) == 24
+
+    for _ in range(2):  # replaying a compacted journal gives the same state again
+        again = create_wecom_double(
+            corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID, journal=journal
+        )
+        kinds = [json.loads(line)["kind"] for line in journal.read_text().splitlines()]
+        assert kinds == ["token", "message"]
+        assert journal.stat().st_mode & 0o777 == 0o600
+        with ServerThread(again) as server:
+            assert send(server, token)["errcode"] == 42001  # still expired, not unknown (40014)
+            messages = requests.get(server.url + "/_double/messages", timeout=5).json()
+            assert [m["text"]["content"] for m in messages["messages"]] == ["kept"]
+
+
 def test_tokens_expire_after_their_ttl() -> None:
     now = [0.0]
     app = create_wecom_double(corp_id=CORP_ID, secret=SECRET, token_ttl=60, clock=lambda: now[0])

@@ -10,6 +10,7 @@ message/send bodies this double records — the whole WeCom path without WeCom.
 
 With a journal file (WECOM_DOUBLE_JOURNAL) it remembers recorded messages and issued tokens across
 its own restarts, as WeCom's servers would: fault tests restart the Docker engine it runs under.
+The journal is owner-only (it holds the tokens) and is rewritten to the replayed state at start.
 """
 
 from __future__ import annotations
@@ -86,11 +87,29 @@ class Journal:
 
     def append(self, entry: dict[str, Any]) -> None:
         if self._file is None:
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = self._open(self.path, os.O_APPEND)
             if self._file.tell():
                 self._file.write("\n")  # ends a line a kill may have cut short
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._file.flush()
+
+    def rewrite(self, entries: list[dict[str, Any]]) -> None:
+        """Replace the journal by `entries` (the state it replays to), so it stays as small as
+        the state instead of growing with every call; atomic, a kill leaves the old one."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        staging = self.path.with_name(self.path.name + ".new")
+        staging.unlink(missing_ok=True)  # a leftover would keep its old mode
+        with self._open(staging, os.O_TRUNC) as out:
+            out.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)
+        staging.replace(self.path)
+
+    @staticmethod
+    def _open(path: Path, mode_flag: int) -> TextIO:
+        # Owner-only: it holds the access tokens the double issued.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode_flag, 0o600)
+        return open(fd, "a", encoding="utf-8")
 
 
 def _complete_line(line: str) -> dict[str, Any] | None:
@@ -134,11 +153,13 @@ class WeComDoubleState:
         if self.journal is not None:
             for entry in self.journal.entries():
                 self._replay(entry)
+            self.journal.rewrite(self._journal_entries())
 
     def _replay(self, entry: dict[str, Any]) -> None:
         kind = entry["kind"]
         if kind == "token":
-            self.tokens[entry["token"]] = self.clock() + self.token_ttl
+            expiry = float("-inf") if entry.get("expired") else self.clock() + self.token_ttl
+            self.tokens[entry["token"]] = expiry
         elif kind in ("message", "dropped"):
             (self.messages if kind == "message" else self.dropped).append(entry["record"])
             self._msg_seq += 1
@@ -147,6 +168,18 @@ class WeComDoubleState:
         elif kind in ("clear", "reset"):
             self.messages.clear()
             self.dropped.clear()
+
+    def _journal_entries(self) -> list[dict[str, Any]]:
+        """The state as journal entries: tokens (expired ones kept, they answer 42001), then
+        records. A replayed token's lifetime starts again, as after the double's restart."""
+        now = self.clock()
+        entries: list[dict[str, Any]] = [
+            {"kind": "token", "token": token, **({"expired": True} if expiry <= now else {})}
+            for token, expiry in self.tokens.items()
+        ]
+        entries += [{"kind": "dropped", "record": record} for record in self.dropped]
+        entries += [{"kind": "message", "record": record} for record in self.messages]
+        return entries
 
     def _log(self, kind: str, **fields: Any) -> None:
         if self.journal is not None:
