@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -52,8 +53,12 @@ def api_bridge(api_env: dict[str, str]) -> Iterator[ServerThread]:
     app.extensions["wecom_bridge"].pool.stop()
 
 
-def post(base: str, body: Any, token: str | None = API_TOKEN, **kwargs: Any) -> requests.Response:
+def post(
+    base: str, body: Any, token: str | None = API_TOKEN, key: str | None = None, **kwargs: Any
+) -> requests.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    if key is not None:
+        headers["Idempotency-Key"] = key
     if isinstance(body, bytes):
         return requests.post(
             f"{base}/api/v1/messages", data=body, headers=headers, timeout=10, **kwargs
@@ -260,6 +265,52 @@ def test_api_send_and_chat_answer_to_one_member_keep_order(
     assert len(texts) == 3
     assert "first question" in texts[0]
     assert texts[1:] == ["notice 1", "notice 2"]
+
+
+# --- API: idempotency -------------------------------------------------------------------------
+
+
+def test_api_retries_with_an_idempotency_key_send_once(
+    api_bridge: ServerThread, wecom_double: ServerThread
+) -> None:
+    body = {"touser": "zhangsan", "msgtype": "text", "content": "部署完成"}
+    first = post(api_bridge.url, body, key="deploy-42")
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    job_id = first.json()["id"]
+    wait_status(api_bridge.url, job_id, "sent")
+    # A client that timed out retries, several times and at once: nothing new is queued.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        retries = list(pool.map(lambda _: post(api_bridge.url, body, key="deploy-42"), range(4)))
+    for retry in retries:
+        assert retry.status_code == 202
+        assert retry.json() == {"id": job_id, "status": "sent"}
+        assert retry.headers["Idempotent-Replayed"] == "true"
+        assert retry.headers["Location"] == f"/api/v1/messages/{job_id}"
+    without_key = post(api_bridge.url, body)  # no key: a new message, as before
+    assert without_key.json()["id"] != job_id
+    wait_status(api_bridge.url, without_key.json()["id"], "sent")
+    sent = [m["text"]["content"] for m in wecom_state(wecom_double).snapshot()]
+    assert sent == ["部署完成", "部署完成"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "two words", "tab\there"])
+def test_api_refuses_a_malformed_idempotency_key(api_bridge: ServerThread, key: str) -> None:
+    body = {"touser": "zhangsan", "msgtype": "text", "content": "hi"}
+    resp = post(api_bridge.url, body, key=key)
+    assert resp.status_code == 400
+    assert resp.json()["field"] == "Idempotency-Key"
+    assert jobs(api_bridge) == []
+
+
+def test_api_idempotency_key_reused_for_another_message_is_a_conflict(
+    api_bridge: ServerThread,
+) -> None:
+    first = post(api_bridge.url, {"touser": "zhangsan", "msgtype": "text", "content": "A"}, key="k")
+    other = post(api_bridge.url, {"touser": "zhangsan", "msgtype": "text", "content": "B"}, key="k")
+    assert other.status_code == 409
+    assert other.json()["field"] == "Idempotency-Key"
+    assert str(first.json()["id"]) in other.json()["error"]
+    assert [job.id for job in jobs(api_bridge)] == [first.json()["id"]]
 
 
 # --- API: durability --------------------------------------------------------------------------

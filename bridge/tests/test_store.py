@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wecom_bridge.errors import StoreUnavailableError
+from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 from wecom_bridge.store import NewJob, Store
 
 
@@ -112,6 +112,46 @@ def test_sweep_expires_old_keys_and_jobs(tmp_path: Path) -> None:
     store.accept("app", "msg:new", None)
     assert store.sweep(dedupe_ttl=50, job_retention=50) == (1, 1)
     assert store.accept("app", "msg:old", None) == 0  # a key past its TTL is new again
+
+
+def send(text: str) -> NewJob:
+    return NewJob("send", "zhangsan", {"touser": "zhangsan", "content": text})
+
+
+def test_idempotency_key_queues_once_across_restarts_until_swept(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path, clock=clock)
+    job_id, replayed = store.enqueue_once("app", send("hi"), "key-1", "fp-hi")
+    assert not replayed
+    assert Store(tmp_path, clock=clock).enqueue_once("app", send("hi"), "key-1", "fp-hi") == (
+        job_id,
+        True,
+    )
+    with pytest.raises(IdempotencyConflictError) as conflict:
+        store.enqueue_once("app", send("other"), "key-1", "fp-other")
+    assert conflict.value.job_id == job_id
+    assert store.queue_depth() == 1  # neither the replay nor the conflict queued anything
+    clock.now += 100
+    assert store.sweep(dedupe_ttl=50, job_retention=50) == (1, 0)  # the job is still queued
+    new_id, replayed = store.enqueue_once("app", send("hi"), "key-1", "fp-hi")
+    assert (new_id != job_id, replayed) == (True, False)  # a key past its TTL is new again
+
+
+def test_idempotency_key_under_concurrent_requests(tmp_path: Path) -> None:
+    Store(tmp_path)  # schema first
+    results: list[tuple[int, bool]] = []
+
+    def request() -> None:  # each request on its own connection, as each web thread has
+        results.append(Store(tmp_path).enqueue_once("app", send("hi"), "key-2", "fp"))
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sorted(replayed for _, replayed in results) == [False] + [True] * 7
+    assert Store(tmp_path).queue_depth() == 1
 
 
 def test_locked_database_refuses_within_timeout(tmp_path: Path) -> None:

@@ -65,6 +65,14 @@ class SendRequestError(BridgeError):
         self.problem = problem
 
 
+class IdempotencyConflictError(BridgeError):
+    """An Idempotency-Key came back with a different request than the one it first queued."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"the key was used for another request (message {job_id})")
+        self.job_id = job_id
+
+
 class StoreUnavailableError(BridgeError):
     """The durable store could not take the write (disk full, locked too long)."""
 

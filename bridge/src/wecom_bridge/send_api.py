@@ -3,11 +3,13 @@
 Bearer-token authentication (BRIDGE_API_TOKEN, compared in constant time); without a configured
 token the routes do not exist (404). A request is answered 202 only once its `send` job is
 committed to the store, so it survives a crash or restart and is sent exactly once (the
-workers' usual guarantee); then the job side is poked, as for callbacks.
+workers' usual guarantee); then the job side is poked, as for callbacks. With an
+Idempotency-Key header a retried request queues nothing new: it gets the first one's message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -18,8 +20,12 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from wecom_bridge.config import BridgeConfig
-from wecom_bridge.errors import SendRequestError, StoreUnavailableError
+from wecom_bridge.config import AppConfig, BridgeConfig
+from wecom_bridge.errors import (
+    IdempotencyConflictError,
+    SendRequestError,
+    StoreUnavailableError,
+)
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.proactive import SendRequest, parse_send_request, resolve_app
 from wecom_bridge.store import Job, NewJob, Store
@@ -27,6 +33,9 @@ from wecom_bridge.store import Job, NewJob, Store
 log = logging.getLogger("wecom_bridge.send_api")
 
 API_PATH = "/api/v1/messages"
+# A client that retries after a timeout sends the same key again and gets the first message back.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
 # What a member of the API sees of the store's job states.
 STATUS = {"queued": "queued", "running": "running", "done": "sent", "failed": "failed"}
 _METRIC = "wecom_bridge_send_api_requests_total"
@@ -77,27 +86,23 @@ class SendApi:
             self.metrics.inc(_METRIC, {"outcome": "too_large"})
             return _problem(413, f"body over {self.config.max_body_bytes} bytes")
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return self._invalid(SendRequestError(None, "body must be a JSON object"))
-        if not isinstance(doc, dict):
-            return self._invalid(SendRequestError(None, "body must be a JSON object"))
-        try:
-            message, app_name = parse_send_request(doc)
-            app = resolve_app(self.config, app_name)
+            message, app, key = self._parse(body)
         except SendRequestError as exc:
             return self._invalid(exc)
-        recipients = message.recipients
+        job = NewJob("send", message.recipients.key(), message.payload())
         try:
-            job_id = self.store.enqueue(
-                app.name, NewJob("send", recipients.key(), message.payload())
-            )
+            job_id, replayed = self._store(app.name, job, key)
+        except IdempotencyConflictError as exc:
+            self.metrics.inc(_METRIC, {"outcome": "conflict"})
+            return _problem(409, f"{IDEMPOTENCY_HEADER}: {exc}", IDEMPOTENCY_HEADER)
         except StoreUnavailableError as exc:
             self.metrics.inc(_METRIC, {"outcome": "store_unavailable"})
             log.error(
                 "send request not stored", extra={"event": "store_unavailable", "error": str(exc)}
             )
             return _problem(503, "not stored, try again")
+        if replayed:
+            return self._replayed(job_id)
         self.metrics.inc(_METRIC, {"outcome": "queued"})
         log.info(
             "send request queued",
@@ -105,12 +110,41 @@ class SendApi:
                 "event": "api_queued",
                 "job_id": job_id,
                 "app": app.name,
-                "user": recipients.key(),
+                "user": job.user,
                 "msgtype": message.msgtype,
             },
         )
         self.notify()
         return _json({"id": job_id, "status": "queued"}, 202, {"Location": f"{API_PATH}/{job_id}"})
+
+    def _parse(self, body: bytes) -> tuple[SendRequest, AppConfig, str | None]:
+        """The message, the app that sends it and the idempotency key; SendRequestError names
+        what is wrong."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise SendRequestError(None, "body must be a JSON object")
+        message, app_name = parse_send_request(doc)
+        return message, resolve_app(self.config, app_name), idempotency_key()
+
+    def _store(self, app: str, job: NewJob, key: str | None) -> tuple[int, bool]:
+        """(job id, whether an earlier request with this key had queued it)."""
+        if key is None:
+            return self.store.enqueue(app, job), False
+        return self.store.enqueue_once(app, job, key, request_fingerprint(app, job))
+
+    def _replayed(self, job_id: int) -> Response:
+        """The answer to a repeated request: the message its key queued, as it is now."""
+        self.metrics.inc(_METRIC, {"outcome": "replayed"})
+        try:
+            job = self.store.get_job(job_id)
+        except StoreUnavailableError:
+            job = None
+        status = STATUS.get(job.status, job.status) if job is not None else "queued"
+        headers = {"Location": f"{API_PATH}/{job_id}", "Idempotent-Replayed": "true"}
+        return _json({"id": job_id, "status": status}, 202, headers)
 
     def _invalid(self, exc: SendRequestError) -> Response:
         self.metrics.inc(_METRIC, {"outcome": "invalid"})
@@ -124,6 +158,24 @@ class SendApi:
         if job is None or job.kind != "send":  # members' chats are not the API's business
             return _problem(404, f"no message {job_id}")
         return _json(describe(job), 200)
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header: None when absent; 1-255 visible ASCII chars."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not all("!" <= c <= "~" for c in key):
+        raise SendRequestError(
+            IDEMPOTENCY_HEADER, f"must be 1-{MAX_KEY_LENGTH} visible ASCII characters"
+        )
+    return key
+
+
+def request_fingerprint(app: str, job: NewJob) -> str:
+    """What a repeated request must match: the app and the message, as queued."""
+    canonical = json.dumps({"app": app, "payload": job.payload}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def describe(job: Job) -> dict[str, Any]:
