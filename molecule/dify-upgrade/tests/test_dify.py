@@ -142,3 +142,24 @@ def test_backups_root_only(host):
     for name in host.file(f"{backups.path}/{backup}").listdir():
         assert host.file(f"{backups.path}/{backup}/{name}").mode == 0o600, name
     assert any(name.startswith("volumes.pre-restore-") for name in host.file(BASE).listdir())
+
+
+def test_images_were_pulled_through_the_registry_mirror(host):
+    """Pulled, not loaded (a loaded image has no repo digest), and from the mirror's registry."""
+    image = TEST_VARS["dify_test_image"]
+    registry_log = host.check_output("journalctl -u docker-registry --no-pager -o cat")
+    fetched = [line for line in registry_log.splitlines() if "http.request.method=GET" in line]
+    for version in (TEST_VARS["dify_test_version_a"], TEST_VARS["dify_test_version_b"]):
+        inspect = "docker image inspect -f '{{json .RepoDigests}}' %s:%s"
+        digests = json.loads(host.check_output(inspect, image, version))
+        assert digests and all(d.startswith(f"{image}@sha256:") for d in digests), digests
+        manifest = f'http.request.uri="/v2/{image}/manifests/{version}"'
+        assert any(manifest in line for line in fetched), version
+
+
+def test_releases_were_downloaded_from_the_tag_archive_mirror(host):
+    mirror_log = host.check_output("journalctl -u dify-release-mirror --no-pager -o cat")
+    for version in (TEST_VARS["dify_test_version_a"], TEST_VARS["dify_test_version_b"]):
+        path = f"/langgenius/dify/archive/refs/tags/{version}.tar.gz"
+        assert f'"GET {path} HTTP/1.1" 200' in mirror_log, version
+        assert host.file(f"{BASE}/archives/dify-{version}.tar.gz").mode == 0o600
