@@ -13,20 +13,26 @@ $(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyprojec
 
 REPORTS := $(CURDIR)/.cache/reports
 
-# Every stage runs even after one fails (--keep-going: one CI run reports all that is broken), and the
-# failed tests are printed again at the very end, where a truncated CI log still shows them.
+# Every stage (lint, unit, each molecule scenario) runs even after another failed (--keep-going), so one
+# CI run reports all that is broken; the failed tests are then printed again at the very end, where a
+# truncated CI log still shows them. Stages that need a failed one (images) are skipped.
 test:
 	@rm -rf $(REPORTS) && mkdir -p $(REPORTS)
 	@$(MAKE) --no-print-directory --keep-going test-stages || { scripts/test-digest $(REPORTS); exit 1; }
 
 test-stages: lint unit molecule
 
+# Every linter runs, so that one run lists every finding; the target fails if any of them did.
+LINTERS := \
+	"ruff check bridge molecule scripts scripts/test-digest bench" \
+	"ruff format --check bridge molecule scripts scripts/test-digest bench" \
+	"yamllint -s ." \
+	"ansible-lint --profile production" \
+	"scripts/gixy-rendered"
+
 lint: venv
-	ruff check bridge molecule scripts scripts/test-digest bench
-	ruff format --check bridge molecule scripts scripts/test-digest bench
-	yamllint -s .
-	ansible-lint --profile production
-	scripts/gixy-rendered
+	@failed=(); for linter in $(LINTERS); do echo "$$linter"; $$linter || failed+=("$$linter"); done; \
+	if (( $${#failed[@]} )); then printf 'lint failed: %s\n' "$${failed[@]}"; exit 1; fi
 
 unit: venv
 	mkdir -p $(REPORTS)

@@ -293,6 +293,19 @@ def test_api_retries_with_an_idempotency_key_send_once(
     assert sent == ["部署完成", "部署完成"]
 
 
+def test_api_replay_after_the_job_was_swept_says_expired(
+    api_bridge: ServerThread, wecom_double: ServerThread
+) -> None:
+    body = {"touser": "zhangsan", "msgtype": "text", "content": "hi"}
+    job_id = post(api_bridge.url, body, key="old-notice").json()["id"]
+    wait_status(api_bridge.url, job_id, "sent")
+    store = api_bridge.app.extensions["wecom_bridge"].store
+    store.sweep(dedupe_ttl=3600, job_retention=-1)  # the job is past its retention, the key not
+    replay = post(api_bridge.url, body, key="old-notice")
+    assert (replay.status_code, replay.json()) == (202, {"id": job_id, "status": "expired"})
+    assert len(wecom_state(wecom_double).snapshot()) == 1
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "two words", "tab\there"])
 def test_api_refuses_a_malformed_idempotency_key(api_bridge: ServerThread, key: str) -> None:
     body = {"touser": "zhangsan", "msgtype": "text", "content": "hi"}

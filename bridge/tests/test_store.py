@@ -137,6 +137,15 @@ def test_idempotency_key_queues_once_across_restarts_until_swept(tmp_path: Path)
     assert (new_id != job_id, replayed) == (True, False)  # a key past its TTL is new again
 
 
+def test_idempotency_key_repeat_answered_below_the_free_space_floor(tmp_path: Path) -> None:
+    job_id, _ = Store(tmp_path).enqueue_once("app", send("hi"), "key-3", "fp")
+    full = Store(tmp_path, min_free_bytes=2**62)  # no disk has that much free
+    assert full.enqueue_once("app", send("hi"), "key-3", "fp") == (job_id, True)
+    with pytest.raises(StoreUnavailableError):
+        full.enqueue_once("app", send("new"), "key-4", "fp-new")
+    assert full.queue_depth() == 1
+
+
 def test_idempotency_key_under_concurrent_requests(tmp_path: Path) -> None:
     Store(tmp_path)  # schema first
     results: list[tuple[int, bool]] = []

@@ -136,13 +136,14 @@ class SendApi:
         return self.store.enqueue_once(app, job, key, request_fingerprint(app, job))
 
     def _replayed(self, job_id: int) -> Response:
-        """The answer to a repeated request: the message its key queued, as it is now."""
-        self.metrics.inc(_METRIC, {"outcome": "replayed"})
+        """The answer to a repeated request: the message its key queued, as it is now
+        (`expired`: it finished longer ago than the job retention, its details are gone)."""
         try:
             job = self.store.get_job(job_id)
         except StoreUnavailableError:
-            job = None
-        status = STATUS.get(job.status, job.status) if job is not None else "queued"
+            return _problem(503, "store unavailable, try again")  # nothing new was queued
+        self.metrics.inc(_METRIC, {"outcome": "replayed"})
+        status = STATUS.get(job.status, job.status) if job is not None else "expired"
         headers = {"Location": f"{API_PATH}/{job_id}", "Idempotent-Replayed": "true"}
         return _json({"id": job_id, "status": status}, 202, headers)
 

@@ -311,8 +311,8 @@ class Store:
     def enqueue_once(self, app: str, job: NewJob, key: str, fingerprint: str) -> tuple[int, bool]:
         """enqueue() unless `key` already queued a job: returns (job id, whether it was queued
         before). The key's first request must have had the same `fingerprint`, else
-        IdempotencyConflictError."""
-        self.space.check()
+        IdempotencyConflictError. A repeat is answered even below the free-space floor: it
+        writes nothing."""
         now = self._clock()
         with self._tx() as db:
             seen = db.execute(
@@ -322,6 +322,7 @@ class Store:
                 if seen["fingerprint"] != fingerprint:
                     raise IdempotencyConflictError(seen["job_id"])
                 return int(seen["job_id"]), True
+            self.space.check()
             job_id = self._insert_job(db, app, job, now)
             db.execute(
                 "INSERT INTO send_keys (key, fingerprint, job_id, seen_at) VALUES (?, ?, ?, ?)",

@@ -95,7 +95,8 @@ class Journal:
 
     def rewrite(self, entries: list[dict[str, Any]]) -> None:
         """Replace the journal by `entries` (the state it replays to), so it stays as small as
-        the state instead of growing with every call; atomic, a kill leaves the old one."""
+        the state instead of growing with every call; atomic, a crash leaves the old one.
+        Called at start only, before the double serves (hence no lock)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -103,6 +104,8 @@ class Journal:
         staging.unlink(missing_ok=True)  # a leftover would keep its old mode
         with self._open(staging, os.O_TRUNC) as out:
             out.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)
+            out.flush()
+            os.fsync(out.fileno())
         staging.replace(self.path)
 
     @staticmethod
