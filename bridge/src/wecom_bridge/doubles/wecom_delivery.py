@@ -202,12 +202,18 @@ def recorded_messages(wecom_api: str, timeout: float = 30.0) -> list[dict[str, A
     return list(resp.json()["messages"])
 
 
-def answers_by_user(records: Iterable[dict[str, Any]]) -> Counter[str]:
-    counts: Counter[str] = Counter()
+def answer_texts(records: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each recipient's answers (their text or markdown content), in the order recorded."""
+    texts: dict[str, list[str]] = {}
     for record in records:
+        content = str(record.get(record.get("msgtype", "text"), {}).get("content", ""))
         for user in str(record.get("touser", "")).split("|"):
-            counts[user] += 1
-    return counts
+            texts.setdefault(user, []).append(content)
+    return texts
+
+
+def answers_by_user(records: Iterable[dict[str, Any]]) -> Counter[str]:
+    return Counter({user: len(texts) for user, texts in answer_texts(records).items()})
 
 
 def wait_for_answers(
@@ -228,22 +234,16 @@ def wait_for_answers(
 
 def tally(outcomes: Sequence[Outcome], records: Iterable[dict[str, Any]]) -> Tally:
     """Counts for these messages only (the double may hold other runs' records)."""
-    records = list(records)
-    per_user = answers_by_user(records)
-    texts: dict[str, list[str]] = {}
-    for record in records:
-        content = str(record.get(record.get("msgtype", "text"), {}).get("content", ""))
-        for user in str(record.get("touser", "")).split("|"):
-            texts.setdefault(user, []).append(content)
-    answered = [o for o in outcomes if per_user[o.message.user]]
+    texts = answer_texts(records)
+    answered = [o for o in outcomes if texts.get(o.message.user)]
     fallbacks = [o for o in answered if not any(o.message.text in t for t in texts[o.message.user])]
     return Tally(
         sent=len(outcomes),
         acknowledged=sum(o.acknowledged for o in outcomes),
         answered=len(answered),
         fallbacks=len(fallbacks),
-        duplicates=sum(max(0, per_user[o.message.user] - 1) for o in outcomes),
-        lost=sum(1 for o in outcomes if o.acknowledged and not per_user[o.message.user]),
+        duplicates=sum(max(0, len(texts.get(o.message.user, [])) - 1) for o in outcomes),
+        lost=sum(1 for o in outcomes if o.acknowledged and not texts.get(o.message.user)),
         unacknowledged=sum(not o.acknowledged for o in outcomes),
         deliveries=sum(len(o.statuses) for o in outcomes),
         non_200=sum(1 for o in outcomes for s in o.statuses if s != 200),
