@@ -17,7 +17,7 @@ REPORTS := $(CURDIR)/.cache/reports
 # CI run reports all that is broken; the failed tests are then printed again at the very end, where a
 # truncated CI log still shows them. Stages that need a failed one (images) are skipped.
 test:
-	@rm -rf $(REPORTS) && mkdir -p $(REPORTS)
+	@rm -rf $(REPORTS)
 	@$(MAKE) --no-print-directory --keep-going test-stages || { scripts/test-digest $(REPORTS); exit 1; }
 
 test-stages: lint unit molecule
@@ -35,7 +35,6 @@ lint: venv
 	if (( $${#failed[@]} )); then printf 'lint failed: %s\n' "$${failed[@]}"; exit 1; fi
 
 unit: venv
-	mkdir -p $(REPORTS)
 	cd bridge && pytest -q --junitxml=$(REPORTS)/unit.xml
 
 images: venv
