@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Self
 
 import yaml
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.wecom_delivery import (
+from wecom_bridge.testing.redelivery import (
     Deliverer,
     answers_by_user,
     make_messages,
     recorded_messages,
 )
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 ROOT = Path(__file__).resolve().parents[1]
 VARS = yaml.safe_load((ROOT / "molecule/default/group_vars/all.yml").read_text())

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.callbacks import build_text_callback
+from wecom_bridge.testing.callbacks import build_text_callback
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 CORP, AGENT, SECRET = "wwbenchcorp", "1000002", "bench-secret"
 TOKEN, AES_KEY, DIFY_KEY = "BenchToken", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "app-bench"

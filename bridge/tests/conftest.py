@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from wecom_bridge.app import create_app
 from wecom_bridge.config import load_config
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.callbacks import CallbackClient
-from wecom_bridge.doubles.dify_api import create_dify_double
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.doubles.wecom_api import create_wecom_double
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.callbacks import CallbackClient
+from wecom_bridge.testing.dify_double import create_dify_double
+from wecom_bridge.testing.server import ServerThread
+from wecom_bridge.testing.wecom_double import create_wecom_double
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,15 @@ import time
 import requests
 from conftest import AppSecrets, dify_state, wait_for, wecom_state
 
-from wecom_bridge.app import create_app
 from wecom_bridge.config import load_config
-from wecom_bridge.doubles.callbacks import (
+from wecom_bridge.jobs.store import FreeSpaceFloor
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.callbacks import (
     CallbackClient,
     build_text_callback,
     build_url_verification,
 )
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.store import FreeSpaceFloor
+from wecom_bridge.testing.server import ServerThread
 
 
 def sent_texts(wecom_double: ServerThread, user: str | None = None) -> list[str]:
@@ -215,7 +215,7 @@ def test_untrusted_ip_keeps_job_until_fixed(
 def test_unsupported_type_and_welcome(
     callbacks: CallbackClient, wecom_double: ServerThread, secrets: AppSecrets
 ) -> None:
-    from wecom_bridge.doubles.callbacks import build_callback
+    from wecom_bridge.testing.callbacks import build_callback
 
     params, body = build_callback(
         secrets.crypto(),

@@ -19,8 +19,8 @@ import pytest
 import requests
 from conftest import AppSecrets, wecom_state
 
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.doubles.wecom_api import ChatCallback
+from wecom_bridge.testing.server import ServerThread
+from wecom_bridge.testing.wecom_double import ChatCallback
 
 REPLY_RGB = (0xDB, 0xEA, 0xFE)  # .reply .bubble background in static/chat.html
 WINDOW = (640, 480)

@@ -8,8 +8,8 @@ from collections import Counter
 import requests
 from conftest import AppSecrets, BridgeProcess, dify_state, wait_for, wecom_state
 
-from wecom_bridge.doubles.callbacks import CallbackClient
-from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.testing.callbacks import CallbackClient
+from wecom_bridge.testing.server import ServerThread
 
 
 def test_kill9_mid_burst_resumes_exactly_once(

@@ -8,13 +8,13 @@ import pytest
 from Crypto.Cipher import AES
 from wechatpy.enterprise.crypto import WeChatCrypto
 
-from wecom_bridge.crypto import WeComCrypto, parse_encoding_aes_key, pkcs7_unpad
 from wecom_bridge.errors import (
     Base64Error,
     DecryptError,
     ReceiveIdError,
     SignatureError,
 )
+from wecom_bridge.wecom.crypto import WeComCrypto, parse_encoding_aes_key, pkcs7_unpad
 
 # The example on WeCom's 加解密方案 page (document path/90968).
 TOKEN = "QDG6eK"

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wecom_bridge.dify import DifyAnswer, DifyClient, DifySettings
-from wecom_bridge.doubles.dify_api import DifyDoubleState, create_dify_double
-from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.dify.client import DifyAnswer, DifyClient, DifySettings
 from wecom_bridge.errors import ConversationNotFoundError, DifyError
 from wecom_bridge.metrics import Metrics
+from wecom_bridge.testing.dify_double import DifyDoubleState, create_dify_double
+from wecom_bridge.testing.server import ServerThread
 
 API_KEY = "app-client-test-key"
 

@@ -13,9 +13,9 @@ from conftest import dify_state, free_port, wecom_state
 from tls_edge import DOMAIN, CertPair, EdgeSpec, HttpsEdge, PrivateCA, StaticFile
 
 from wecom_bridge.cli import main
-from wecom_bridge.doctor import CheckResult, Status, display_width, render_table
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.probe import der_not_after, parse_resolve, split_host_port
+from wecom_bridge.testing.server import ServerThread
+from wecom_bridge.tools.doctor import CheckResult, Status, display_width, render_table
+from wecom_bridge.tools.probe import der_not_after, parse_resolve, split_host_port
 
 CODE = "Xy12AbCdEf"
 WECOM_ENV = (

@@ -11,19 +11,19 @@ import requests
 from flask import Flask, Response, request
 from wechatpy.enterprise.crypto import WeChatCrypto  # wechatpy 1.8 names the WeCom module so
 
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.callbacks import (
+from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.callbacks import (
     CallbackClient,
     build_callback,
     build_event_callback,
     build_text_callback,
     build_url_verification,
 )
-from wecom_bridge.doubles.dify_api import create_dify_double, dify_double_from_env
-from wecom_bridge.doubles.server import ServerThread, parse_listen
-from wecom_bridge.doubles.wecom_api import create_wecom_double, wecom_double_from_env
-from wecom_bridge.errors import ConfigError
-from wecom_bridge.messages import parse_envelope, parse_message, parse_xml
+from wecom_bridge.testing.dify_double import create_dify_double, dify_double_from_env
+from wecom_bridge.testing.server import ServerThread, parse_listen
+from wecom_bridge.testing.wecom_double import create_wecom_double, wecom_double_from_env
+from wecom_bridge.wecom.crypto import WeComCrypto
+from wecom_bridge.wecom.messages import parse_envelope, parse_message, parse_xml
 
 TOKEN = "QDG6eK"
 AES_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"

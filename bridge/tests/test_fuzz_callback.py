@@ -38,12 +38,12 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
-from wecom_bridge.app import create_app
 from wecom_bridge.config import load_config
-from wecom_bridge.crypto import PKCS7_BLOCK, WeComCrypto, parse_encoding_aes_key
-from wecom_bridge.doubles.callbacks import build_callback, build_text_callback, new_msg_id
 from wecom_bridge.errors import CallbackError, MalformedXmlError, SignatureError
-from wecom_bridge.messages import (
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.callbacks import build_callback, build_text_callback, new_msg_id
+from wecom_bridge.wecom.crypto import PKCS7_BLOCK, WeComCrypto, parse_encoding_aes_key
+from wecom_bridge.wecom.messages import (
     KNOWN_FIELDS,
     Envelope,
     InboundMessage,

@@ -3,7 +3,7 @@
 import pytest
 
 from wecom_bridge.errors import MalformedXmlError
-from wecom_bridge.messages import OutboundMessage, parse_envelope, parse_message
+from wecom_bridge.wecom.messages import OutboundMessage, parse_envelope, parse_message
 
 TEXT = (
     b"<xml><ToUserName><![CDATA[ww1]]></ToUserName><FromUserName><![CDATA[zhangsan]]>"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from wecom_bridge.channels.proactive import Recipients, SendRequest, parse_send_request
 from wecom_bridge.errors import SendRequestError
-from wecom_bridge.proactive import Recipients, SendRequest, parse_send_request
 
 
 def test_parse_normalises_recipients_and_defaults() -> None:

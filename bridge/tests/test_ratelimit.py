@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from wecom_bridge.ratelimit import SlidingWindowLimiter
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter
 
 
 class FakeClock:

@@ -15,10 +15,10 @@ import pytest
 import requests
 from conftest import AppSecrets, BridgeProcess, wait_for, wecom_env, wecom_state
 
-from wecom_bridge.app import create_app
 from wecom_bridge.config import load_config
-from wecom_bridge.doubles.callbacks import CallbackClient
-from wecom_bridge.doubles.server import ServerThread
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.callbacks import CallbackClient
+from wecom_bridge.testing.server import ServerThread
 
 API_TOKEN = "test-api-token-0123456789abcdef"
 TASK_NOTICE = "### 任务通知 \n **任务名称:** 开发测试 \n **状态:** 进行中 🚀"

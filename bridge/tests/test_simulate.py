@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import AppSecrets, dify_state, free_port, wecom_state
 
-from wecom_bridge.app import create_app
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.splitter import split_message
+from wecom_bridge.jobs.splitter import split_message
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.server import ServerThread
 
 APP_ENV = (
     "WECOM_CORP_ID",

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wecom_bridge.splitter import WECOM_TEXT_LIMIT, is_cluster_boundary, split_message
+from wecom_bridge.jobs.splitter import WECOM_TEXT_LIMIT, is_cluster_boundary, split_message
 
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"  # 👨‍👩‍👧‍👦, 25 bytes
 FLAG_CN = "\U0001f1e8\U0001f1f3"  # 🇨🇳, two regional indicators

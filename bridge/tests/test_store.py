@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
-from wecom_bridge.store import NewJob, Store
+from wecom_bridge.jobs.store import NewJob, Store
 
 
 class Clock:
@@ -202,7 +202,7 @@ def test_concurrent_claims_never_double_claim(tmp_path: Path) -> None:
 
 
 def test_group_commit_many_concurrent_callbacks(tmp_path: Path) -> None:
-    from wecom_bridge.groupcommit import GroupCommitter
+    from wecom_bridge.jobs.intake import GroupCommitter
 
     store = Store(tmp_path)
     committer = GroupCommitter(store)
@@ -226,7 +226,7 @@ def test_group_commit_many_concurrent_callbacks(tmp_path: Path) -> None:
 
 
 def test_group_commit_reports_store_failure(tmp_path: Path) -> None:
-    from wecom_bridge.groupcommit import GroupCommitter
+    from wecom_bridge.jobs.intake import GroupCommitter
 
     store = Store(tmp_path, busy_timeout=0.2)
     committer = GroupCommitter(store)

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.doubles.wecom_api import WeComDoubleState, create_wecom_double
 from wecom_bridge.errors import WeComApiError, WeComConfigError
-from wecom_bridge.messages import OutboundMessage
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.wecom import MemoryTokenCache, WeComClient
+from wecom_bridge.testing.server import ServerThread
+from wecom_bridge.testing.wecom_double import WeComDoubleState, create_wecom_double
+from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
+from wecom_bridge.wecom.messages import OutboundMessage
 
 CORP_ID = "wwclienttest01"
 SECRET = "client-test-secret-abcdef"

@@ -6,8 +6,7 @@ import time
 
 from conftest import AppSecrets
 
-from wecom_bridge.doubles.server import ServerThread
-from wecom_bridge.doubles.wecom_delivery import (
+from wecom_bridge.testing.redelivery import (
     NETWORK_ERROR,
     Deliverer,
     Outcome,
@@ -16,6 +15,7 @@ from wecom_bridge.doubles.wecom_delivery import (
     tally,
     wait_for_answers,
 )
+from wecom_bridge.testing.server import ServerThread
 
 FAST = WeComRetry(attempts=3, interval=0.05, timeout=2.0)
 

@@ -13,8 +13,8 @@ from wecom_bridge import __version__
 from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.logs import setup_logging
-from wecom_bridge.send_cli import add_send_parser
-from wecom_bridge.simulate import add_simulate_parser
+from wecom_bridge.tools.send import add_send_parser
+from wecom_bridge.tools.simulate import add_simulate_parser
 
 
 def _load_or_exit() -> BridgeConfig:
@@ -28,7 +28,7 @@ def _load_or_exit() -> BridgeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
-    from wecom_bridge.server import run_server
+    from wecom_bridge.service.processes import run_server
 
     run_server(config)
     return 0
@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_work(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
-    from wecom_bridge.app import run_job_process
+    from wecom_bridge.service.app import run_job_process
 
     run_job_process(config)
     return 0
@@ -62,8 +62,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from wecom_bridge.doctor import DoctorOptions, Status, render_json, render_table, run_doctor
-    from wecom_bridge.probe import Prober, parse_resolve
+    from wecom_bridge.tools.doctor import (
+        DoctorOptions,
+        Status,
+        render_json,
+        render_table,
+        run_doctor,
+    )
+    from wecom_bridge.tools.probe import Prober, parse_resolve
 
     try:
         resolve = dict(parse_resolve(spec) for spec in args.resolve)
@@ -122,8 +128,8 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_double(factory_name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from wecom_bridge.doubles import dify_api, wecom_api
-        from wecom_bridge.doubles.server import serve_forever
+        from wecom_bridge.testing import dify_api, wecom_api
+        from wecom_bridge.testing.server import serve_forever
 
         setup_logging("text", "INFO")
         factories: dict[str, Callable[[], object]] = {

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from wecom_bridge.crypto import parse_encoding_aes_key
-from wecom_bridge.dify import DifySettings
+from wecom_bridge.dify.client import DifySettings
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.wecom.crypto import parse_encoding_aes_key
 
 DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
 DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"

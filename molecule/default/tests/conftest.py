@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 import pytest
 import yaml
-from wecom_bridge.crypto import WeComCrypto
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1]
 TEST_VARS = yaml.safe_load((SCENARIO_DIR / "group_vars" / "all.yml").read_text())

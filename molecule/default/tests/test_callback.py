@@ -4,7 +4,7 @@ import secrets
 import time
 
 from conftest import CALLBACK_PATH, TEST_VARS
-from wecom_bridge.doubles.callbacks import build_text_callback, build_url_verification
+from wecom_bridge.testing.callbacks import build_text_callback, build_url_verification
 
 
 def text_callback(crypto, content, msg_id):

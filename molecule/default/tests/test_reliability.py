@@ -1,7 +1,7 @@
 """The deployed stack under faults: nothing WeCom delivered is lost or answered twice.
 
 Each test sends distinct messages (one member each) the way WeCom delivers them — 5 s timeout,
-up to three retries 5 s apart (wecom_bridge.doubles.wecom_delivery) — from this machine through
+up to three retries 5 s apart (wecom_bridge.testing.redelivery) — from this machine through
 the server's edge nginx, strikes one fault on the server mid-burst, then counts what the members
 received at the WeCom double: sent, acknowledged, answered, fallbacks, duplicates, lost. The counts
 are printed at the end of the run. Marked disruptive: they run after the other verify tests.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 from conftest import DOMAIN, PEBBLE_ROOT, TALLIES, TEST_VARS
-from wecom_bridge.doubles.wecom_delivery import (
+from wecom_bridge.testing.redelivery import (
     Deliverer,
     Outcome,
     Tally,

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from wecom_bridge.crypto import WeComCrypto, parse_encoding_aes_key
-from wecom_bridge.dify import DifyClient, DifySettings
-from wecom_bridge.doubles.callbacks import build_url_verification
+from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import DifyError, WeComApiError, WeComConfigError
-from wecom_bridge.probe import Fetched, ProbeError, Prober, split_host_port
-from wecom_bridge.wecom import DEFAULT_API_BASE, MemoryTokenCache, WeComClient
+from wecom_bridge.testing.callbacks import build_url_verification
+from wecom_bridge.tools.probe import Fetched, ProbeError, Prober, split_host_port
+from wecom_bridge.wecom.api import DEFAULT_API_BASE, MemoryTokenCache, WeComClient
+from wecom_bridge.wecom.crypto import WeComCrypto, parse_encoding_aes_key
 
 WECOM_DEADLINE = 1.0  # seconds WeCom waits for the URL verification answer
 BOM = b"\xef\xbb\xbf"

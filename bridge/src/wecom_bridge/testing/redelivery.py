@@ -25,8 +25,8 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.callbacks import build_text_callback, new_msg_id
+from wecom_bridge.testing.callbacks import build_text_callback, new_msg_id
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 NETWORK_ERROR = 0  # the status recorded for an attempt that got no HTTP answer
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import requests
 
 from wecom_bridge.errors import WeComApiError, WeComConfigError
-from wecom_bridge.messages import OutboundMessage, SendResult
 from wecom_bridge.metrics import Metrics
+from wecom_bridge.wecom.messages import OutboundMessage, SendResult
 
 log = logging.getLogger("wecom_bridge.wecom")
 

@@ -19,16 +19,16 @@ from typing import Any
 import requests
 
 from wecom_bridge.config import _check_app_secrets, _required
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.callbacks import (
+from wecom_bridge.errors import BridgeError, ConfigError
+from wecom_bridge.testing.callbacks import (
     CallbackClient,
     build_event_callback,
     build_text_callback,
     new_msg_id,
 )
-from wecom_bridge.doubles.server import ServerThread, parse_listen
-from wecom_bridge.doubles.wecom_api import create_wecom_double
-from wecom_bridge.errors import BridgeError, ConfigError
+from wecom_bridge.testing.server import ServerThread, parse_listen
+from wecom_bridge.testing.wecom_double import create_wecom_double
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 QUIET_SECONDS = 2.0  # after the last part, this long without another means the answer is complete
 

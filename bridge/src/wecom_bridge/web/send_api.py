@@ -20,17 +20,17 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from wecom_bridge.channels.proactive import SendRequest, parse_send_request, resolve_app
 from wecom_bridge.config import AppConfig, BridgeConfig
 from wecom_bridge.errors import (
     IdempotencyConflictError,
     SendRequestError,
     StoreUnavailableError,
 )
+from wecom_bridge.jobs.store import Job, NewJob, Store
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.proactive import SendRequest, parse_send_request, resolve_app
-from wecom_bridge.store import Job, NewJob, Store
 
-log = logging.getLogger("wecom_bridge.send_api")
+log = logging.getLogger("wecom_bridge.web.send_api")
 
 API_PATH = "/api/v1/messages"
 # A client that retries after a timeout sends the same key again and gets the first message back.

@@ -16,21 +16,21 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify
 
-from wecom_bridge.callback import CallbackHandler, register_callback
+from wecom_bridge.channels.wecom_app import CallbackHandler, register_callback
 from wecom_bridge.config import BridgeConfig
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.dify import DifyClient
+from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import StoreUnavailableError
-from wecom_bridge.groupcommit import GroupCommitter
+from wecom_bridge.jobs.intake import GroupCommitter
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter
+from wecom_bridge.jobs.processor import AppRuntime, JobProcessor, WorkerPool
+from wecom_bridge.jobs.store import Store
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.ratelimit import SlidingWindowLimiter
-from wecom_bridge.send_api import SendApi, register_send_api
-from wecom_bridge.store import Store
-from wecom_bridge.wakeup import WakeupListener, WakeupSender
-from wecom_bridge.wecom import WeComClient
-from wecom_bridge.worker import AppRuntime, JobProcessor, WorkerPool
+from wecom_bridge.service.wakeup import WakeupListener, WakeupSender
+from wecom_bridge.web.send_api import SendApi, register_send_api
+from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.crypto import WeComCrypto
 
-log = logging.getLogger("wecom_bridge.app")
+log = logging.getLogger("wecom_bridge.service.app")
 
 # A queue this deep means the workers cannot keep up; report not-ready so load balancers and
 # operators notice before WeCom's users do.

@@ -22,8 +22,8 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from wecom_bridge.doubles.server import required_env
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.server import required_env
 
 DIFY_VERSION = "1.17.1"
 CHAT_MODES = ("chat", "advanced-chat", "agent-chat")

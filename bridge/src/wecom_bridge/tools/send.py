@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from wecom_bridge.channels.proactive import parse_send_request, resolve_app
 from wecom_bridge.config import load_config
-from wecom_bridge.delivery import send_parts
 from wecom_bridge.errors import (
     ConfigError,
     SendRequestError,
@@ -22,12 +22,12 @@ from wecom_bridge.errors import (
     WeComApiError,
     WeComConfigError,
 )
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter
+from wecom_bridge.jobs.sending import send_parts
+from wecom_bridge.jobs.store import Store
 from wecom_bridge.logs import setup_logging
-from wecom_bridge.messages import SendResult
-from wecom_bridge.proactive import parse_send_request, resolve_app
-from wecom_bridge.ratelimit import SlidingWindowLimiter
-from wecom_bridge.store import Store
-from wecom_bridge.wecom import WeComClient
+from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.messages import SendResult
 
 EXIT_OK = 0
 EXIT_SEND_FAILED = 1  # WeCom refused or could not be reached

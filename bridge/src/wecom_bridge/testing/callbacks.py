@@ -7,8 +7,8 @@ import time
 
 import requests
 
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.messages import message_xml
+from wecom_bridge.wecom.crypto import WeComCrypto
+from wecom_bridge.wecom.messages import message_xml
 
 
 def _timestamp(timestamp: str | None) -> str:

@@ -15,13 +15,13 @@ from typing import Protocol
 from flask import Flask, Response, request
 
 from wecom_bridge.config import AppConfig
-from wecom_bridge.crypto import WeComCrypto
 from wecom_bridge.errors import CallbackError, StoreUnavailableError
-from wecom_bridge.messages import InboundMessage, parse_envelope, parse_message
+from wecom_bridge.jobs.store import NewJob
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.store import NewJob
+from wecom_bridge.wecom.crypto import WeComCrypto
+from wecom_bridge.wecom.messages import InboundMessage, parse_envelope, parse_message
 
-log = logging.getLogger("wecom_bridge.callback")
+log = logging.getLogger("wecom_bridge.channels.wecom_app")
 
 WELCOME_EVENTS = ("enter_agent", "subscribe")
 _QUERY = ("msg_signature", "timestamp", "nonce")

@@ -12,11 +12,11 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from wecom_bridge.app import create_app
 from wecom_bridge.config import BridgeConfig
 from wecom_bridge.logs import setup_logging
+from wecom_bridge.service.app import create_app
 
-log = logging.getLogger("wecom_bridge.server")
+log = logging.getLogger("wecom_bridge.service.processes")
 RESTART_DELAY_MIN = 1.0
 RESTART_DELAY_MAX = 30.0
 HEALTHY_RUN_SECONDS = 60.0  # a job process that lived this long resets the restart backoff

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger("wecom_bridge.wakeup")
+log = logging.getLogger("wecom_bridge.service.wakeup")
 
 SOCKET_NAME = "wake.sock"
 

@@ -15,9 +15,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from wecom_bridge.channels.proactive import SendRequest
 from wecom_bridge.config import AppConfig
-from wecom_bridge.delivery import send_parts
-from wecom_bridge.dify import DifyClient
+from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import (
     DifyError,
     SendRequestError,
@@ -25,15 +25,15 @@ from wecom_bridge.errors import (
     WeComApiError,
     WeComConfigError,
 )
-from wecom_bridge.messages import OutboundMessage, SendResult
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter
+from wecom_bridge.jobs.sending import send_parts
+from wecom_bridge.jobs.splitter import split_message
+from wecom_bridge.jobs.store import Job, Store
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.proactive import SendRequest
-from wecom_bridge.ratelimit import SlidingWindowLimiter
-from wecom_bridge.splitter import split_message
-from wecom_bridge.store import Job, Store
-from wecom_bridge.wecom import WeComClient
+from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.messages import OutboundMessage, SendResult
 
-log = logging.getLogger("wecom_bridge.worker")
+log = logging.getLogger("wecom_bridge.jobs.processor")
 
 MAX_JOB_RETRY_DELAY = 300.0
 

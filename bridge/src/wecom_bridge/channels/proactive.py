@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from wecom_bridge.config import AppConfig, BridgeConfig
 from wecom_bridge.errors import SendRequestError
-from wecom_bridge.messages import OutboundMessage
-from wecom_bridge.splitter import split_message
+from wecom_bridge.jobs.splitter import split_message
+from wecom_bridge.wecom.messages import OutboundMessage
 
 MSGTYPES = ("text", "markdown")
 # message/send accepts at most 1000 members, 100 parties and 100 tags per call.

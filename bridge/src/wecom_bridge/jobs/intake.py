@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from wecom_bridge.errors import StoreUnavailableError
-from wecom_bridge.store import Delivery, NewJob, Store
+from wecom_bridge.jobs.store import Delivery, NewJob, Store
 
 MAX_BATCH = 256
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from wecom_bridge.messages import OutboundMessage, SendResult
-from wecom_bridge.ratelimit import SlidingWindowLimiter
-from wecom_bridge.wecom import WeComClient
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter
+from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.messages import OutboundMessage, SendResult
 
 
 def send_parts(

@@ -30,9 +30,9 @@ from typing import Any, TextIO
 import requests
 from flask import Flask, Response, jsonify, request
 
-from wecom_bridge.crypto import WeComCrypto
-from wecom_bridge.doubles.callbacks import CallbackClient
-from wecom_bridge.doubles.server import required_env
+from wecom_bridge.testing.callbacks import CallbackClient
+from wecom_bridge.testing.server import required_env
+from wecom_bridge.wecom.crypto import WeComCrypto
 
 TEXT_LIMIT = 2048
 DEFAULT_FAULT_IP = "203.0.113.7"
@@ -492,7 +492,7 @@ class ChatCallback:
 
 
 def chat_page() -> str:
-    return (resources.files("wecom_bridge") / "static" / "chat.html").read_text("utf-8")
+    return (resources.files("wecom_bridge.testing") / "static" / "chat.html").read_text("utf-8")
 
 
 def _chat_routes(app: Flask, state: WeComDoubleState) -> None:
