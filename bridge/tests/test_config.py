@@ -31,7 +31,7 @@ def test_defaults() -> None:
     assert app.callback_path == "/wxcomapp"
     assert config.wecom_api_base == "https://qyapi.weixin.qq.com"
     assert config.listen == "127.0.0.1:8000"
-    assert app.reset_words == ("/reset", "新对话", "重置会话")
+    assert app.replies.reset_words == ("/reset", "新对话", "重置会话")
     assert "s3cr3t" not in repr(config)
 
 
@@ -72,8 +72,8 @@ def test_missing_variable_named() -> None:
 
 def test_custom_reset_words_and_silence() -> None:
     app = load_config(base_env(BRIDGE_RESET_WORDS="重来|/new", BRIDGE_UNSUPPORTED_REPLY="")).apps[0]
-    assert app.reset_words == ("重来", "/new")
-    assert app.unsupported_reply == ""
+    assert app.replies.reset_words == ("重来", "/new")
+    assert app.replies.unsupported_reply == ""
 
 
 def _apps_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:

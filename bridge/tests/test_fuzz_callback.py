@@ -45,8 +45,8 @@ from wecom_bridge.testing.callbacks import build_callback, build_text_callback, 
 from wecom_bridge.wecom.crypto import PKCS7_BLOCK, WeComCrypto, parse_encoding_aes_key
 from wecom_bridge.wecom.messages import (
     KNOWN_FIELDS,
+    CallbackMessage,
     Envelope,
-    InboundMessage,
     parse_envelope,
     parse_message,
     parse_xml,
@@ -399,7 +399,7 @@ def test_parse_message_returns_message_or_refuses(data: bytes) -> None:
     message = _parse_or_refuse(parse_message, data)
     event("parsed" if message is not None else "MalformedXmlError")
     if message is not None:
-        assert isinstance(message, InboundMessage)
+        assert isinstance(message, CallbackMessage)
         assert message.from_user and message.msg_type
         assert isinstance(message.create_time, int)
         assert message.dedupe_key()

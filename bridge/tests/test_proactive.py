@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wecom_bridge.channels.proactive import Recipients, SendRequest, parse_send_request
+from wecom_bridge.channels.wecom_app import outbound_message
 from wecom_bridge.errors import SendRequestError
 
 
@@ -24,7 +25,7 @@ def test_payload_round_trip_and_message() -> None:
     )
     assert app == "hr"
     assert SendRequest.from_payload(request.payload()) == request
-    body = request.message("1000002", "**hi**").payload()
+    body = outbound_message(request, "1000002", "text", "**hi**").payload()
     assert body["markdown"] == {"content": "**hi**"}
     assert (body["touser"], body["agentid"], body["safe"]) == ("zhangsan", 1000002, 1)
     assert "toparty" not in body

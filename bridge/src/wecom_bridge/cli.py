@@ -4,6 +4,7 @@ wecom-double | dify-double`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -28,18 +29,20 @@ def _load_or_exit() -> BridgeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
+    from wecom_bridge.service.app import create_app
     from wecom_bridge.service.processes import run_server
 
-    run_server(config)
+    run_server(config, functools.partial(create_app, in_process_workers=False))
     return 0
 
 
 def cmd_work(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
-    from wecom_bridge.service.app import run_job_process
+    from wecom_bridge.service.app import build_pool
+    from wecom_bridge.service.processes import run_job_process
 
-    run_job_process(config)
+    run_job_process(config, build_pool)
     return 0
 
 
@@ -128,13 +131,13 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_double(factory_name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from wecom_bridge.testing import dify_api, wecom_api
+        from wecom_bridge.testing import dify_double, wecom_double
         from wecom_bridge.testing.server import serve_forever
 
         setup_logging("text", "INFO")
         factories: dict[str, Callable[[], object]] = {
-            "wecom": lambda: wecom_api.wecom_double_from_env(args.callback_url),
-            "dify": dify_api.dify_double_from_env,
+            "wecom": lambda: wecom_double.wecom_double_from_env(args.callback_url),
+            "dify": dify_double.dify_double_from_env,
         }
         try:
             app = factories[factory_name]()

@@ -6,6 +6,7 @@ operator can act on. Secret values are never part of an error message.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -15,20 +16,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from wecom_bridge.dify.client import DifySettings
-from wecom_bridge.errors import ConfigError
+from wecom_bridge.dify.client import APP_MODES, DifySettings
+from wecom_bridge.errors import ConfigError, MissingSettingError
+from wecom_bridge.wecom.api import DEFAULT_API_BASE
 from wecom_bridge.wecom.crypto import parse_encoding_aes_key
 
 DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
 DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
-APP_MODES = ("chat", "advanced-chat", "agent-chat", "completion", "workflow")
+DEFAULT_CALLBACK_PATH = "/wxcomapp"
+# Paths the bridge serves itself; a callback path may not take them.
+OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/api")
 
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 API_TOKEN_MIN_LENGTH = 16
 RESERVED_PREFIXES = ("/api/",)
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+
+
+@dataclass(frozen=True)
+class Replies:
+    """What the bridge itself says to members, and the words that reset a conversation."""
+
+    reset_words: tuple[str, ...] = DEFAULT_RESET_WORDS
+    reset_reply: str = DEFAULT_RESET_REPLY
+    fallback_reply: str = DEFAULT_FALLBACK
+    unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
+    welcome_text: str = ""  # "" = no welcome when a member enters the app
 
 
 @dataclass(frozen=True)
@@ -45,17 +60,13 @@ class AppConfig:
     # None only when loaded with require_dify=False (the `send` CLI needs no Dify).
     dify: DifySettings | None = field(repr=False)
     reply_msgtype: str = "text"
-    reset_words: tuple[str, ...] = DEFAULT_RESET_WORDS
-    reset_reply: str = DEFAULT_RESET_REPLY
-    fallback_reply: str = DEFAULT_FALLBACK
-    unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
-    welcome_text: str = ""  # "" = no welcome on enter_agent/subscribe
+    replies: Replies = Replies()
 
 
 @dataclass(frozen=True)
 class BridgeConfig:
     apps: tuple[AppConfig, ...]
-    wecom_api_base: str = "https://qyapi.weixin.qq.com"
+    wecom_api_base: str = DEFAULT_API_BASE
     data_dir: Path = Path("/var/lib/wecom-bridge")
     listen: str = "127.0.0.1:8000"
     web_workers: int = 1
@@ -75,9 +86,6 @@ class BridgeConfig:
     # Bearer token of the send API (POST /api/v1/messages); None: the API is disabled (404).
     api_token: str | None = field(default=None, repr=False)
 
-    def app_by_path(self) -> dict[str, AppConfig]:
-        return {app.callback_path: app for app in self.apps}
-
 
 # --- small validated readers ------------------------------------------------------------------
 
@@ -85,7 +93,7 @@ class BridgeConfig:
 def _required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if not value:
-        raise ConfigError(name, "is required but not set")
+        raise MissingSettingError(name, "is required but not set")
     return value
 
 
@@ -127,14 +135,23 @@ def _url(value: str, name: str) -> str:
     return value.rstrip("/")
 
 
-def _listen(value: str, name: str) -> str:
+def parse_listen(value: str, name: str, *, empty_host: str | None = None) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:8000`) as (host, port); ConfigError names `name`.
+
+    A bare `:port` is refused unless `empty_host` says which host it means."""
     host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or (empty_host or "")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(name, f"must be host:port, got {value!r}")
+    return host, int(port)
+
+
+def _listen(value: str, name: str) -> str:
+    parse_listen(value, name)
     return value
 
 
-def _check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes_key: str) -> None:
+def check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes_key: str) -> None:
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", corp_id):
         raise ConfigError(
             f"{prefix}CORP_ID", "must be the corp id from 我的企业 (letters and digits)"
@@ -151,12 +168,9 @@ def _check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes
         raise ConfigError(f"{prefix}ENCODING_AES_KEY", f"{exc}") from None
 
 
-def _callback_path(value: str, name: str) -> str:
-    if (
-        not _PATH_RE.match(value)
-        or value in ("/healthz", "/readyz", "/metrics", "/api")
-        or value.startswith(RESERVED_PREFIXES)
-    ):
+def check_callback_path(value: str, name: str) -> str:
+    """The callback-path rule (the Ansible role runs `check-config` rather than copying it)."""
+    if not _PATH_RE.match(value) or value in OPS_PATHS or value.startswith(RESERVED_PREFIXES):
         raise ConfigError(name, f"must be a URL path like /wxcomapp, got {value!r}")
     return value
 
@@ -183,18 +197,17 @@ def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySetting
     )
 
 
-def _replies(get: Mapping[str, str]) -> dict[str, object]:
+def _replies(get: Mapping[str, str]) -> Replies:
     def text(name: str, default: str) -> str:
         return get.get(name, default)  # set-but-empty means "stay silent"
 
-    return {
-        "reply_msgtype": _choice(get, "BRIDGE_REPLY_MSGTYPE", "text", ("text", "markdown")),
-        "reset_words": _words(get.get("BRIDGE_RESET_WORDS"), DEFAULT_RESET_WORDS),
-        "reset_reply": text("BRIDGE_RESET_REPLY", DEFAULT_RESET_REPLY),
-        "fallback_reply": text("BRIDGE_FALLBACK_REPLY", DEFAULT_FALLBACK),
-        "unsupported_reply": text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
-        "welcome_text": text("BRIDGE_WELCOME_TEXT", ""),
-    }
+    return Replies(
+        reset_words=_words(get.get("BRIDGE_RESET_WORDS"), DEFAULT_RESET_WORDS),
+        reset_reply=text("BRIDGE_RESET_REPLY", DEFAULT_RESET_REPLY),
+        fallback_reply=text("BRIDGE_FALLBACK_REPLY", DEFAULT_FALLBACK),
+        unsupported_reply=text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
+        welcome_text=text("BRIDGE_WELCOME_TEXT", ""),
+    )
 
 
 def _api_token(env: Mapping[str, str]) -> str | None:
@@ -216,7 +229,7 @@ def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppCon
     agent_id = _required(env, "WECOM_AGENT_ID")
     token = _required(env, "WECOM_TOKEN")
     aes_key = _required(env, "WECOM_ENCODING_AES_KEY")
-    _check_app_secrets("WECOM_", corp_id, agent_id, token, aes_key)
+    check_app_secrets("WECOM_", corp_id, agent_id, token, aes_key)
     return AppConfig(
         name="default",
         corp_id=corp_id,
@@ -224,11 +237,13 @@ def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppCon
         secret=_required(env, "WECOM_SECRET"),
         token=token,
         encoding_aes_key=aes_key,
-        callback_path=_callback_path(
-            env.get("BRIDGE_CALLBACK_PATH", "").strip() or "/wxcomapp", "BRIDGE_CALLBACK_PATH"
+        callback_path=check_callback_path(
+            env.get("BRIDGE_CALLBACK_PATH", "").strip() or DEFAULT_CALLBACK_PATH,
+            "BRIDGE_CALLBACK_PATH",
         ),
         dify=_dify_settings(env) if require_dify else None,
-        **_replies(env),  # type: ignore[arg-type]
+        reply_msgtype=_choice(env, "BRIDGE_REPLY_MSGTYPE", "text", ("text", "markdown")),
+        replies=_replies(env),
     )
 
 
@@ -290,8 +305,8 @@ def _app_from_table(
     try:
         app = app_from_env(merged, require_dify=require_dify)
     except ConfigError as exc:
-        raise ConfigError(f"{where} ({name}): {exc.variable}", exc.problem) from None
-    return AppConfig(**{**app.__dict__, "name": name})
+        raise type(exc)(f"{where} ({name}): {exc.variable}", exc.problem) from None
+    return dataclasses.replace(app, name=name)
 
 
 def apps_from_file(
@@ -320,21 +335,40 @@ def apps_from_file(
     return apps
 
 
+def load_apps(env: Mapping[str, str], *, require_dify: bool = True) -> tuple[AppConfig, ...]:
+    """The configured apps, from BRIDGE_APPS_FILE or else the environment (one app).
+
+    The service, `send`, `doctor` and `simulate` all read apps through here."""
+    apps_file = env.get("BRIDGE_APPS_FILE", "").strip()
+    if apps_file:
+        return apps_from_file(Path(apps_file), env, require_dify=require_dify)
+    return (app_from_env(env, require_dify=require_dify),)
+
+
+def pick_app(apps: tuple[AppConfig, ...], name: str | None) -> AppConfig:
+    """The app called `name`, or the only one; ConfigError (naming --app) otherwise."""
+    names = ", ".join(app.name for app in apps)
+    if name is None:
+        if len(apps) == 1:
+            return apps[0]
+        raise ConfigError("--app", f"several apps are configured, name one: {names}")
+    for app in apps:
+        if app.name == name:
+            return app
+    raise ConfigError("--app", f"no app named {name!r}; configured: {names}")
+
+
+def wecom_api_base(env: Mapping[str, str]) -> str:
+    return _url(env.get("WECOM_API_BASE", "").strip() or DEFAULT_API_BASE, "WECOM_API_BASE")
+
+
 def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = True) -> BridgeConfig:
     """The whole configuration. `require_dify=False` (the `send` CLI) skips the DIFY_* settings:
     they are neither required nor validated, and every app's `dify` is None."""
     env = os.environ if env is None else env
-    apps_file = env.get("BRIDGE_APPS_FILE", "").strip()
-    apps = (
-        apps_from_file(Path(apps_file), env, require_dify=require_dify)
-        if apps_file
-        else (app_from_env(env, require_dify=require_dify),)
-    )
     return BridgeConfig(
-        apps=apps,
-        wecom_api_base=_url(
-            env.get("WECOM_API_BASE", "").strip() or "https://qyapi.weixin.qq.com", "WECOM_API_BASE"
-        ),
+        apps=load_apps(env, require_dify=require_dify),
+        wecom_api_base=wecom_api_base(env),
         data_dir=Path(env.get("BRIDGE_DATA_DIR", "").strip() or "/var/lib/wecom-bridge"),
         listen=_listen(env.get("BRIDGE_LISTEN", "").strip() or "127.0.0.1:8000", "BRIDGE_LISTEN"),
         web_workers=_int(env, "BRIDGE_WEB_WORKERS", 1, 1),

@@ -16,6 +16,10 @@ class ConfigError(BridgeError):
         self.problem = problem
 
 
+class MissingSettingError(ConfigError):
+    """A required setting is not set at all (tools report the check as skipped, not failed)."""
+
+
 # --- callback protocol -----------------------------------------------------------------------
 
 
@@ -51,6 +55,12 @@ class MalformedXmlError(CallbackError):
     wecom_code = -40002
 
 
+class MissingParameterError(CallbackError):
+    """A signed query parameter (msg_signature, timestamp, nonce, echostr) is missing."""
+
+    http_status = 400
+
+
 class BodyTooLargeError(CallbackError):
     http_status = 413
     wecom_code = -40008
@@ -71,6 +81,10 @@ class IdempotencyConflictError(BridgeError):
     def __init__(self, job_id: int) -> None:
         super().__init__(f"the key was used for another request (message {job_id})")
         self.job_id = job_id
+
+
+class JobPayloadError(BridgeError):
+    """A stored job's payload cannot be read as its kind (never retried: it would fail again)."""
 
 
 class StoreUnavailableError(BridgeError):

@@ -1,11 +1,20 @@
-"""A small thread-safe Prometheus text-format registry (counters, gauges, histograms)."""
+"""A small thread-safe Prometheus text-format registry (counters, gauges, histograms).
+
+Each process keeps its own registry. To serve one /metrics for several processes (web workers
+and the job process), every process publishes a `snapshot()` and the process that answers the
+scrape renders its own values plus the others' (`render(others)`): counters and histograms add
+up, gauges are read by the scraping process alone.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 LabelKey = tuple[tuple[str, str], ...]
+# A registry's values as JSON-able data: {"values": {name: [[labels, value], …]},
+# "hist": {name: [[labels, [bucket counts…, count, sum]], …]}}, labels as [[k, v], …].
+Snapshot = dict[str, dict[str, list[list[object]]]]
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -73,26 +82,80 @@ class Metrics:
         with self._lock:
             return self._values.get(name, {}).get(_key(labels), 0.0)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        gauges = {name: fn() for name, fn in self._gauge_fns.items()}
+    def snapshot(self) -> Snapshot:
         with self._lock:
-            for name, (kind, help_text) in DEFINITIONS.items():
-                if name not in gauges and not self._values.get(name) and not self._hist.get(name):
-                    continue  # the other process (web or jobs) owns this family
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-                if name in gauges:
-                    lines.append(f"{name} {gauges[name]:g}")
-                for key, val in sorted(self._values.get(name, {}).items()):
-                    lines.append(f"{name}{_fmt_labels(key)} {val:g}")
-                for key, counts in sorted(self._hist.get(name, {}).items()):
-                    for bound, count in zip(LATENCY_BUCKETS, counts, strict=False):
-                        lines.append(
-                            f"{name}_bucket{_fmt_labels(key, (('le', f'{bound:g}'),))} {count:g}"
-                        )
-                    lines.append(
-                        f"{name}_bucket{_fmt_labels(key, (('le', '+Inf'),))} {counts[-2]:g}"
-                    )
-                    lines.append(f"{name}_count{_fmt_labels(key)} {counts[-2]:g}")
-                    lines.append(f"{name}_sum{_fmt_labels(key)} {counts[-1]:g}")
+            return {
+                "values": {
+                    name: [[list(map(list, key)), val] for key, val in series.items()]
+                    for name, series in self._values.items()
+                },
+                "hist": {
+                    name: [[list(map(list, key)), list(counts)] for key, counts in series.items()]
+                    for name, series in self._hist.items()
+                },
+            }
+
+    def render(self, others: Iterable[Snapshot] = ()) -> str:
+        """The text format of this registry plus the snapshots of other processes."""
+        values, hist = self._copy_values(), self._copy_hist()
+        for other in others:
+            _add_snapshot(other, values, hist)
+        gauges = {name: fn() for name, fn in self._gauge_fns.items()}
+        lines: list[str] = []
+        for name, (kind, help_text) in DEFINITIONS.items():
+            if name not in gauges and not values.get(name) and not hist.get(name):
+                continue  # nothing counted yet
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if name in gauges:
+                lines.append(f"{name} {gauges[name]:g}")
+            for key, val in sorted(values.get(name, {}).items()):
+                lines.append(f"{name}{_fmt_labels(key)} {val:g}")
+            for key, counts in sorted(hist.get(name, {}).items()):
+                lines += _histogram_lines(name, key, counts)
         return "\n".join(lines) + "\n"
+
+    def _copy_values(self) -> dict[str, dict[LabelKey, float]]:
+        with self._lock:
+            return {name: dict(series) for name, series in self._values.items()}
+
+    def _copy_hist(self) -> dict[str, dict[LabelKey, list[float]]]:
+        with self._lock:
+            return {name: {k: list(c) for k, c in s.items()} for name, s in self._hist.items()}
+
+
+def _histogram_lines(name: str, key: LabelKey, counts: list[float]) -> list[str]:
+    lines = [
+        f"{name}_bucket{_fmt_labels(key, (('le', f'{bound:g}'),))} {count:g}"
+        for bound, count in zip(LATENCY_BUCKETS, counts, strict=False)
+    ]
+    lines.append(f"{name}_bucket{_fmt_labels(key, (('le', '+Inf'),))} {counts[-2]:g}")
+    lines.append(f"{name}_count{_fmt_labels(key)} {counts[-2]:g}")
+    lines.append(f"{name}_sum{_fmt_labels(key)} {counts[-1]:g}")
+    return lines
+
+
+def _label_key(raw: object) -> LabelKey:
+    if not isinstance(raw, list):
+        raise ValueError("labels must be a list of pairs")
+    return tuple(sorted((str(pair[0]), str(pair[1])) for pair in raw))
+
+
+def _add_snapshot(
+    snapshot: Snapshot,
+    values: dict[str, dict[LabelKey, float]],
+    hist: dict[str, dict[LabelKey, list[float]]],
+) -> None:
+    """Adds another process's counters and histograms (a malformed snapshot raises ValueError)."""
+    for name, series in snapshot.get("values", {}).items():
+        target = values.setdefault(name, {})
+        for raw_key, value in series:
+            key = _label_key(raw_key)
+            target[key] = target.get(key, 0.0) + float(value)  # type: ignore[arg-type]
+    for name, series in snapshot.get("hist", {}).items():
+        target_hist = hist.setdefault(name, {})
+        for raw_key, counts in series:
+            key = _label_key(raw_key)
+            mine = target_hist.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            if not isinstance(counts, list) or len(counts) != len(mine):
+                raise ValueError("histogram series of another bucket layout")
+            target_hist[key] = [a + float(b) for a, b in zip(mine, counts, strict=True)]

@@ -10,10 +10,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from wecom_bridge.config import AppConfig, BridgeConfig
-from wecom_bridge.errors import SendRequestError
-from wecom_bridge.jobs.splitter import split_message
-from wecom_bridge.wecom.messages import OutboundMessage
+from wecom_bridge.config import AppConfig, BridgeConfig, pick_app
+from wecom_bridge.errors import ConfigError, SendRequestError
 
 MSGTYPES = ("text", "markdown")
 # message/send accepts at most 1000 members, 100 parties and 100 tags per call.
@@ -79,23 +77,6 @@ class SendRequest:
     safe: int = 0
     enable_duplicate_check: int = 0
     duplicate_check_interval: int = DEFAULT_DUPLICATE_CHECK_INTERVAL
-
-    def parts(self) -> list[str]:
-        """The content cut to WeCom's 2048-byte limit, as replies are."""
-        return split_message(self.content)
-
-    def message(self, agent_id: str, content: str) -> OutboundMessage:
-        return OutboundMessage(
-            agent_id=agent_id,
-            content=content,
-            msgtype=self.msgtype,
-            touser=self.recipients.touser,
-            toparty=self.recipients.toparty,
-            totag=self.recipients.totag,
-            safe=self.safe,
-            enable_duplicate_check=self.enable_duplicate_check,
-            duplicate_check_interval=self.duplicate_check_interval,
-        )
 
     def payload(self) -> dict[str, object]:
         """The job payload (stored as JSON)."""
@@ -214,12 +195,7 @@ def parse_send_request(doc: Mapping[str, object]) -> tuple[SendRequest, str | No
 
 def resolve_app(config: BridgeConfig, name: str | None) -> AppConfig:
     """The app (agent) that sends: by name, or the only one configured."""
-    names = [app.name for app in config.apps]
-    if name is None:
-        if len(config.apps) == 1:
-            return config.apps[0]
-        raise SendRequestError("app", f"several apps are configured, name one: {', '.join(names)}")
-    for app in config.apps:
-        if app.name == name:
-            return app
-    raise SendRequestError("app", f"no app named {name!r}; configured: {', '.join(names)}")
+    try:
+        return pick_app(config.apps, name)
+    except ConfigError as exc:
+        raise SendRequestError("app", exc.problem) from None

@@ -1,165 +1,122 @@
-"""The callback endpoint WeCom calls: GET URL verification and POST message callbacks.
+"""The self-built app channel (自建应用): encrypted XML callbacks in, message/send out.
 
-A POST is acknowledged (200, empty body) as soon as the message is verified, decrypted and
-stored with its dedupe key in one transaction — never after talking to Dify. When it cannot be
-stored the answer is 503, so WeCom delivers it again.
+Inbound: WeCom calls the callback URL with a signed GET when the admin saves it (answer: the
+decrypted echostr, exactly) and a signed, AES-encrypted XML POST for every message or event.
+Outbound: each part is one message/send call to the member (or, for the send API, to the
+recipients the request names), within the app's per-member rate limit.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
-from flask import Flask, Response, request
-
+from wecom_bridge.channels.base import InboundKind, InboundMessage, Reply, Target
 from wecom_bridge.config import AppConfig
-from wecom_bridge.errors import CallbackError, StoreUnavailableError
-from wecom_bridge.jobs.store import NewJob
-from wecom_bridge.metrics import Metrics
+from wecom_bridge.errors import MissingParameterError
+from wecom_bridge.wecom.api import WeComClient
 from wecom_bridge.wecom.crypto import WeComCrypto
-from wecom_bridge.wecom.messages import InboundMessage, parse_envelope, parse_message
+from wecom_bridge.wecom.messages import (
+    WECOM_TEXT_LIMIT,
+    CallbackMessage,
+    OutboundMessage,
+    SendResult,
+    parse_envelope,
+    parse_message,
+)
 
-log = logging.getLogger("wecom_bridge.channels.wecom_app")
-
-WELCOME_EVENTS = ("enter_agent", "subscribe")
-_QUERY = ("msg_signature", "timestamp", "nonce")
-
-
-class Acceptor(Protocol):
-    """Stores a delivery durably with its dedupe key (Store, or GroupCommitter in front of it)."""
-
-    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class CallbackHandler:
-    app: AppConfig
-    crypto: WeComCrypto
-    acceptor: Acceptor
-    metrics: Metrics
-    notify: Callable[[], None]
-    max_body_bytes: int
-
-    def verify_url(self) -> Response:
-        params = _query(request.args, (*_QUERY, "echostr"))
-        plaintext = self.crypto.verify_url(
-            params["msg_signature"], params["timestamp"], params["nonce"], params["echostr"]
-        )
-        self.metrics.inc("wecom_bridge_callbacks_total", {"outcome": "url_verified"})
-        log.info("URL verification answered", extra={"app": self.app.name, "event": "verify_url"})
-        # Exactly the plaintext: no quotes, no newline, no BOM — anything else fails the console.
-        return Response(plaintext, status=200, mimetype="text/plain")
-
-    def receive(self) -> Response:
-        if (request.content_length or 0) > self.max_body_bytes:
-            raise _TooLarge()
-        body = request.get_data(cache=False)
-        if len(body) > self.max_body_bytes:
-            raise _TooLarge()
-        params = _query(request.args, _QUERY)
-        envelope = parse_envelope(body)
-        self.crypto.verify_signature(
-            params["msg_signature"], params["timestamp"], params["nonce"], envelope.encrypt
-        )
-        message = parse_message(self.crypto.decrypt(envelope.encrypt))
-        job = self.job_for(message)
-        job_id = self.acceptor.accept(self.app.name, message.dedupe_key(), job)
-        fields = {
-            "app": self.app.name,
-            "user": message.from_user,
-            "msg_id": message.msg_id,
-            "msg_type": message.msg_type,
-        }
-        if job_id is None:
-            self.metrics.inc("wecom_bridge_duplicates_total")
-            self.metrics.inc("wecom_bridge_callbacks_total", {"outcome": "duplicate"})
-            log.info("redelivery dropped", extra={**fields, "event": "duplicate"})
-        else:
-            self.metrics.inc("wecom_bridge_callbacks_total", {"outcome": "accepted"})
-            log.info("callback stored", extra={**fields, "event": "accepted", "job_id": job_id})
-            if job_id:
-                self.notify()
-        return Response(b"", status=200, mimetype="text/plain")
-
-    def job_for(self, message: InboundMessage) -> NewJob | None:
-        """What the workers should do for this message (None: nothing, only dedupe)."""
-        user = message.from_user
-        if message.msg_type == "text":
-            text = message.content.strip()
-            if not text:
-                return None
-            if text in self.app.reset_words:
-                return NewJob("reset", user, {"msg_id": message.msg_id})
-            return NewJob("chat", user, {"query": text, "msg_id": message.msg_id})
-        if message.is_event:
-            if message.event in WELCOME_EVENTS and self.app.welcome_text:
-                return NewJob("notice", user, {"text": self.app.welcome_text})
-            return None
-        if self.app.unsupported_reply:
-            return NewJob(
-                "notice",
-                user,
-                {
-                    "text": self.app.unsupported_reply,
-                    "msg_id": message.msg_id,
-                    "msg_type": message.msg_type,
-                },
-            )
-        return None
+# Events that mean "the member opened the app": the moment for a welcome text.
+WELCOME_EVENTS = frozenset({"enter_agent", "subscribe"})
+SIGNED_QUERY = ("msg_signature", "timestamp", "nonce")
 
 
-class _MissingParameter(CallbackError):
-    http_status = 400
-
-
-class _TooLarge(CallbackError):
-    http_status = 413
-
-
-def _query(args: object, names: tuple[str, ...]) -> dict[str, str]:
-    values = {name: args.get(name, "") for name in names}  # type: ignore[attr-defined]
+def _query(args: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    values = {name: args.get(name, "") for name in names}
     missing = [name for name, value in values.items() if not value]
     if missing:
-        raise _MissingParameter(f"missing query parameter(s): {', '.join(missing)}")
+        raise MissingParameterError(f"missing query parameter(s): {', '.join(missing)}")
     return values
 
 
-def register_callback(flask_app: Flask, handler: CallbackHandler, metrics: Metrics) -> None:
-    def view() -> Response:
-        try:
-            if request.method in ("GET", "HEAD"):  # Flask answers HEAD with the GET view
-                return handler.verify_url()
-            return handler.receive()
-        except CallbackError as exc:
-            outcome = type(exc).__name__
-            metrics.inc("wecom_bridge_callbacks_total", {"outcome": outcome})
-            log.warning(
-                "callback refused",
-                extra={
-                    "app": handler.app.name,
-                    "event": "refused",
-                    "reason": outcome,
-                    "wecom_code": exc.wecom_code,
-                    "status": exc.http_status,
-                    "detail": str(exc),
-                },
-            )
-            return Response(
-                f"{exc.http_status} refused\n", status=exc.http_status, mimetype="text/plain"
-            )
-        except StoreUnavailableError as exc:
-            metrics.inc("wecom_bridge_callbacks_total", {"outcome": "store_unavailable"})
-            log.error(
-                "callback not stored; WeCom will redeliver",
-                extra={"app": handler.app.name, "event": "store_unavailable", "error": str(exc)},
-            )
-            return Response("503 not stored\n", status=503, mimetype="text/plain")
+def _kind(message: CallbackMessage) -> InboundKind:
+    if message.msg_type == "text":
+        return InboundKind.TEXT
+    if message.is_event:
+        return InboundKind.ENTER if message.event in WELCOME_EVENTS else InboundKind.EVENT
+    return InboundKind.UNSUPPORTED
 
-    flask_app.add_url_rule(
-        handler.app.callback_path,
-        endpoint=f"callback:{handler.app.name}",
-        view_func=view,
-        methods=["GET", "POST"],
+
+class WeComAppInbound:
+    """Verifies, decrypts and normalises the app's callbacks; knows nothing of Dify or jobs."""
+
+    def __init__(self, app: AppConfig) -> None:
+        self.app = app
+        self.crypto = WeComCrypto(app.token, app.encoding_aes_key, app.corp_id)
+
+    @property
+    def path(self) -> str:
+        return self.app.callback_path
+
+    def handshake(self, args: Mapping[str, str]) -> str:
+        """The URL verification: the decrypted echostr (raises CallbackError when forged)."""
+        q = _query(args, (*SIGNED_QUERY, "echostr"))
+        return self.crypto.verify_url(q["msg_signature"], q["timestamp"], q["nonce"], q["echostr"])
+
+    def decode(self, args: Mapping[str, str], body: bytes) -> InboundMessage:
+        """One callback POST as the pipeline's message (raises CallbackError when refused)."""
+        q = _query(args, SIGNED_QUERY)
+        envelope = parse_envelope(body)
+        self.crypto.verify_signature(
+            q["msg_signature"], q["timestamp"], q["nonce"], envelope.encrypt
+        )
+        message = parse_message(self.crypto.decrypt(envelope.encrypt))
+        return InboundMessage(
+            app=self.app.name,
+            sender=message.from_user,
+            kind=_kind(message),
+            dedupe_key=message.dedupe_key(),
+            text=message.content,
+            msg_id=message.msg_id,
+            msg_type=message.msg_type,
+        )
+
+
+def outbound_message(
+    target: Target, agent_id: str, reply_msgtype: str, text: str
+) -> OutboundMessage:
+    """The message/send body of one part to `target`."""
+    if isinstance(target, Reply):
+        return OutboundMessage(
+            agent_id=agent_id, content=text, msgtype=reply_msgtype, touser=target.user
+        )
+    return OutboundMessage(
+        agent_id=agent_id,
+        content=text,
+        msgtype=target.msgtype,
+        touser=target.recipients.touser,
+        toparty=target.recipients.toparty,
+        totag=target.recipients.totag,
+        safe=target.safe,
+        enable_duplicate_check=target.enable_duplicate_check,
+        duplicate_check_interval=target.duplicate_check_interval,
     )
+
+
+@dataclass(frozen=True)
+class WeComAppOutbound:
+    """Answers through message/send, as the app (AgentId) the member wrote to."""
+
+    app: AppConfig
+    client: WeComClient
+    part_limit_bytes: int = WECOM_TEXT_LIMIT
+
+    def pacing_keys(self, target: Target) -> list[str]:
+        # WeCom silently drops more than 30 messages a minute from one app to one member.
+        if isinstance(target, Reply):
+            return [f"{self.app.name}:{target.user}"]
+        return target.recipients.limit_keys(self.app.name)
+
+    def send_part(self, target: Target, text: str) -> SendResult:
+        return self.client.send(
+            outbound_message(target, self.app.agent_id, self.app.reply_msgtype, text)
+        )

@@ -24,8 +24,9 @@ from wecom_bridge.metrics import Metrics
 
 log = logging.getLogger("wecom_bridge.dify")
 
-CHAT_MODES = frozenset({"chat", "advanced-chat", "agent-chat"})
-APP_MODES = CHAT_MODES | {"completion", "workflow"}
+# Dify's app modes, as /v1/info reports them; the first three answer through /chat-messages.
+APP_MODES = ("chat", "advanced-chat", "agent-chat", "completion", "workflow")
+CHAT_MODES = frozenset(APP_MODES[:3])
 # Workflow outputs tried in this order when none is configured.
 WORKFLOW_OUTPUT_NAMES = ("answer", "text", "result", "output")
 

@@ -1,4 +1,9 @@
-"""Group commit for callbacks: concurrent acknowledgements share one synced transaction.
+"""Intake: how inbound messages enter the store, and the group commit that makes it fast.
+
+An `Acceptor` records a message's dedupe key and its job in one transaction (the Store itself,
+or the GroupCommitter in front of it).
+
+Group commit: concurrent acknowledgements share one synced transaction.
 
 Each acknowledged callback must be on disk (fsync) before WeCom gets its 200. One fsync per
 callback caps throughput at the disk's sync rate and makes callbacks queue for the write lock;
@@ -11,16 +16,24 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from wecom_bridge.errors import StoreUnavailableError
-from wecom_bridge.jobs.store import Delivery, NewJob, Store
+from wecom_bridge.jobs.store import Arrival, NewJob, Store
 
 MAX_BATCH = 256
 
 
+class Acceptor(Protocol):
+    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None:
+        """The new job id, 0 when there is nothing to do, None for a redelivery; raises
+        StoreUnavailableError when it was not stored."""
+        ...
+
+
 @dataclass
 class _Pending:
-    delivery: Delivery
+    arrival: Arrival
     done: threading.Event = field(default_factory=threading.Event)
     result: int | None = None
     error: StoreUnavailableError | None = None
@@ -35,7 +48,7 @@ class GroupCommitter:
 
     def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None:
         """Same contract as Store.accept; raises StoreUnavailableError when not stored."""
-        pending = _Pending(Delivery(app, dedupe_key, job))
+        pending = _Pending(Arrival(app, dedupe_key, job))
         self._queue.put(pending)
         pending.done.wait()
         if pending.error is not None:
@@ -54,7 +67,7 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            results = self._store.accept_many([p.delivery for p in batch])
+            results = self._store.accept_many([p.arrival for p in batch])
         except StoreUnavailableError as exc:
             for pending in batch:
                 pending.error = exc

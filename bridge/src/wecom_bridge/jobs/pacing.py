@@ -1,7 +1,8 @@
-"""Per-member send pacing.
+"""Per-member send pacing, and sending a message's parts in order within it.
 
 WeCom accepts at most 30 messages a minute and 1000 an hour from one app to one member and drops
-the excess *silently*, so the bridge books every send in advance and waits instead of losing parts.
+the excess *silently*, so every path to a channel (the job workers and the `send` CLI) books each
+part in advance and waits instead of losing it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+from wecom_bridge.channels.base import Outbound, Target
+from wecom_bridge.wecom.messages import SendResult
 
 DEFAULT_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
 
@@ -65,3 +69,25 @@ class SlidingWindowLimiter:
         idle = [key for key, booked in self._booked.items() if booked[-1] <= now - self._horizon]
         for key in idle:
             del self._booked[key]
+
+
+def send_paced(
+    outbound: Outbound,
+    limiter: SlidingWindowLimiter,
+    target: Target,
+    parts: Sequence[str],
+    *,
+    on_sent: Callable[[int, SendResult], None],
+    start: int = 0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Send parts[start:] one by one; `on_sent(index, result)` after each accepted part.
+
+    A WeComApiError stops at the failing part (the ones before it were reported as sent).
+    """
+    keys = outbound.pacing_keys(target)
+    for index in range(start, len(parts)):
+        wait = limiter.reserve_all(keys)
+        if wait > 0:
+            sleep(wait)
+        on_sent(index, outbound.send_part(target, parts[index]))

@@ -1,50 +1,63 @@
-"""Workers: take jobs from the store in per-user order, ask Dify, send the answer to WeCom.
+"""The job processor: one job from claimed to done, whatever its kind and channel.
 
-A job keeps its progress in the store (answer parts, parts already sent), so a worker killed
-at any point leaves a job another worker resumes where it stopped: Dify is asked again only if
-no answer was stored, and parts already sent are not sent again.
+A handler per job kind turns the job into text (Dify's answer, a reset confirmation, a notice,
+a proactive message); the text is split to the channel's part limit and stored, then sent part
+by part through the channel's outbound within the pacing limit. Progress is stored at each step
+(the parts, then each part sent), so a worker killed anywhere leaves a job that resumes without
+asking Dify again and without sending a part twice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from wecom_bridge.channels.proactive import SendRequest
+from wecom_bridge.channels.base import Outbound
 from wecom_bridge.config import AppConfig
 from wecom_bridge.dify.client import DifyClient
-from wecom_bridge.errors import (
-    DifyError,
-    SendRequestError,
-    StoreUnavailableError,
-    WeComApiError,
-    WeComConfigError,
+from wecom_bridge.errors import DifyError, JobPayloadError, WeComApiError, WeComConfigError
+from wecom_bridge.jobs.kinds import (
+    ChatJob,
+    JobSpec,
+    NoticeJob,
+    ResetJob,
+    SendJob,
+    decode,
+    target_of,
 )
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter
-from wecom_bridge.jobs.sending import send_parts
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Job, Store
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.wecom.api import WeComClient
-from wecom_bridge.wecom.messages import OutboundMessage, SendResult
+from wecom_bridge.wecom.messages import SendResult
 
-log = logging.getLogger("wecom_bridge.jobs.processor")
+log = logging.getLogger("wecom_bridge.processor")
 
 MAX_JOB_RETRY_DELAY = 300.0
 
 
 @dataclass(frozen=True)
 class AppRuntime:
-    """One configured app with its clients."""
+    """One configured app: its settings, its Dify client and its channel's outbound."""
 
     config: AppConfig
     dify: DifyClient | None  # None: configuration loaded without Dify
-    wecom: WeComClient
+    outbound: Outbound
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a handler produced: the text to send and what to keep on the job."""
+
+    text: str
+    result: dict[str, object] = field(default_factory=dict)
+
+
+# Each handler takes its own kind (the table is keyed by the kind's class, so it always does).
+Handler = Callable[[Job, Any, AppRuntime], Answer]
 
 
 class JobProcessor:
@@ -66,66 +79,79 @@ class JobProcessor:
         self.send_max_age = send_max_age
         self._sleep = sleep
         self._clock = clock
+        self._handlers: dict[type[JobSpec], Handler] = {
+            ChatJob: self._ask_dify,
+            ResetJob: self._reset,
+            NoticeJob: self._notice,
+            SendJob: self._proactive,
+        }
 
     def process(self, job: Job) -> None:
-        app = self.apps.get(job.app)
-        fields = {
+        fields: dict[str, object] = {
             "job_id": job.id,
             "user": job.user,
             "app": job.app,
             "kind": job.kind,
             "msg_id": job.payload.get("msg_id", ""),
         }
+        app = self.apps.get(job.app)
         if app is None:
             self._fail(
                 job, "no such app configured (was it removed from the config?)", None, fields
             )
             return
         try:
-            if job.parts is None:
-                parts, result = self._prepare(job, app)
-            else:
-                parts, result = job.parts, job.result or {}
-            self._send_parts(job, app, parts)
+            spec = decode(job.kind, job.payload)
+        except (
+            JobPayloadError
+        ) as exc:  # stored by a release that wrote another shape: never retried
+            self._fail(job, str(exc), None, fields)
+            return
+        try:
+            parts, result = self._parts(job, spec, app)
+            self._send(job, spec, app, parts)
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
-            return
-        except SendRequestError as exc:  # a stored payload no longer valid: never retried
-            self._fail(job, f"invalid send request: {exc}", None, fields)
             return
         dify_error = result.get("dify_error")
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "done"})
-        done = "sent" if job.kind == "send" else "answered"
+        done = "sent" if isinstance(spec, SendJob) else "answered"
         log.info(done, extra={**fields, "event": "job_done", "parts": len(parts)})
 
-    # --- the answer -------------------------------------------------------------------------
+    # --- the text ----------------------------------------------------------------------------
 
-    def _prepare(self, job: Job, app: AppRuntime) -> tuple[list[str], dict[str, object]]:
-        text, result = self._answer_text(job, app)
-        parts = split_message(text) if text else []
-        self.store.save_parts(job.id, parts, result)
-        return parts, result
+    def _parts(
+        self, job: Job, spec: JobSpec, app: AppRuntime
+    ) -> tuple[list[str], dict[str, object]]:
+        """The stored parts of a resumed job, or the handler's answer, split and stored."""
+        if job.parts is not None:
+            return job.parts, job.result or {}
+        answer = self._handlers[type(spec)](job, spec, app)
+        limit = app.outbound.part_limit_bytes
+        parts = split_message(answer.text, limit) if answer.text else []
+        self.store.save_parts(job.id, parts, answer.result)
+        return parts, answer.result
 
-    def _answer_text(self, job: Job, app: AppRuntime) -> tuple[str, dict[str, object]]:
+    def _reset(self, job: Job, spec: ResetJob, app: AppRuntime) -> Answer:
         cfg = app.config
-        if job.kind == "reset":
-            self.store.forget_conversation(cfg.corp_id, cfg.agent_id, job.user)
-            return cfg.reset_reply, {}
-        if job.kind == "notice":
-            return str(job.payload.get("text", "")), {}
-        if job.kind == "send":
-            return SendRequest.from_payload(job.payload).content, {}
-        return self._ask_dify(job, app)
+        self.store.forget_conversation(cfg.corp_id, cfg.agent_id, job.user)
+        return Answer(cfg.replies.reset_reply)
 
-    def _ask_dify(self, job: Job, app: AppRuntime) -> tuple[str, dict[str, object]]:
+    def _notice(self, job: Job, spec: NoticeJob, app: AppRuntime) -> Answer:
+        return Answer(spec.text)
+
+    def _proactive(self, job: Job, spec: SendJob, app: AppRuntime) -> Answer:
+        return Answer(spec.request.content)
+
+    def _ask_dify(self, job: Job, spec: ChatJob, app: AppRuntime) -> Answer:
         cfg = app.config
+        fallback = cfg.replies.fallback_reply
         if app.dify is None:  # only a configuration loaded without Dify has none
-            return cfg.fallback_reply, {"dify_error": "not configured"}
+            return Answer(fallback, {"dify_error": "not configured"})
         conversation = self.store.get_conversation(cfg.corp_id, cfg.agent_id, job.user)
-        query = str(job.payload.get("query", ""))
         try:
-            answer = app.dify.ask(query, job.user, conversation)
+            answer = app.dify.ask(spec.query, job.user, conversation)
         except DifyError as exc:
             log.warning(
                 "Dify failed, sending the fallback text",
@@ -138,32 +164,18 @@ class JobProcessor:
                     "error": str(exc),
                 },
             )
-            return cfg.fallback_reply, {"dify_error": exc.code or str(exc.status or "unreachable")}
+            return Answer(fallback, {"dify_error": exc.code or str(exc.status or "unreachable")})
         if answer.conversation_id and answer.conversation_id != conversation:
             self.store.set_conversation(cfg.corp_id, cfg.agent_id, job.user, answer.conversation_id)
-        text = answer.text.strip() or cfg.fallback_reply
-        return text, {"conversation_id": answer.conversation_id, "message_id": answer.message_id}
+        result: dict[str, object] = {
+            "conversation_id": answer.conversation_id,
+            "message_id": answer.message_id,
+        }
+        return Answer(answer.text.strip() or fallback, result)
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _send_parts(self, job: Job, app: AppRuntime, parts: list[str]) -> None:
-        cfg = app.config
-        if job.kind == "send":
-            request = SendRequest.from_payload(job.payload)
-            messages = [request.message(cfg.agent_id, part) for part in parts]
-            keys = request.recipients.limit_keys(cfg.name)
-        else:
-            messages = [
-                OutboundMessage(
-                    agent_id=cfg.agent_id,
-                    content=part,
-                    msgtype=cfg.reply_msgtype,
-                    touser=job.user,
-                )
-                for part in parts
-            ]
-            keys = [f"{cfg.name}:{job.user}"]
-
+    def _send(self, job: Job, spec: JobSpec, app: AppRuntime, parts: list[str]) -> None:
         def sent(index: int, result: SendResult) -> None:
             invalid = {
                 "invaliduser": result.invaliduser,
@@ -172,12 +184,11 @@ class JobProcessor:
             }
             self.store.mark_part_sent(job.id, index + 1, result.msgid, invalid)
 
-        # WeCom silently drops more than 30 messages a minute to one member: wait, never drop.
-        send_parts(
-            app.wecom,
+        send_paced(
+            app.outbound,
             self.limiter,
-            keys,
-            messages,
+            target_of(spec, job.user),
+            parts,
             on_sent=sent,
             start=job.parts_sent,
             sleep=self._sleep,
@@ -202,124 +213,3 @@ class JobProcessor:
             "job failed",
             extra={**fields, "event": "job_failed", "errcode": errcode, "error": error},
         )
-
-
-class WorkerPool:
-    """A bounded pool of worker threads plus one housekeeping thread.
-
-    Workers wake at once when a callback stores a job (notify) and otherwise poll, so jobs
-    stored by another process or left by a dead one are picked up too.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        processor: JobProcessor,
-        *,
-        size: int = 4,
-        lease_seconds: float = 15.0,
-        heartbeat_seconds: float = 5.0,
-        poll_seconds: float = 1.0,
-        dedupe_ttl: float = 48 * 3600,
-        job_retention: float = 7 * 86400,
-    ) -> None:
-        self.store = store
-        self.processor = processor
-        self.size = size
-        self.owner = uuid.uuid4().hex
-        self.lease_seconds = lease_seconds
-        self.heartbeat_seconds = heartbeat_seconds
-        self.poll_seconds = poll_seconds
-        self.dedupe_ttl = dedupe_ttl
-        self.job_retention = job_retention
-        self._wake = threading.Condition()
-        self._pending_wakeups = 0
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        try:
-            self.store.heartbeat(self.owner)
-            self.store.requeue_expired()
-        except StoreUnavailableError as exc:
-            log.error("store unavailable at start", extra={"error": str(exc)})
-        for n in range(self.size):
-            self._spawn(self._work, f"bridge-worker-{n}")
-        self._spawn(self._housekeep, "bridge-housekeeping")
-
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def notify(self) -> None:
-        with self._wake:
-            self._pending_wakeups += 1
-            self._wake.notify()
-
-    def alive(self) -> bool:
-        return bool(self._threads) and all(t.is_alive() for t in self._threads)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        with self._wake:
-            self._wake.notify_all()
-        for thread in self._threads:
-            thread.join(timeout)
-        try:
-            self.store.release_owned(self.owner)
-        except StoreUnavailableError:
-            log.warning("could not release jobs on shutdown; their leases will expire")
-
-    def _work(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                job = self.store.claim(self.owner, self.lease_seconds)
-            except StoreUnavailableError as exc:
-                log.error("store unavailable, worker waits", extra={"error": str(exc)})
-                self._stopping.wait(self.poll_seconds)
-                continue
-            if job is None:
-                self._idle()
-                continue
-            self._run_job(job)
-
-    def _run_job(self, job: Job) -> None:
-        try:
-            self.processor.process(job)
-        except StoreUnavailableError as exc:
-            # Progress stays as last stored; the lease runs out and the job is retried.
-            log.error(
-                "store unavailable while processing", extra={"job_id": job.id, "error": str(exc)}
-            )
-        except Exception:
-            log.exception("unexpected error processing job", extra={"job_id": job.id})
-            with contextlib.suppress(StoreUnavailableError):  # the lease expiry retries it
-                self.store.retry_later(
-                    job.id, min(MAX_JOB_RETRY_DELAY, 5.0 * job.attempts), "internal error", None
-                )
-
-    def _idle(self) -> None:
-        try:
-            next_in = self.store.next_available_in()
-        except StoreUnavailableError:
-            next_in = None
-        timeout = self.poll_seconds if next_in is None else min(self.poll_seconds, next_in)
-        with self._wake:
-            if self._pending_wakeups == 0:
-                self._wake.wait(timeout)
-            self._pending_wakeups = max(0, self._pending_wakeups - 1)
-
-    def _housekeep(self) -> None:
-        last_sweep = 0.0
-        while not self._stopping.wait(self.heartbeat_seconds):
-            try:
-                self.store.heartbeat(self.owner)
-                self.store.renew_leases(self.owner, self.lease_seconds)
-                if self.store.requeue_expired():
-                    self.notify()
-                if time.monotonic() - last_sweep > 600:
-                    self.store.sweep(self.dedupe_ttl, self.job_retention)
-                    last_sweep = time.monotonic()
-            except StoreUnavailableError as exc:
-                log.error("housekeeping: store unavailable", extra={"error": str(exc)})

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-WECOM_TEXT_LIMIT = 2048
+from wecom_bridge.wecom.messages import WECOM_TEXT_LIMIT
+
+__all__ = ["WECOM_TEXT_LIMIT", "is_cluster_boundary", "split_message"]
 
 # Boundaries, best first. Each match ends where a part may end.
 _TIERS = (

@@ -73,16 +73,16 @@ INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag")
 
 @dataclass(frozen=True)
 class NewJob:
-    """What a callback asks the workers to do."""
+    """A job as the store keeps it: kind and payload as jobs.kinds encodes them."""
 
-    kind: str  # chat | reset | notice | send
+    kind: str  # one of jobs.kinds
     user: str
     payload: dict[str, object]
 
 
 @dataclass(frozen=True)
-class Delivery:
-    """One callback to record: its dedupe key and the job it asks for (None: nothing to do)."""
+class Arrival:
+    """One inbound message to record: its dedupe key and the job it asks for (None: nothing)."""
 
     app: str
     dedupe_key: str
@@ -281,27 +281,27 @@ class Store:
     # --- callbacks ------------------------------------------------------------------------
 
     def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None:
-        """Record a delivery once. Returns the new job id, 0 when nothing is to be done,
+        """Record an arrival once. Returns the new job id, 0 when nothing is to be done,
         or None when the key was seen before (a redelivery)."""
-        return self.accept_many([Delivery(app, dedupe_key, job)])[0]
+        return self.accept_many([Arrival(app, dedupe_key, job)])[0]
 
-    def accept_many(self, deliveries: Sequence[Delivery]) -> list[int | None]:
-        """accept() for several deliveries in one transaction: one fsync for all of them."""
+    def accept_many(self, arrivals: Sequence[Arrival]) -> list[int | None]:
+        """accept() for several arrivals in one transaction: one fsync for all of them."""
         self.space.check()
         now = self._clock()
         with self._tx() as db:
-            return [self._accept_one(db, d, now) for d in deliveries]
+            return [self._accept_one(db, d, now) for d in arrivals]
 
-    def _accept_one(self, db: sqlite3.Connection, delivery: Delivery, now: float) -> int | None:
+    def _accept_one(self, db: sqlite3.Connection, arrival: Arrival, now: float) -> int | None:
         cur = db.execute(
             "INSERT OR IGNORE INTO dedupe (app, key, seen_at) VALUES (?, ?, ?)",
-            (delivery.app, delivery.dedupe_key, now),
+            (arrival.app, arrival.dedupe_key, now),
         )
         if cur.rowcount == 0:
             return None
-        if delivery.job is None:
+        if arrival.job is None:
             return 0
-        return self._insert_job(db, delivery.app, delivery.job, now)
+        return self._insert_job(db, arrival.app, arrival.job, now)
 
     def enqueue(self, app: str, job: NewJob) -> int:
         self.space.check()

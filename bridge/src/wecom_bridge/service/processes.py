@@ -1,25 +1,192 @@
-"""Production serving: gunicorn for HTTP plus one supervised job process (`work`)."""
+"""The process model: what runs where in `wecom-bridge serve`, what the processes share, and how
+they wake each other.
+
+```
+wecom-bridge serve ── gunicorn master ──┬── web worker(s)   HTTP: callbacks, send API, ops
+                                         │      │  store: SQLite in BRIDGE_DATA_DIR (synced commits)
+                                         │      │  wake.sock ──▶ "a job was stored"
+                                         │      ▼
+                                         └── job process (`wecom-bridge work`, supervised)
+                                                workers ─▶ Dify ─▶ WeCom; heartbeats in the store
+                       metrics.d/<role>-<pid>.json: every process's counters, merged by /metrics
+```
+
+The two sides share nothing but the data directory: the store (the durable queue and its
+dedupe keys), the wake-up socket (a best-effort poke: a lost one only delays a job until the
+workers' next poll, 1 s) and the metrics exchange. So answering Dify never competes with
+acknowledging WeCom for one interpreter lock, and either side can die and restart alone: the
+master restarts a dead web worker, the supervisor thread a dead job process (with backoff), and
+jobs a dead job process held are taken up again when their leases run out.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from wecom_bridge.config import BridgeConfig
+from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.logs import setup_logging
-from wecom_bridge.service.app import create_app
+from wecom_bridge.metrics import Metrics, Snapshot
 
-log = logging.getLogger("wecom_bridge.service.processes")
+log = logging.getLogger("wecom_bridge.processes")
+
+HEARTBEAT_SECONDS = 5.0  # the job process's heartbeat; /readyz wants one within 3 of these
+METRICS_PUBLISH_SECONDS = 1.0
 RESTART_DELAY_MIN = 1.0
 RESTART_DELAY_MAX = 30.0
 HEALTHY_RUN_SECONDS = 60.0  # a job process that lived this long resets the restart backoff
+WAKE_SOCKET = "wake.sock"
+METRICS_DIR = "metrics.d"
+
+
+# --- waking the job side ------------------------------------------------------------------------
+
+
+class WakeupSender:
+    """The web side's poke after storing a job: a datagram to the job process's socket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = str(data_dir / WAKE_SOCKET)
+        self._local = threading.local()
+
+    def send(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            self._local.sock = sock
+        with contextlib.suppress(OSError):  # job process not up, or its buffer full: it polls
+            sock.sendto(b"!", self._path)
+
+
+class WakeupListener:
+    """Calls `on_wake` for every poke; runs in a daemon thread of the job process."""
+
+    def __init__(self, data_dir: Path, on_wake: Callable[[], None]) -> None:
+        self._path = data_dir / WAKE_SOCKET
+        self._on_wake = on_wake
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()  # left by a process that was killed
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self._path))
+        os.chmod(self._path, 0o600)
+        self._thread = threading.Thread(target=self._run, name="bridge-wakeup", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._sock.recv(64)
+            except OSError:
+                return
+            self._on_wake()
+
+    def close(self) -> None:
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+
+# --- one /metrics for all processes -------------------------------------------------------------
+
+
+class MetricsExchange:
+    """Each process publishes its counters to `metrics.d/<role>-<pid>.json`; the web worker that
+    answers a scrape adds everyone else's to its own. A dead process's last file stays until the
+    service restarts (`reset`), so counters never go down while it runs."""
+
+    def __init__(self, data_dir: Path, role: str) -> None:
+        self._dir = data_dir / METRICS_DIR
+        self._role = role
+        self._ok = True
+
+    def _own(self) -> Path:
+        return self._dir / f"{self._role}-{os.getpid()}.json"
+
+    def publish(self, metrics: Metrics) -> None:
+        """Best effort: a full or read-only data dir must not take the process down. Logs once
+        when writing starts failing, not at every publish."""
+        target = self._own()
+        tmp = target.with_suffix(".tmp")
+        try:
+            self._dir.mkdir(mode=0o700, exist_ok=True)
+            tmp.write_text(json.dumps(metrics.snapshot()), encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError as exc:
+            if self._ok:
+                log.warning(
+                    "cannot publish metrics", extra={"path": str(target), "error": str(exc)}
+                )
+            self._ok = False
+            return
+        self._ok = True
+
+    def collect(self) -> list[Snapshot]:
+        """The other processes' snapshots (unreadable or half-written files are skipped)."""
+        own = self._own()
+        snapshots = []
+        for path in sorted(self._dir.glob("*.json")) if self._dir.is_dir() else ():
+            if path == own:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                snapshots.append(json.loads(path.read_text(encoding="utf-8")))
+        return snapshots
+
+    def reset(self) -> None:
+        """At service start: the previous run's files would count twice."""
+        for path in self._dir.glob("*") if self._dir.is_dir() else ():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def publish_metrics_in_background(exchange: MetricsExchange, metrics: Metrics) -> None:
+    def run() -> None:
+        while True:
+            exchange.publish(metrics)
+            time.sleep(METRICS_PUBLISH_SECONDS)
+
+    threading.Thread(target=run, name="metrics-publisher", daemon=True).start()
+
+
+# --- the job process ----------------------------------------------------------------------------
+
+
+def run_job_process(
+    config: BridgeConfig, build_pool: Callable[[BridgeConfig, Metrics], WorkerPool]
+) -> None:
+    """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
+    metrics = Metrics()
+    pool = build_pool(config, metrics)
+    listener = WakeupListener(config.data_dir, pool.notify)
+    exchange = MetricsExchange(config.data_dir, "jobs")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    pool.start()
+    listener.start()
+    log.info("job workers started", extra={"workers": config.job_workers})
+    while not stop.wait(METRICS_PUBLISH_SECONDS):
+        exchange.publish(metrics)
+    listener.close()
+    pool.stop()
+    log.info("job workers stopped")
 
 
 class JobProcessSupervisor:
@@ -61,9 +228,16 @@ class JobProcessSupervisor:
                 self._proc.kill()
 
 
-class BridgeServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, config: BridgeConfig) -> None:
+# --- the HTTP side ------------------------------------------------------------------------------
+
+
+class BridgeServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
+    """gunicorn (gthread) serving the app factory, with the job process supervised from its
+    master."""
+
+    def __init__(self, config: BridgeConfig, app_factory: Callable[[BridgeConfig], Flask]) -> None:
         self.bridge_config = config
+        self.app_factory = app_factory
         self.jobs = JobProcessSupervisor()
         super().__init__()
 
@@ -91,11 +265,13 @@ class BridgeServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return create_app(self.bridge_config, in_process_workers=False)
+        return self.app_factory(self.bridge_config)
 
 
-def run_server(config: BridgeConfig) -> None:
+def run_server(config: BridgeConfig, app_factory: Callable[[BridgeConfig], Flask]) -> None:
+    """The `serve` command: the HTTP side in gunicorn, the job side as a supervised process."""
     # An unusable data dir is reported by the store (503, /readyz), not fatal here.
     with contextlib.suppress(OSError):
         config.data_dir.mkdir(parents=True, exist_ok=True)
-    BridgeServer(config).run()
+    MetricsExchange(config.data_dir, "web").reset()
+    BridgeServer(config, app_factory).run()

@@ -9,6 +9,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from wecom_bridge import config
 from wecom_bridge.errors import ConfigError
 
 
@@ -20,12 +21,15 @@ class RedactingRequestHandler(WSGIRequestHandler):
         self.log("info", '"%s %s" %s %s', self.command, path, code, size)
 
 
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a double's bare ":port" listens everywhere
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
-    """ "host:port" (IPv6 as "[::1]:9001") into (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be host:port, got {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a bare ":port" means all
+    """ "host:port" (IPv6 as "[::1]:9001") into (host, port), by the bridge's own rule."""
+    try:
+        return config.parse_listen(listen, "--listen", empty_host=ALL_INTERFACES)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class ServerThread:

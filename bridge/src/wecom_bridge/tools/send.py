@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from wecom_bridge.channels.proactive import parse_send_request, resolve_app
+from wecom_bridge.channels.wecom_app import WeComAppOutbound
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import (
     ConfigError,
@@ -22,11 +23,12 @@ from wecom_bridge.errors import (
     WeComApiError,
     WeComConfigError,
 )
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter
-from wecom_bridge.jobs.sending import send_parts
+from wecom_bridge.jobs.pacing import SlidingWindowLimiter, send_paced
+from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.errcodes import hint_for, lookup
 from wecom_bridge.wecom.messages import SendResult
 
 EXIT_OK = 0
@@ -99,36 +101,14 @@ def _content(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def explain(exc: WeComApiError) -> str:
-    """The errcode in plain words, with what to do about it."""
+    """The errcode in plain words, with what to do about it (from the one errcode table)."""
     code, said = exc.errcode, exc.errmsg
     if code is None:
         return f"could not reach WeCom ({said}); check WECOM_API_BASE and the network"
-    if code == 40001:
-        return (
-            "errcode 40001: wrong secret: WeCom refused WECOM_SECRET (the app's Secret). "
-            "Copy it again from 应用管理 › the app › Secret; another app's secret does not work."
-        )
-    if code == 60020:
-        ip = exc.ip if isinstance(exc, WeComConfigError) else None
-        where = ip or "this server's egress IP"
-        return (
-            f"errcode 60020: this server's IP is not trusted by WeCom. Add {where} to "
-            "企业可信IP (应用管理 › the app › 企业可信IP); it takes about a minute to apply."
-            + (f"\nIP to add: {ip}" if ip else "")
-        )
-    if code == 81013:
-        return (
-            "errcode 81013: no valid recipient: the users, parties and tags given are all "
-            "invalid (unknown, or outside the app's 可见范围). Check the userids (通讯录 › the "
-            "member › 账号) and the party/tag ids."
-        )
-    if code == 45009:
-        return (
-            "errcode 45009: WeCom's API rate limit was reached (too many calls); try again later."
-        )
-    text = f"errcode {code}: {said}"
-    if isinstance(exc, WeComConfigError):
-        text += f"\n{exc.hint}"
+    entry = lookup(code)
+    text = f"errcode {code}: {entry.meaning or said}; {hint_for(code, said)}"
+    if code == 60020 and isinstance(exc, WeComConfigError) and exc.ip:
+        text += f"\nIP to add: {exc.ip}"
     return text
 
 
@@ -190,8 +170,8 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         max_attempts=args.attempts,
         config_error_cooldown=config.config_error_cooldown,
     )
-    parts = request.parts()
-    messages = [request.message(app.agent_id, part) for part in parts]
+    outbound = WeComAppOutbound(app, client)
+    parts = split_message(request.content, outbound.part_limit_bytes)
     sent: list[SendResult] = []
 
     def report(index: int, result: SendResult) -> None:
@@ -206,13 +186,7 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         )
 
     try:
-        send_parts(
-            client,
-            SlidingWindowLimiter(),
-            request.recipients.limit_keys(app.name),
-            messages,
-            on_sent=report,
-        )
+        send_paced(outbound, SlidingWindowLimiter(), request, parts, on_sent=report)
     except WeComApiError as exc:
         failed = len(sent) + 1
         print(f"part {failed}/{len(parts)}: failed (errcode {exc.errcode})", file=out)

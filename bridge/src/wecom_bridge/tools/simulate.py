@@ -1,7 +1,7 @@
 """`wecom-bridge simulate`: play WeCom against a bridge and print what the member would see.
 
-The callback goes out signed and encrypted like WeCom's (doubles/callbacks.py); the answer is read
-from the WeCom API double the bridge sends to (doubles/wecom_api.py) — one the simulator starts
+The callback goes out signed and encrypted like WeCom's (testing/callbacks.py); the answer is read
+from the WeCom API double the bridge sends to (testing/wecom_double.py) — one the simulator starts
 itself (`--serve-api`) or one already running (`--api-url`). One implementation of the doubles.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from wecom_bridge.config import _check_app_secrets, _required
+from wecom_bridge.config import load_apps, pick_app
 from wecom_bridge.errors import BridgeError, ConfigError
 from wecom_bridge.testing.callbacks import (
     CallbackClient,
@@ -48,16 +48,10 @@ class SimulatorApp:
     secret: str = field(default="", repr=False)  # only to serve the API double (--serve-api)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SimulatorApp:
-        app = cls(
-            corp_id=_required(env, "WECOM_CORP_ID"),
-            agent_id=_required(env, "WECOM_AGENT_ID"),
-            token=_required(env, "WECOM_TOKEN"),
-            encoding_aes_key=_required(env, "WECOM_ENCODING_AES_KEY"),
-            secret=env.get("WECOM_SECRET", "").strip(),
-        )
-        _check_app_secrets("WECOM_", app.corp_id, app.agent_id, app.token, app.encoding_aes_key)
-        return app
+    def from_env(cls, env: Mapping[str, str], name: str | None = None) -> SimulatorApp:
+        """The app as the bridge's own loader reads it (environment or BRIDGE_APPS_FILE)."""
+        app = pick_app(load_apps(env, require_dify=False), name)
+        return cls(app.corp_id, app.agent_id, app.token, app.encoding_aes_key, app.secret)
 
     def crypto(self) -> WeComCrypto:
         return WeComCrypto(self.token, self.encoding_aes_key, self.corp_id)
@@ -146,8 +140,6 @@ def _api_double(
 ) -> AbstractContextManager[ServerThread | None]:
     if not args.serve_api:
         return nullcontext(None)
-    if not app.secret:
-        raise ConfigError("WECOM_SECRET", "is required with --serve-api (the double issues tokens)")
     host, port = parse_listen(args.serve_api)
     double = create_wecom_double(corp_id=app.corp_id, secret=app.secret, agent_id=app.agent_id)
     return ServerThread(double, host, port)
@@ -156,7 +148,7 @@ def _api_double(
 def simulate(
     args: argparse.Namespace, env: Mapping[str, str], out: Callable[[str], None] = print
 ) -> int:
-    app = SimulatorApp.from_env(env)
+    app = SimulatorApp.from_env(env, args.app)
     verify: bool | str = args.ca_file or not args.insecure
     client = CallbackClient(args.url, app.crypto(), app.agent_id, verify=verify, timeout=10.0)
     with _api_double(args, app) as served:
@@ -203,6 +195,7 @@ def add_simulate_parser(sub: Any) -> None:
     parser.add_argument("text", nargs="?", default="", help="the message text")
     parser.add_argument("--url", required=True, help="the bridge's callback URL")
     parser.add_argument("--user", default="zhangsan", help="the member's userid")
+    parser.add_argument("--app", metavar="NAME", help="which app of BRIDGE_APPS_FILE to play")
     parser.add_argument("--redeliver", type=int, default=0, metavar="N", help="N redeliveries")
     parser.add_argument("--event", help="send this event (e.g. enter_agent) instead of text")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")

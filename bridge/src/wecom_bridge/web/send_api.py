@@ -24,9 +24,12 @@ from wecom_bridge.channels.proactive import SendRequest, parse_send_request, res
 from wecom_bridge.config import AppConfig, BridgeConfig
 from wecom_bridge.errors import (
     IdempotencyConflictError,
+    JobPayloadError,
     SendRequestError,
     StoreUnavailableError,
 )
+from wecom_bridge.jobs.kinds import VERSION_FIELD, SendJob, decode, new_job
+from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Job, NewJob, Store
 from wecom_bridge.metrics import Metrics
 
@@ -89,7 +92,7 @@ class SendApi:
             message, app, key = self._parse(body)
         except SendRequestError as exc:
             return self._invalid(exc)
-        job = NewJob("send", message.recipients.key(), message.payload())
+        job = new_job(message.recipients.key(), SendJob(message))
         try:
             job_id, replayed = self._store(app.name, job, key)
         except IdempotencyConflictError as exc:
@@ -175,8 +178,19 @@ def idempotency_key() -> str | None:
 
 def request_fingerprint(app: str, job: NewJob) -> str:
     """What a repeated request must match: the app and the message, as queued."""
-    canonical = json.dumps({"app": app, "payload": job.payload}, sort_keys=True)
+    # Without the payload's version, so a retry across an upgrade still matches.
+    message = {k: v for k, v in job.payload.items() if k != VERSION_FIELD}
+    canonical = json.dumps({"app": app, "payload": message}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _planned_parts(job: Job) -> int:
+    """A job not prepared yet: the split is deterministic, so say what it will be."""
+    try:
+        spec = decode(job.kind, job.payload)
+    except JobPayloadError:
+        return 0
+    return len(split_message(spec.request.content)) if isinstance(spec, SendJob) else 0
 
 
 def describe(job: Job) -> dict[str, Any]:
@@ -185,13 +199,7 @@ def describe(job: Job) -> dict[str, Any]:
     msgids = result.get("msgids")
     status = STATUS.get(job.status, job.status)
     sent = status == "sent"
-    if job.parts is not None:
-        parts = len(job.parts)
-    else:  # not prepared yet: the split is deterministic, so say what it will be
-        try:
-            parts = len(SendRequest.from_payload(job.payload).parts())
-        except SendRequestError:
-            parts = 0
+    parts = len(job.parts) if job.parts is not None else _planned_parts(job)
     return {
         "id": job.id,
         "status": status,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -21,20 +20,16 @@ import requests
 
 from wecom_bridge.errors import WeComApiError, WeComConfigError
 from wecom_bridge.metrics import Metrics
+from wecom_bridge.wecom.errcodes import Handling, codes, hint_for, ip_in, lookup
 from wecom_bridge.wecom.messages import OutboundMessage, SendResult
 
 log = logging.getLogger("wecom_bridge.wecom")
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
 
-# The token is invalid or expired: drop it, fetch a new one, retry once.
-TOKEN_ERRCODES = frozenset({40014, 42001, 42007, 42009})
-# Transient: system busy, frequency limits.
-RETRYABLE_ERRCODES = frozenset({-1, 45009, 45033})
+TOKEN_ERRCODES = codes(Handling.TOKEN)
 # Refresh this long before WeCom's expiry (never more than half the lifetime).
 TOKEN_MARGIN = 300.0
-
-_FROM_IP = re.compile(r"from ip:\s*([0-9A-Fa-f.:]+)")
 
 
 class TokenCache(Protocol):
@@ -67,22 +62,10 @@ class MemoryTokenCache:
 
 def config_error(errcode: int, errmsg: str) -> WeComConfigError | None:
     """The admin-only errors, with a hint saying what to change; None for other errcodes."""
-    if errcode == 60020:
-        match = _FROM_IP.search(errmsg)
-        ip = match.group(1) if match else None
-        where = ip or "the server's egress IP"
-        hint = (
-            f"add {where} to 企业可信IP in the app's settings "
-            "(应用管理 › the app › 企业可信IP); it takes about a minute to apply"
-        )
-        return WeComConfigError(errcode, errmsg, hint=hint, ip=ip)
-    if errcode == 40001:
-        hint = "WECOM_SECRET is wrong: copy this app's Secret from 应用管理 › the app"
-    elif errcode == 40013:
-        hint = "WECOM_CORP_ID is wrong: copy 企业ID from 我的企业"
-    else:
+    if lookup(errcode).handling is not Handling.ADMIN:
         return None
-    return WeComConfigError(errcode, errmsg, hint=hint)
+    ip = ip_in(errmsg) if errcode == 60020 else None
+    return WeComConfigError(errcode, errmsg, hint=hint_for(errcode, errmsg), ip=ip)
 
 
 def _safe_url(url: str) -> str:
@@ -269,7 +252,7 @@ class WeComClient:
         problem = config_error(errcode, errmsg)
         if problem is None:
             # A token rejected again right after a refresh is WeCom having a moment: back off.
-            retryable = errcode in RETRYABLE_ERRCODES or errcode in TOKEN_ERRCODES
+            retryable = lookup(errcode).handling in (Handling.RETRY, Handling.TOKEN)
             return WeComApiError(errcode, errmsg, retryable=retryable)
         with self._state_lock:
             self._config_error = (problem, self._clock() + self._cooldown)

@@ -56,8 +56,8 @@ def parse_envelope(body: bytes) -> Envelope:
 
 
 @dataclass(frozen=True)
-class InboundMessage:
-    """A decrypted message or event a member sent to the app."""
+class CallbackMessage:
+    """A decrypted message or event a member sent to the self-built app (its XML fields)."""
 
     corp_id: str
     agent_id: str
@@ -81,7 +81,7 @@ class InboundMessage:
         return f"event:{self.from_user}:{self.create_time}:{self.event}:{self.event_key}"
 
 
-# The fields InboundMessage has attributes for; anything else lands in `extra`.
+# The fields CallbackMessage has attributes for; anything else lands in `extra`.
 KNOWN_FIELDS = frozenset(
     {
         "ToUserName",
@@ -97,7 +97,7 @@ KNOWN_FIELDS = frozenset(
 )
 
 
-def parse_message(plaintext: bytes) -> InboundMessage:
+def parse_message(plaintext: bytes) -> CallbackMessage:
     fields = parse_xml(plaintext)
     from_user, msg_type = fields.get("FromUserName", ""), fields.get("MsgType", "")
     if not from_user or not msg_type:
@@ -106,7 +106,7 @@ def parse_message(plaintext: bytes) -> InboundMessage:
         create_time = int(fields.get("CreateTime", "0") or 0)
     except ValueError as exc:
         raise MalformedXmlError("CreateTime is not a number") from exc
-    return InboundMessage(
+    return CallbackMessage(
         corp_id=fields.get("ToUserName", ""),
         agent_id=fields.get("AgentID", ""),
         from_user=from_user,
@@ -123,6 +123,10 @@ def parse_message(plaintext: bytes) -> InboundMessage:
 def message_xml(fields: dict[str, str | int]) -> bytes:
     """Render a flat `<xml>` document (CDATA-safe via xmltodict's escaping)."""
     return xmltodict.unparse({"xml": fields}, full_document=False).encode("utf-8")
+
+
+# message/send truncates a longer text.content silently (bytes of UTF-8).
+WECOM_TEXT_LIMIT = 2048
 
 
 @dataclass(frozen=True)

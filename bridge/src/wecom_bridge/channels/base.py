@@ -1,0 +1,64 @@
+"""What every channel hands the pipeline, and what the pipeline asks of every channel.
+
+A channel is how messages arrive (an inbound adapter: verify, decode, normalise into one
+`InboundMessage`) plus how answers leave (an `Outbound`: one part at a time). The pipeline between
+them (store, dedupe, order, workers, Dify, splitting, pacing) sees only these types, so a new
+channel is a new pair of classes, not a change to the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from wecom_bridge.channels.proactive import SendRequest
+from wecom_bridge.wecom.messages import SendResult
+
+
+class InboundKind(StrEnum):
+    TEXT = "text"  # a question (or a reset word)
+    ENTER = "enter"  # the member opened the conversation (welcome time)
+    EVENT = "event"  # any other event: nothing to answer
+    UNSUPPORTED = "unsupported"  # a message type the bridge cannot answer yet (image, voice, …)
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One message or event, as every channel reports it."""
+
+    app: str  # the configured app (channel instance) it arrived at
+    sender: str  # the member: the answer goes back to them, in their order
+    kind: InboundKind
+    dedupe_key: str  # the same for every redelivery of this message
+    text: str = ""
+    msg_id: str = ""
+    msg_type: str = ""  # the channel's own name for the type, for logs
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer to the member who asked."""
+
+    user: str
+
+
+# Where a job's text goes: back to the member, or (send API) to the recipients a request names.
+Target = Reply | SendRequest
+
+
+class Outbound(Protocol):
+    """How one channel delivers an answer, part by part."""
+
+    @property
+    def part_limit_bytes(self) -> int:
+        """The longest part (UTF-8 bytes) the channel delivers whole."""
+        ...
+
+    def pacing_keys(self, target: Target) -> list[str]:
+        """Keys of the per-recipient rate limit one part to `target` counts against."""
+        ...
+
+    def send_part(self, target: Target, text: str) -> SendResult:
+        """Deliver one part; raises WeComApiError when the channel refuses it."""
+        ...

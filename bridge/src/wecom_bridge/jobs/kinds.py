@@ -1,0 +1,141 @@
+"""The job kinds: one dataclass each, with the payload that is stored for it.
+
+A payload is parsed once when the job is stored (`encode` of a typed job) and once when it is
+claimed (`decode`). Payloads carry a version: a field added later has a default, so a job queued
+by an older release still runs after an upgrade; fields a newer release added are ignored by an
+older one after a roll-back. A payload that cannot be read is a `JobPayloadError`, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from wecom_bridge.channels.base import Reply, Target
+from wecom_bridge.channels.proactive import FIELDS as SEND_FIELDS
+from wecom_bridge.channels.proactive import SendRequest, parse_send_request
+from wecom_bridge.errors import JobPayloadError, SendRequestError
+from wecom_bridge.jobs.store import NewJob
+
+PAYLOAD_VERSION = 1
+VERSION_FIELD = "v"
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """A member's question for Dify."""
+
+    KIND: ClassVar[str] = "chat"
+    query: str
+    msg_id: str = ""
+
+
+@dataclass(frozen=True)
+class ResetJob:
+    """A reset word: forget the member's Dify conversation, then confirm."""
+
+    KIND: ClassVar[str] = "reset"
+    msg_id: str = ""
+
+
+@dataclass(frozen=True)
+class NoticeJob:
+    """A fixed text of the bridge's own (welcome, unsupported message type)."""
+
+    KIND: ClassVar[str] = "notice"
+    text: str
+    msg_id: str = ""
+    msg_type: str = ""
+
+
+@dataclass(frozen=True)
+class SendJob:
+    """A proactive message from the send API."""
+
+    KIND: ClassVar[str] = "send"
+    request: SendRequest
+
+    @property
+    def msg_id(self) -> str:
+        return ""
+
+
+JobSpec = ChatJob | ResetJob | NoticeJob | SendJob
+
+
+def target_of(spec: JobSpec, user: str) -> Target:
+    """Where the job's text goes: a send request names its recipients, the rest answer `user`."""
+    return spec.request if isinstance(spec, SendJob) else Reply(user)
+
+
+def encode(spec: JobSpec) -> tuple[str, dict[str, object]]:
+    """(kind, payload) as the store keeps them."""
+    if isinstance(spec, SendJob):
+        fields = spec.request.payload()
+    elif isinstance(spec, ChatJob):
+        fields = {"query": spec.query, "msg_id": spec.msg_id}
+    elif isinstance(spec, ResetJob):
+        fields = {"msg_id": spec.msg_id}
+    else:
+        fields = {"text": spec.text, "msg_id": spec.msg_id, "msg_type": spec.msg_type}
+    return spec.KIND, {VERSION_FIELD: PAYLOAD_VERSION, **fields}
+
+
+def decode(kind: str, payload: Mapping[str, object]) -> JobSpec:
+    """The typed job of a stored (kind, payload); JobPayloadError when it cannot be one."""
+    try:
+        reader = _READERS[kind]
+    except KeyError:
+        raise JobPayloadError(f"unknown job kind {kind!r}") from None
+    # Version 0 is a payload stored before versioning: the same fields as version 1.
+    fields = {k: v for k, v in payload.items() if k != VERSION_FIELD}
+    return reader(fields)
+
+
+def _text(fields: Mapping[str, object], name: str, *, required: bool = False) -> str:
+    value = fields.get(name, "")
+    if not isinstance(value, str):
+        raise JobPayloadError(f"payload field {name!r} is not a string")
+    if required and not value:
+        raise JobPayloadError(f"payload field {name!r} is missing")
+    return value
+
+
+def _chat(fields: Mapping[str, object]) -> JobSpec:
+    return ChatJob(query=_text(fields, "query", required=True), msg_id=_text(fields, "msg_id"))
+
+
+def _reset(fields: Mapping[str, object]) -> JobSpec:
+    return ResetJob(msg_id=_text(fields, "msg_id"))
+
+
+def _notice(fields: Mapping[str, object]) -> JobSpec:
+    return NoticeJob(
+        text=_text(fields, "text", required=True),
+        msg_id=_text(fields, "msg_id"),
+        msg_type=_text(fields, "msg_type"),
+    )
+
+
+def _send(fields: Mapping[str, object]) -> JobSpec:
+    known = {k: v for k, v in fields.items() if k in SEND_FIELDS}
+    try:
+        request, _ = parse_send_request(known)
+    except SendRequestError as exc:
+        raise JobPayloadError(f"invalid send request: {exc}") from None
+    return SendJob(request)
+
+
+_READERS = {
+    ChatJob.KIND: _chat,
+    ResetJob.KIND: _reset,
+    NoticeJob.KIND: _notice,
+    SendJob.KIND: _send,
+}
+
+
+def new_job(user: str, spec: JobSpec) -> NewJob:
+    """The store's row for `spec`, in `user`'s line (answered after their earlier jobs)."""
+    kind, payload = encode(spec)
+    return NewJob(kind, user, payload)

@@ -1,0 +1,95 @@
+"""WeCom API errcodes: what each one means, what to do about it, and how the client handles it.
+
+The one table the client (retry, refresh or stop), the `send` CLI (its explanation) and `doctor`
+(its hints) all read, so an operator reads the same words wherever an errcode shows up.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+LOOKUP_URL = "https://open.work.weixin.qq.com/devtool/query"
+
+_FROM_IP = re.compile(r"from ip:\s*([0-9A-Fa-f.:]+)")
+
+
+class Handling(StrEnum):
+    TOKEN = "token"  # noqa: S105 - a category, not a secret. The access token is invalid or expired: refresh once, then retry
+    RETRY = "retry"  # transient (busy, frequency limits): back off and retry
+    ADMIN = "admin"  # only the admin can fix it: report once, do not hammer gettoken
+    PERMANENT = "permanent"  # this request will never succeed as it is
+
+
+@dataclass(frozen=True)
+class Errcode:
+    code: int
+    handling: Handling
+    meaning: str = ""  # plain words, for an operator
+    hint: str = ""  # what to do; "{ip}" is replaced by the IP WeCom named (60020)
+
+
+_TABLE = (
+    Errcode(-1, Handling.RETRY, "WeCom's system is busy", "try again in a few seconds"),
+    Errcode(
+        40001,
+        Handling.ADMIN,
+        "wrong secret: WeCom refused WECOM_SECRET (the app's Secret)",
+        "WECOM_SECRET is wrong: copy this app's Secret again from 应用管理 › the app › Secret "
+        "(another app's secret does not work)",
+    ),
+    Errcode(
+        40013,
+        Handling.ADMIN,
+        "invalid corp id",
+        "WECOM_CORP_ID is wrong: copy 企业ID from 我的企业",
+    ),
+    Errcode(40014, Handling.TOKEN, "invalid access token"),
+    Errcode(42001, Handling.TOKEN, "access token expired"),
+    Errcode(42007, Handling.TOKEN, "access token invalidated"),
+    Errcode(42009, Handling.TOKEN, "access token invalidated"),
+    Errcode(
+        45009,
+        Handling.RETRY,
+        "WeCom's API rate limit was reached (too many calls)",
+        "try again later",
+    ),
+    Errcode(45033, Handling.RETRY, "too many concurrent calls", "try again later"),
+    Errcode(
+        60020,
+        Handling.ADMIN,
+        "this server's IP is not trusted by WeCom",
+        "add {ip} to 企业可信IP in the app's settings (应用管理 › the app › 企业可信IP); "
+        "it takes about a minute to apply",
+    ),
+    Errcode(
+        81013,
+        Handling.PERMANENT,
+        "no valid recipient: the users, parties and tags given are all invalid (unknown, or "
+        "outside the app's 可见范围)",
+        "check the userids (通讯录 › the member › 账号) and the party/tag ids",
+    ),
+)
+ERRCODES: dict[int, Errcode] = {entry.code: entry for entry in _TABLE}
+
+
+def lookup(code: int) -> Errcode:
+    """The table's entry, or a permanent one that points at WeCom's errcode lookup."""
+    return ERRCODES.get(code) or Errcode(
+        code, Handling.PERMANENT, hint=f"look up errcode {code} at {LOOKUP_URL}"
+    )
+
+
+def codes(handling: Handling) -> frozenset[int]:
+    return frozenset(entry.code for entry in _TABLE if entry.handling is handling)
+
+
+def ip_in(errmsg: str) -> str | None:
+    """The IP WeCom names in a 60020 errmsg ("… from ip: 203.0.113.7 …")."""
+    match = _FROM_IP.search(errmsg)
+    return match.group(1) if match else None
+
+
+def hint_for(code: int, errmsg: str = "") -> str:
+    return lookup(code).hint.replace("{ip}", ip_in(errmsg) or "the server's egress IP")
