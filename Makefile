@@ -28,7 +28,9 @@ LINTERS := \
 	"ruff format --check bridge molecule scripts scripts/test-digest bench" \
 	"yamllint -s ." \
 	"ansible-lint --profile production" \
-	"scripts/gixy-rendered"
+	"scripts/gixy-rendered" \
+	"mypy --config-file bridge/pyproject.toml bridge/src/wecom_bridge" \
+	"lint-imports --config bridge/pyproject.toml"
 
 lint: venv
 	@failed=(); for linter in $(LINTERS); do echo "$$linter"; $$linter || failed+=("$$linter"); done; \

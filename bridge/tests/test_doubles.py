@@ -369,14 +369,8 @@ def test_fail_next_rejects_unknown_api(wecom: ServerThread) -> None:
         wecom.app.extensions["wecom_double"].fail_next("media", 1)
 
 
-def test_media_and_callback_ip(wecom: ServerThread) -> None:
+def test_callback_ip(wecom: ServerThread) -> None:
     token = gettoken(wecom)["access_token"]
-    media = requests.get(
-        wecom.url + "/cgi-bin/media/get",
-        params={"access_token": token, "media_id": "M1"},
-        timeout=5,
-    )
-    assert media.content == b"media M1"
     ips = requests.get(
         wecom.url + "/cgi-bin/getcallbackip", params={"access_token": token}, timeout=5
     ).json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wecom_bridge.channels.proactive import Recipients, SendRequest, parse_send_request
+from wecom_bridge.channels.proactive import Recipients, parse_send_request
 from wecom_bridge.channels.wecom_app import outbound_message
 from wecom_bridge.errors import SendRequestError
 
@@ -24,7 +24,7 @@ def test_payload_round_trip_and_message() -> None:
         {"touser": "zhangsan", "msgtype": "markdown", "content": "**hi**", "safe": 1, "app": "hr"}
     )
     assert app == "hr"
-    assert SendRequest.from_payload(request.payload()) == request
+    assert parse_send_request(request.payload())[0] == request
     body = outbound_message(request, "1000002", "text", "**hi**").payload()
     assert body["markdown"] == {"content": "**hi**"}
     assert (body["touser"], body["agentid"], body["safe"]) == ("zhangsan", 1000002, 1)

@@ -86,6 +86,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         callback_url=args.callback_url,
         bridge_url=args.bridge_url,
         cert_days=args.cert_days,
+        app=args.app,
         env=os.environ,
     )
     prober = Prober(resolve=resolve, ca_file=args.ca_file, timeout=args.timeout)
@@ -94,7 +95,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(r.status == Status.FAIL for r in results) else 0
 
 
-def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+def add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     doctor = sub.add_parser(
         "doctor",
         help="preflight checks: domain, WW_verify file, TLS, callback, WeCom API, Dify, bridge",
@@ -110,9 +111,10 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
         help="code of a WW_verify_CODE.txt file (repeatable)",
     )
     doctor.add_argument(
-        "--callback-url", help="default https://<domain>$BRIDGE_CALLBACK_PATH (/wxcomapp)"
+        "--callback-url", help="default https://<domain><the app's callback path> (/wxcomapp)"
     )
     doctor.add_argument("--bridge-url", help="the bridge's internal base URL, for /readyz")
+    doctor.add_argument("--app", metavar="NAME", help="which app of BRIDGE_APPS_FILE to check")
     doctor.add_argument(
         "--cert-days", type=int, default=14, help="fail when the certificate expires sooner"
     )

@@ -91,11 +91,6 @@ class SendRequest:
             "duplicate_check_interval": self.duplicate_check_interval,
         }
 
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, object]) -> SendRequest:
-        request, _ = parse_send_request(payload)
-        return request
-
 
 # --- validation ---------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from urllib3.exceptions import ReadTimeoutError
@@ -23,6 +23,7 @@ from wecom_bridge.errors import ConversationNotFoundError, DifyError
 from wecom_bridge.metrics import Metrics
 
 log = logging.getLogger("wecom_bridge.dify")
+_T = TypeVar("_T")
 
 # Dify's app modes, as /v1/info reports them; the first three answer through /chat-messages.
 APP_MODES = ("chat", "advanced-chat", "agent-chat", "completion", "workflow")
@@ -118,9 +119,10 @@ class DifyClient:
 
     # --- public ----------------------------------------------------------------------------
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """GET /info: name, description, tags, mode, author_name (also validates the key)."""
-        return self._with_retries(lambda: self._json(self._send("GET", "/info")))
+        info: dict[str, Any] = self._with_retries(lambda: self._json(self._send("GET", "/info")))
+        return info
 
     def app_mode(self) -> str:
         """The configured app mode, else the one /info reports (asked once)."""
@@ -209,7 +211,7 @@ class DifyClient:
 
     # --- transport -------------------------------------------------------------------------
 
-    def _with_retries(self, attempt_fn: Callable[[], Any]) -> Any:
+    def _with_retries(self, attempt_fn: Callable[[], _T]) -> _T:
         attempts = max(1, self._settings.max_attempts)
         for attempt in range(1, attempts + 1):
             try:
@@ -256,7 +258,7 @@ class DifyClient:
         return response
 
     @staticmethod
-    def _json(response: requests.Response) -> dict:
+    def _json(response: requests.Response) -> dict[str, Any]:
         try:
             data = response.json()
         except (ValueError, requests.RequestException):

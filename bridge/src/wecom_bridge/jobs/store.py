@@ -67,7 +67,6 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
-ACTIVE = ("queued", "running")
 INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag")
 
 

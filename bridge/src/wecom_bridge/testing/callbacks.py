@@ -7,39 +7,18 @@ import time
 
 import requests
 
-from wecom_bridge.wecom.crypto import WeComCrypto
+from wecom_bridge.wecom.crypto import (
+    WeComCrypto,
+    build_url_verification,
+    default_nonce,
+    default_timestamp,
+)
 from wecom_bridge.wecom.messages import message_xml
-
-
-def _timestamp(timestamp: str | None) -> str:
-    return timestamp if timestamp is not None else str(int(time.time()))
-
-
-def _nonce(nonce: str | None) -> str:
-    return nonce if nonce is not None else str(secrets.randbelow(10**10))
 
 
 def new_msg_id() -> str:
     """A MsgId-like 19-digit number, unique enough for tests and benchmarks."""
     return str(10**18 + secrets.randbelow(9 * 10**18))
-
-
-def build_url_verification(
-    crypto: WeComCrypto,
-    echostr_plaintext: str,
-    *,
-    timestamp: str | None = None,
-    nonce: str | None = None,
-) -> dict[str, str]:
-    """Query parameters of the GET WeCom sends when the admin saves the callback URL."""
-    ts, nc = _timestamp(timestamp), _nonce(nonce)
-    echostr = crypto.encrypt(echostr_plaintext.encode("utf-8"))
-    return {
-        "msg_signature": crypto.sign(ts, nc, echostr),
-        "timestamp": ts,
-        "nonce": nc,
-        "echostr": echostr,
-    }
 
 
 def build_callback(
@@ -55,7 +34,7 @@ def build_callback(
     """
     inner = {"ToUserName": crypto.receive_id, **fields}
     encrypt = crypto.encrypt(message_xml(inner))
-    ts, nc = _timestamp(timestamp), _nonce(nonce)
+    ts, nc = default_timestamp(timestamp), default_nonce(nonce)
     params = {"msg_signature": crypto.sign(ts, nc, encrypt), "timestamp": ts, "nonce": nc}
     # Same shape as WeCom's envelope; base64 and ids never contain "]]>".
     body = (
@@ -181,3 +160,6 @@ class CallbackClient:
             verify=self.verify,
             timeout=self.timeout,
         )
+
+
+__all__ = ["build_url_verification"]  # also what WeCom sends; doctor signs it the same way

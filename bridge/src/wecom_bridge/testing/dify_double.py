@@ -333,8 +333,9 @@ def _record(state: DifyDoubleState) -> None:
 def _input_query(body: dict[str, Any]) -> str:
     inputs = body.get("inputs") or {}
     if isinstance(inputs, dict):
-        if isinstance(inputs.get("query"), str):
-            return inputs["query"]
+        query = inputs.get("query")
+        if isinstance(query, str):
+            return query
         strings = [v for v in inputs.values() if isinstance(v, str)]
         if strings:
             return strings[0]

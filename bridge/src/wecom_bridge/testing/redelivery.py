@@ -1,10 +1,10 @@
 """WeCom delivering callbacks under load and faults, and the tally of what members then received.
 
 WeCom waits 5 s for an HTTP 200; after a timeout, a network error or another status it delivers
-the same callback again, up to three more times (../shared/docs/wecom-protocol.md: "retries three
-times", ~5 s apart). `Deliverer` plays that for many messages at once, each optionally delivered
-several times on a schedule on top (a redelivery storm). `tally` reads what the WeCom API double
-recorded and counts, per message: acknowledged, answered, duplicated, lost.
+the same callback again, up to three more times (WeCom's callback documentation: it "retries
+three times", about 5 s apart). `Deliverer` plays that for many messages at once, each
+optionally delivered several times on a schedule on top (a redelivery storm). `tally` reads what
+the WeCom API double recorded and counts, per message: acknowledged, answered, duplicated, lost.
 
 Every message comes from its own member (`<tag>-<n>`), so an answer is matched by its recipient,
 whether it is the Dify answer (which contains the question) or the bridge's fallback text.

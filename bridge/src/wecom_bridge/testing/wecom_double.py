@@ -351,22 +351,9 @@ def create_wecom_double(
                 problem = state.take_fault("send")
             if problem is None:
                 problem = _check_send(state, body)
-            if problem is not None:
-                return _error(state, problem)
+            if problem is not None or not isinstance(body, dict):
+                return _error(state, problem or 47001)
             return jsonify(_record_send(state, body))
-
-    @app.get("/cgi-bin/media/get")
-    def media_get() -> Response:
-        with state.lock:
-            problem = state.token_error(request.args.get("access_token"))
-        if problem is not None:
-            return _error(state, problem)
-        media_id = request.args.get("media_id", "")
-        return Response(
-            f"media {media_id}".encode(),
-            mimetype="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{media_id}.bin"'},
-        )
 
     @app.get("/cgi-bin/getcallbackip")
     def getcallbackip() -> Response:
@@ -453,7 +440,7 @@ def _control_routes(app: Flask, state: WeComDoubleState) -> None:
         return jsonify({"ok": True})
 
     @app.post("/_double/faults")
-    def add_faults() -> Response:
+    def add_faults() -> Response | tuple[Response, int]:
         spec = request.get_json(force=True, silent=True) or {}
         unknown = sorted(set(spec) - set(APIS))
         if unknown:

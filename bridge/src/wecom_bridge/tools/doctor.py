@@ -6,6 +6,8 @@ whose inputs are missing is SKIP, never a crash; the command exits 1 when any ch
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import secrets
 import socket
@@ -15,12 +17,19 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from wecom_bridge.dify.client import DifyClient, DifySettings
-from wecom_bridge.errors import DifyError, WeComApiError, WeComConfigError
-from wecom_bridge.testing.callbacks import build_url_verification
+from wecom_bridge.config import AppConfig, load_apps, pick_app, wecom_api_base
+from wecom_bridge.dify.client import DifyClient
+from wecom_bridge.errors import (
+    ConfigError,
+    DifyError,
+    MissingSettingError,
+    WeComApiError,
+    WeComConfigError,
+)
 from wecom_bridge.tools.probe import Fetched, ProbeError, Prober, split_host_port
-from wecom_bridge.wecom.api import DEFAULT_API_BASE, MemoryTokenCache, WeComClient
-from wecom_bridge.wecom.crypto import WeComCrypto, parse_encoding_aes_key
+from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
+from wecom_bridge.wecom.crypto import WeComCrypto, build_url_verification
+from wecom_bridge.wecom.errcodes import hint_for
 
 WECOM_DEADLINE = 1.0  # seconds WeCom waits for the URL verification answer
 BOM = b"\xef\xbb\xbf"
@@ -59,9 +68,10 @@ def skipped(name: str, detail: str, hint: str) -> CheckResult:
 class DoctorOptions:
     domain: str | None = None  # as written in the console: host or host:port
     verify_codes: tuple[str, ...] = ()
-    callback_url: str | None = None  # None: https://<domain><BRIDGE_CALLBACK_PATH or /wxcomapp>
+    callback_url: str | None = None  # None: https://<domain><the app's callback path>
     bridge_url: str | None = None  # internal base URL for /readyz
     cert_days: int = 14
+    app: str | None = None  # which app of BRIDGE_APPS_FILE (None: the only one)
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -72,36 +82,39 @@ class Doctor:
     results: dict[str, CheckResult] = field(default_factory=dict)
     _wecom: WeComClient | None = field(default=None, init=False, repr=False)
 
-    def env(self, name: str) -> str:
-        return self.options.env.get(name, "").strip()
+    def app(self, *, with_dify: bool = False) -> AppConfig:
+        """The app to check, read by the service's own loader (environment or BRIDGE_APPS_FILE);
+        ConfigError when the configuration does not load."""
+        return pick_app(load_apps(self.options.env, require_dify=with_dify), self.options.app)
 
-    def missing(self, *names: str) -> list[str]:
-        return [name for name in names if not self.env(name)]
+    def api_base(self) -> str:
+        return wecom_api_base(self.options.env)
 
     def wecom(self) -> WeComClient:
         """One client for both WeCom checks: the second reuses the token of the first."""
         if self._wecom is None:
+            app = self.app()
             self._wecom = WeComClient(
-                api_base=self.env("WECOM_API_BASE") or DEFAULT_API_BASE,
-                corp_id=self.env("WECOM_CORP_ID"),
-                secret=self.env("WECOM_SECRET"),
+                api_base=self.api_base(),
+                corp_id=app.corp_id,
+                secret=app.secret,
                 token_cache=MemoryTokenCache(),
                 max_attempts=1,
                 timeout=(3.05, self.prober.timeout),
             )
         return self._wecom
 
-    def callback_url(self) -> str | None:
+    def callback_url(self, app: AppConfig) -> str | None:
         if self.options.callback_url:
             return self.options.callback_url
         if not self.options.domain:
             return None
-        return f"https://{self.options.domain}{self.env('BRIDGE_CALLBACK_PATH') or '/wxcomapp'}"
+        return f"https://{self.options.domain}{app.callback_path}"
 
     def run(self) -> list[CheckResult]:
         checks: list[Callable[[Doctor], CheckResult]] = [check_dns]
         codes = self.options.verify_codes or ("",)
-        checks += [lambda d, code=code: check_verify_file(d, code) for code in codes]
+        checks += [functools.partial(check_verify_file, code=code) for code in codes]
         checks += [check_tls, check_callback, check_gettoken, check_trusted_ip, check_dify]
         checks.append(check_bridge_ready)
         for check in checks:
@@ -271,21 +284,23 @@ def check_tls(doctor: Doctor) -> CheckResult:
 # --- (d) callback URL handshake ----------------------------------------------------------------
 
 
-def _callback_crypto(doctor: Doctor, name: str) -> WeComCrypto | CheckResult:
-    missing = doctor.missing("WECOM_TOKEN", "WECOM_ENCODING_AES_KEY", "WECOM_CORP_ID")
-    if missing:
-        return skipped(
-            name,
-            f"{', '.join(missing)} not set",
-            "export the values entered in the console (接收消息 › 设置API接收; 我的企业 › 企业ID)",
-        )
+def _not_loaded(name: str, exc: ConfigError, hint: str) -> CheckResult:
+    """A check the configuration does not allow: SKIP when a setting is missing, else FAIL."""
+    if isinstance(exc, MissingSettingError):
+        return skipped(name, f"{exc.variable} not set", hint)
+    return failed(name, f"configuration: {exc}", "fix the value (`wecom-bridge check-config`)")
+
+
+def _callback_app(doctor: Doctor, name: str) -> AppConfig | CheckResult:
     try:
-        parse_encoding_aes_key(doctor.env("WECOM_ENCODING_AES_KEY"))
-    except ValueError as exc:
-        return failed(name, f"WECOM_ENCODING_AES_KEY {exc}", "copy the 43-character key again")
-    return WeComCrypto(
-        doctor.env("WECOM_TOKEN"), doctor.env("WECOM_ENCODING_AES_KEY"), doctor.env("WECOM_CORP_ID")
-    )
+        return doctor.app()
+    except ConfigError as exc:
+        return _not_loaded(
+            name,
+            exc,
+            "export the app's values as entered in the console (接收消息 › 设置API接收: Token, "
+            "EncodingAESKey; 我的企业 › 企业ID; the app's AgentId and Secret)",
+        )
 
 
 def _handshake(
@@ -301,12 +316,13 @@ def _handshake(
 
 def check_callback(doctor: Doctor) -> CheckResult:
     name = "callback"
-    url = doctor.callback_url()
-    if not url:
+    if not (doctor.options.callback_url or doctor.options.domain):
         return skipped(name, "no --callback-url or --domain", "pass --domain or --callback-url")
-    crypto = _callback_crypto(doctor, name)
-    if isinstance(crypto, CheckResult):
-        return crypto
+    app = _callback_app(doctor, name)
+    if isinstance(app, CheckResult):
+        return app
+    url = doctor.callback_url(app) or ""
+    crypto = WeComCrypto(app.token, app.encoding_aes_key, app.corp_id)
     plaintext = str(10**18 + secrets.randbelow(9 * 10**18))
     try:
         got = _handshake(doctor, url, crypto, plaintext)
@@ -420,10 +436,11 @@ def _callback_not_found(
 
 def check_gettoken(doctor: Doctor) -> CheckResult:
     name = "wecom-gettoken"
-    missing = doctor.missing("WECOM_CORP_ID", "WECOM_SECRET")
-    if missing:
-        return skipped(name, f"{', '.join(missing)} not set", "export the app's corp id and Secret")
-    base = doctor.env("WECOM_API_BASE") or DEFAULT_API_BASE
+    try:
+        doctor.app()
+        base = doctor.api_base()
+    except ConfigError as exc:
+        return _not_loaded(name, exc, "export the app's corp id and Secret (and the rest of it)")
     try:
         doctor.wecom().access_token()
     except WeComConfigError as exc:
@@ -438,18 +455,13 @@ def check_trusted_ip(doctor: Doctor) -> CheckResult:
     token = doctor.results.get("wecom-gettoken")
     if token is None or token.status != Status.PASS:
         return skipped(name, "needs an access token", "fix the wecom-gettoken check first")
-    base = doctor.env("WECOM_API_BASE") or DEFAULT_API_BASE
+    base = doctor.api_base()
     try:
         doctor.wecom().call("GET", "/cgi-bin/getcallbackip")
     except WeComConfigError as exc:
         if exc.errcode == 60020:
             ip = exc.ip or "this server's egress IP"
-            return failed(
-                name,
-                f"WeCom refuses API calls from {ip} (errcode 60020)",
-                f"add {ip} to 企业可信IP (应用管理 › the app › 企业可信IP); the console allows it "
-                "only after the trusted domain or the callback URL is set; applies in ~1 minute",
-            )
+            return failed(name, f"WeCom refuses API calls from {ip} (errcode 60020)", exc.hint)
         return failed(name, f"getcallbackip: errcode {exc.errcode}", exc.hint)
     except WeComApiError as exc:
         return _wecom_failure(name, "getcallbackip", base, exc)
@@ -467,7 +479,7 @@ def _wecom_failure(name: str, call: str, base: str, exc: WeComApiError) -> Check
     return failed(
         name,
         f"{call}: errcode {exc.errcode} {exc.errmsg[:80]}",
-        f"look up errcode {exc.errcode} at https://open.work.weixin.qq.com/devtool/query",
+        hint_for(exc.errcode, exc.errmsg),
     )
 
 
@@ -476,29 +488,26 @@ def _wecom_failure(name: str, call: str, base: str, exc: WeComApiError) -> Check
 
 def check_dify(doctor: Doctor) -> CheckResult:
     name = "dify"
-    missing = doctor.missing("DIFY_API_BASE", "DIFY_API_KEY")
-    if missing:
-        return skipped(
-            name, f"{', '.join(missing)} not set", "export DIFY_API_BASE (…/v1) and DIFY_API_KEY"
-        )
-    base = doctor.env("DIFY_API_BASE")
-    settings = DifySettings(
-        api_base=base,
-        api_key=doctor.env("DIFY_API_KEY"),
-        connect_timeout=3.0,
-        read_timeout=doctor.prober.timeout,
-        max_attempts=1,
+    try:
+        configured = doctor.app(with_dify=True).dify
+    except ConfigError as exc:
+        return _not_loaded(name, exc, "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
+    if configured is None:  # pragma: no cover - with_dify=True always loads Dify's settings
+        return skipped(name, "no Dify configured", "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
+    base = configured.api_base
+    # One quick try: the doctor reports, the service retries.
+    settings = dataclasses.replace(
+        configured, connect_timeout=3.0, read_timeout=doctor.prober.timeout, max_attempts=1
     )
     try:
         info = DifyClient(settings).info()
     except DifyError as exc:
         return _dify_failure(name, base, exc)
     mode = str(info.get("mode", "?"))
-    configured = doctor.env("DIFY_APP_MODE")
-    if configured and configured != mode:
+    if configured.app_mode and configured.app_mode != mode:
         return failed(
             name,
-            f"DIFY_APP_MODE={configured} but the app is {mode}",
+            f"DIFY_APP_MODE={configured.app_mode} but the app is {mode}",
             f"set DIFY_APP_MODE={mode} or leave it empty (the bridge asks /v1/info)",
         )
     return passed(name, f"{base}: app {info.get('name', '?')!r}, mode {mode}")

@@ -58,7 +58,9 @@ class SimulatorApp:
 
 
 @dataclass(frozen=True)
-class Delivery:
+class Attempt:
+    """One POST of the callback to the bridge, and what it answered."""
+
     label: str
     status: int
     body: bytes
@@ -107,7 +109,9 @@ def text_of(message: Mapping[str, Any]) -> str:
     return str(body.get("content", f"({message.get('msgtype')})"))
 
 
-def deliver(client: CallbackClient, app: SimulatorApp, args: argparse.Namespace) -> list[Delivery]:
+def post_callback(
+    client: CallbackClient, app: SimulatorApp, args: argparse.Namespace
+) -> list[Attempt]:
     """The callback and its redeliveries: the very same request, as WeCom repeats it."""
     crypto, user = client.crypto, args.user
     if args.event:
@@ -121,7 +125,7 @@ def deliver(client: CallbackClient, app: SimulatorApp, args: argparse.Namespace)
             crypto, from_user=user, content=args.text, msg_id=msg_id, agent_id=app.agent_id
         )
         label = f"text MsgId {msg_id}"
-    deliveries = []
+    attempts = []
     for attempt in range(1 + args.redeliver):
         started = time.monotonic()
         try:
@@ -129,10 +133,10 @@ def deliver(client: CallbackClient, app: SimulatorApp, args: argparse.Namespace)
         except requests.RequestException as exc:
             raise SimulationError(f"POST {client.url} failed: {type(exc).__name__}") from None
         name = label if attempt == 0 else f"redelivery {attempt}/{args.redeliver} (same request)"
-        deliveries.append(
-            Delivery(name, response.status_code, response.content, time.monotonic() - started)
+        attempts.append(
+            Attempt(name, response.status_code, response.content, time.monotonic() - started)
         )
-    return deliveries
+    return attempts
 
 
 def _api_double(
@@ -157,15 +161,15 @@ def simulate(
         replies.mark()
         what = f"event {args.event}" if args.event else repr(args.text)
         out(f"→ {args.user} sends {what} to {args.url}")
-        for delivery in deliver(client, app, args):
-            text = delivery.body.decode("utf-8", "replace").strip()
+        for attempt in post_callback(client, app, args):
+            text = attempt.body.decode("utf-8", "replace").strip()
             out(
-                f"  {delivery.label}: HTTP {delivery.status} in {delivery.elapsed * 1000:.0f} ms"
+                f"  {attempt.label}: HTTP {attempt.status} in {attempt.elapsed * 1000:.0f} ms"
                 + (f" {text!r}" if text else "")
             )
-            if delivery.status != 200:
+            if attempt.status != 200:
                 raise SimulationError(
-                    f"the bridge refused the callback (HTTP {delivery.status}); run "
+                    f"the bridge refused the callback (HTTP {attempt.status}); run "
                     "`wecom-bridge doctor` to see why"
                 )
         parts = replies.collect(args.timeout, args.quiet)

@@ -176,7 +176,7 @@ class WeComClient:
 
     def call(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, **kwargs: Any
-    ) -> dict:
+    ) -> dict[str, Any]:
         """One authenticated API call; a rejected token is replaced and the call retried once."""
         self._raise_if_cooling_down()
         for first in (True, False):
@@ -226,7 +226,7 @@ class WeComClient:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict:
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self._base + path
         try:
             response = self._session.request(method, url, timeout=self._timeout, **kwargs)

@@ -12,7 +12,9 @@ import binascii
 import hashlib
 import hmac
 import os
+import secrets
 import struct
+import time
 
 from Crypto.Cipher import AES
 
@@ -113,3 +115,30 @@ class WeComCrypto:
             return self.decrypt(echostr).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DecryptError("echostr plaintext is not UTF-8") from exc
+
+
+def default_timestamp(timestamp: str | None) -> str:
+    return timestamp if timestamp is not None else str(int(time.time()))
+
+
+def default_nonce(nonce: str | None) -> str:
+    return nonce if nonce is not None else str(secrets.randbelow(10**10))
+
+
+def build_url_verification(
+    crypto: WeComCrypto,
+    echostr_plaintext: str,
+    *,
+    timestamp: str | None = None,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """Query parameters of the GET WeCom sends when the admin saves the callback URL (what
+    `doctor` sends to prove the endpoint, and what the WeCom double sends)."""
+    ts, nc = default_timestamp(timestamp), default_nonce(nonce)
+    echostr = crypto.encrypt(echostr_plaintext.encode("utf-8"))
+    return {
+        "msg_signature": crypto.sign(ts, nc, echostr),
+        "timestamp": ts,
+        "nonce": nc,
+        "echostr": echostr,
+    }

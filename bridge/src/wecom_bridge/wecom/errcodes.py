@@ -60,8 +60,9 @@ _TABLE = (
         60020,
         Handling.ADMIN,
         "this server's IP is not trusted by WeCom",
-        "add {ip} to 企业可信IP in the app's settings (应用管理 › the app › 企业可信IP); "
-        "it takes about a minute to apply",
+        "add {ip} to 企业可信IP in the app's settings (应用管理 › the app › 企业可信IP; the "
+        "console allows it only after the trusted domain or the callback URL is set); it takes "
+        "about a minute to apply",
     ),
     Errcode(
         81013,

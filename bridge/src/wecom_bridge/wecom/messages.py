@@ -122,7 +122,8 @@ def parse_message(plaintext: bytes) -> CallbackMessage:
 
 def message_xml(fields: dict[str, str | int]) -> bytes:
     """Render a flat `<xml>` document (CDATA-safe via xmltodict's escaping)."""
-    return xmltodict.unparse({"xml": fields}, full_document=False).encode("utf-8")
+    text: str = xmltodict.unparse({"xml": fields}, full_document=False)
+    return text.encode("utf-8")
 
 
 # message/send truncates a longer text.content silently (bytes of UTF-8).
