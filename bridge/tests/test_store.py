@@ -2,6 +2,7 @@
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,31 @@ def test_group_commit_reports_store_failure(tmp_path: Path) -> None:
     finally:
         blocker.execute("ROLLBACK")
     assert committer.accept("app", "msg:1", chat("u", "x"))
+
+
+def test_group_commit_hands_any_failure_to_the_waiters(tmp_path: Path) -> None:
+    """An error that is not the store's own (here: a payload JSON cannot hold) must reach the
+    waiting callback as a 503, not kill the committer and leave every later callback hanging."""
+    from wecom_bridge.jobs.intake import GroupCommitter
+
+    store = Store(tmp_path)
+    committer = GroupCommitter(store)
+    with pytest.raises(StoreUnavailableError, match="commit failed: TypeError"):
+        committer.accept("app", "msg:1", NewJob("chat", "u", {"query": object()}))
+    assert committer.accept("app", "msg:2", chat("u", "x"))  # the committer still works
+
+
+def test_group_commit_waits_a_bounded_time(tmp_path: Path) -> None:
+    from wecom_bridge.jobs.intake import GroupCommitter
+
+    store = Store(tmp_path, busy_timeout=5.0)
+    committer = GroupCommitter(store, wait_seconds=0.3)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailableError, match=r"did not finish within 0\.3 s"):
+            committer.accept("app", "msg:1", chat("u", "x"))
+    finally:
+        blocker.execute("ROLLBACK")
+    assert time.monotonic() - started < 2.0

@@ -22,6 +22,9 @@ from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.jobs.store import Arrival, NewJob, Store
 
 MAX_BATCH = 256
+# A callback waits at most this long for its commit; then it is answered 503 (WeCom redelivers,
+# and the dedupe key makes a late commit harmless). WeCom itself gives up after 5 s.
+COMMIT_WAIT_SECONDS = 4.0
 
 
 class Acceptor(Protocol):
@@ -40,8 +43,9 @@ class _Pending:
 
 
 class GroupCommitter:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, wait_seconds: float = COMMIT_WAIT_SECONDS) -> None:
         self._store = store
+        self._wait = wait_seconds
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
@@ -50,7 +54,8 @@ class GroupCommitter:
         """Same contract as Store.accept; raises StoreUnavailableError when not stored."""
         pending = _Pending(Arrival(app, dedupe_key, job))
         self._queue.put(pending)
-        pending.done.wait()
+        if not pending.done.wait(self._wait):
+            raise StoreUnavailableError(f"the commit did not finish within {self._wait:g} s")
         if pending.error is not None:
             raise pending.error
         return pending.result
@@ -68,9 +73,14 @@ class GroupCommitter:
     def _commit(self, batch: list[_Pending]) -> None:
         try:
             results = self._store.accept_many([p.arrival for p in batch])
-        except StoreUnavailableError as exc:
+        except Exception as exc:  # every failure goes to the waiters: none may wait forever
+            error = (
+                exc
+                if isinstance(exc, StoreUnavailableError)
+                else StoreUnavailableError(f"commit failed: {type(exc).__name__}: {exc}")
+            )
             for pending in batch:
-                pending.error = exc
+                pending.error = error
                 pending.done.set()
             return
         for pending, result in zip(batch, results, strict=True):

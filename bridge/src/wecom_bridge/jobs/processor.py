@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wecom_bridge.channels.base import Outbound
+from wecom_bridge.channels.base import Outbound, Reply
 from wecom_bridge.config import AppConfig
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, JobPayloadError, WeComApiError, WeComConfigError
@@ -205,6 +205,18 @@ class JobProcessor:
             )
             return
         self._fail(job, str(exc), exc.errcode, fields)
+
+    def give_up(self, job: Job, error: str) -> None:
+        """Fail a job that keeps failing unexpectedly; the member hears the fallback text (best
+        effort: whatever broke the job may break this too) instead of silence."""
+        app = self.apps.get(job.app)
+        if app is not None and job.kind != SendJob.KIND:
+            try:
+                app.outbound.send_part(Reply(job.user), app.config.replies.fallback_reply)
+            except Exception:
+                log.exception("could not send the fallback text", extra={"job_id": job.id})
+        fields: dict[str, object] = {"job_id": job.id, "user": job.user, "app": job.app}
+        self._fail(job, f"given up after repeated errors ({error})", None, fields)
 
     def _fail(self, job: Job, error: str, errcode: int | None, fields: dict[str, object]) -> None:
         self.store.fail(job.id, error, errcode)

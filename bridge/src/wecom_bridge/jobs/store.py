@@ -472,6 +472,22 @@ class Store:
                 (now + delay, error, errcode, now, job_id),
             )
 
+    def retry_after_error(self, job_id: int, delay: float, error: str) -> int:
+        """Requeue a job that failed unexpectedly; returns how often that has happened to it."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status='queued', available_at=?, error=?, errcode=NULL,"
+                " lease_owner=NULL, updated_at=?, result=json_set(coalesce(result, '{}'),"
+                " '$.internal_errors', coalesce(json_extract(result, '$.internal_errors'), 0) + 1)"
+                " WHERE id=?",
+                (now + delay, error, now, job_id),
+            )
+            row = db.execute(
+                "SELECT json_extract(result, '$.internal_errors') FROM jobs WHERE id=?", (job_id,)
+            ).fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
     def get_job(self, job_id: int) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE id=?", (job_id,))
         return _job(rows[0]) if rows else None

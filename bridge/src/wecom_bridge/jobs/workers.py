@@ -20,6 +20,9 @@ from wecom_bridge.jobs.store import Job, Store
 
 log = logging.getLogger("wecom_bridge.workers")
 
+# Unexpected errors a job may meet before it is given up (the member then gets the fallback).
+MAX_INTERNAL_ERRORS = 5
+
 
 class WorkerPool:
     """A bounded pool of worker threads plus one housekeeping thread.
@@ -39,6 +42,8 @@ class WorkerPool:
         poll_seconds: float = 1.0,
         dedupe_ttl: float = 48 * 3600,
         job_retention: float = 7 * 86400,
+        max_internal_errors: int = MAX_INTERNAL_ERRORS,
+        error_retry_base: float = 5.0,
     ) -> None:
         self.store = store
         self.processor = processor
@@ -49,6 +54,8 @@ class WorkerPool:
         self.poll_seconds = poll_seconds
         self.dedupe_ttl = dedupe_ttl
         self.job_retention = job_retention
+        self.max_internal_errors = max_internal_errors
+        self.error_retry_base = error_retry_base
         self._wake = threading.Condition()
         self._pending_wakeups = 0
         self._stopping = threading.Event()
@@ -109,12 +116,18 @@ class WorkerPool:
             log.error(
                 "store unavailable while processing", extra={"job_id": job.id, "error": str(exc)}
             )
-        except Exception:
+        except Exception as exc:
             log.exception("unexpected error processing job", extra={"job_id": job.id})
-            with contextlib.suppress(StoreUnavailableError):  # the lease expiry retries it
-                self.store.retry_later(
-                    job.id, min(MAX_JOB_RETRY_DELAY, 5.0 * job.attempts), "internal error", None
-                )
+            self._after_error(job, exc)
+
+    def _after_error(self, job: Job, exc: Exception) -> None:
+        """Retry a job that failed unexpectedly, but only so often: a job that always fails
+        would otherwise hold its member's later messages back for ever."""
+        error = f"internal error: {type(exc).__name__}"
+        delay = min(MAX_JOB_RETRY_DELAY, self.error_retry_base * job.attempts)
+        with contextlib.suppress(StoreUnavailableError):  # else the lease expiry retries it
+            if self.store.retry_after_error(job.id, delay, error) >= self.max_internal_errors:
+                self.processor.give_up(job, error)
 
     def _idle(self) -> None:
         try:
