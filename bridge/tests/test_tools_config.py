@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import AppSecrets
+from test_doctor import WECOM_ENV
 
 from wecom_bridge.cli import main
 from wecom_bridge.testing.server import ServerThread
 
-SERVICE_ENV = (
-    "WECOM_CORP_ID",
-    "WECOM_AGENT_ID",
-    "WECOM_SECRET",
-    "WECOM_TOKEN",
-    "WECOM_ENCODING_AES_KEY",
-    "WECOM_API_BASE",
-    "DIFY_API_BASE",
-    "DIFY_API_KEY",
-    "BRIDGE_CALLBACK_PATH",
-    "BRIDGE_APPS_FILE",
-)
+# Every variable the service reads that could leak in from the developer's shell.
+SERVICE_ENV = (*WECOM_ENV, "BRIDGE_APPS_FILE")
 
 
 @pytest.fixture
