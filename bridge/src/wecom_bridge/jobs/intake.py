@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,8 +44,15 @@ class _Pending:
 
 
 class GroupCommitter:
-    def __init__(self, store: Store, *, wait_seconds: float = COMMIT_WAIT_SECONDS) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_stored: Callable[[], None] = lambda: None,
+        wait_seconds: float = COMMIT_WAIT_SECONDS,
+    ) -> None:
         self._store = store
+        self._on_stored = on_stored  # wakes the job side: once per batch, not per callback
         self._wait = wait_seconds
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
@@ -83,6 +91,8 @@ class GroupCommitter:
                 pending.error = error
                 pending.done.set()
             return
+        if any(results):
+            self._on_stored()
         for pending, result in zip(batch, results, strict=True):
             pending.result = result
             pending.done.set()

@@ -77,9 +77,11 @@ class WorkerPool:
         self._threads.append(thread)
 
     def notify(self) -> None:
+        """New work: wake every idle worker (one poke may stand for a whole commit batch; a
+        worker that finds nothing goes back to sleep)."""
         with self._wake:
-            self._pending_wakeups += 1
-            self._wake.notify()
+            self._pending_wakeups = self.size
+            self._wake.notify_all()
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)

@@ -31,7 +31,7 @@ from wecom_bridge.service.processes import (
     WakeupSender,
     publish_metrics_in_background,
 )
-from wecom_bridge.web.callbacks import CallbackEndpoint, register_callback
+from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter
 from wecom_bridge.web.ops import Ops, register_ops
 from wecom_bridge.web.send_api import SendApi, register_send_api
 from wecom_bridge.wecom.api import WeComClient
@@ -115,18 +115,19 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     flask_app = Flask("wecom_bridge")
     flask_app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     flask_app.extensions["wecom_bridge"] = Runtime(config, store, metrics, pool)
-    acceptor = GroupCommitter(store)
-    for app in config.apps:
-        endpoint = CallbackEndpoint(
+    acceptor = GroupCommitter(store, on_stored=notify)
+    endpoints = [
+        CallbackEndpoint(
             app=app.name,
             inbound=WeComAppInbound(app),
             replies=app.replies,
             acceptor=acceptor,
             metrics=metrics,
-            notify=notify,
             max_body_bytes=config.max_body_bytes,
         )
-        register_callback(flask_app, endpoint)
+        for app in config.apps
+    ]
+    flask_app.wsgi_app = CallbackRouter(endpoints, flask_app.wsgi_app)  # type: ignore[method-assign]
     if config.api_token:
         api = SendApi(
             config=config, store=store, metrics=metrics, notify=notify, token=config.api_token

@@ -4,16 +4,20 @@ A POST is acknowledged (200, empty body) as soon as the channel's adapter has ve
 decoded it and the pipeline's job for it is stored with its dedupe key in one transaction —
 never after talking to Dify. When it cannot be stored the answer is 503, so WeCom delivers it
 again; a refused callback (forged, malformed, too large) gets the status its error type names.
+
+Callback paths are answered by a small WSGI layer in front of Flask (`CallbackRouter`): the
+acknowledgement path is the hot one, and Flask's request context, routing and response objects
+cost more per callback than the callback's own work. Everything else goes on to Flask.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
-
-from flask import Flask, Response, request
+from http import HTTPStatus
+from typing import IO, Any, Protocol
+from urllib.parse import parse_qsl
 
 from wecom_bridge.channels.base import InboundMessage
 from wecom_bridge.config import Replies
@@ -26,6 +30,8 @@ from wecom_bridge.metrics import Metrics
 log = logging.getLogger("wecom_bridge.callback")
 
 CALLBACKS = "wecom_bridge_callbacks_total"
+ALLOWED = "GET, HEAD, POST, OPTIONS"
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class CallbackInbound(Protocol):
@@ -40,36 +46,52 @@ class CallbackInbound(Protocol):
 
 
 @dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes = b""
+
+
+def query_args(query_string: str) -> dict[str, str]:
+    """The query's parameters; of a repeated one the first counts (as werkzeug's args.get)."""
+    args: dict[str, str] = {}
+    for name, value in parse_qsl(query_string, keep_blank_values=True):
+        args.setdefault(name, value)
+    return args
+
+
+def read_body(stream: IO[bytes], content_length: int | None, limit: int) -> bytes:
+    """The request body, refused (413) past `limit` bytes without reading more than limit + 1."""
+    if content_length is not None and content_length > limit:
+        raise BodyTooLargeError(f"body over {limit} bytes")
+    body = stream.read(limit + 1 if content_length is None else content_length)
+    if len(body) > limit:
+        raise BodyTooLargeError(f"body over {limit} bytes")
+    return body
+
+
+@dataclass(frozen=True)
 class CallbackEndpoint:
     app: str
     inbound: CallbackInbound
     replies: Replies
-    acceptor: Acceptor
+    acceptor: Acceptor  # wakes the job side itself once the job is stored
     metrics: Metrics
-    notify: Callable[[], None]
     max_body_bytes: int
 
-    def handshake(self) -> Response:
-        plaintext = self.inbound.handshake(request.args)
+    def handshake(self, args: Mapping[str, str]) -> Answer:
+        plaintext = self.inbound.handshake(args)
         self.metrics.inc(CALLBACKS, {"outcome": "url_verified"})
         log.info("URL verification answered", extra={"app": self.app, "event": "verify_url"})
         # Exactly the plaintext: no quotes, no newline, no BOM — anything else fails the console.
-        return Response(plaintext, status=200, mimetype="text/plain")
+        return Answer(200, plaintext.encode("utf-8"))
 
-    def receive(self) -> Response:
-        if (request.content_length or 0) > self.max_body_bytes:
-            raise BodyTooLargeError(f"body over {self.max_body_bytes} bytes")
-        body = request.get_data(cache=False)
-        if len(body) > self.max_body_bytes:
-            raise BodyTooLargeError(f"body over {self.max_body_bytes} bytes")
-        message = self.inbound.decode(request.args, body)
+    def receive(self, args: Mapping[str, str], body: bytes) -> Answer:
+        message = self.inbound.decode(args, body)
         spec = route(message, self.replies)
         job = new_job(message.sender, spec) if spec is not None else None
         job_id = self.acceptor.accept(self.app, message.dedupe_key, job)
         self._record(message, job_id)
-        if job_id:
-            self.notify()
-        return Response(b"", status=200, mimetype="text/plain")
+        return Answer(200)
 
     def _record(self, message: InboundMessage, job_id: int | None) -> None:
         fields = {
@@ -86,11 +108,20 @@ class CallbackEndpoint:
             self.metrics.inc(CALLBACKS, {"outcome": "accepted"})
             log.info("callback stored", extra={**fields, "event": "accepted", "job_id": job_id})
 
-    def view(self) -> Response:
+    def answer(self, environ: Mapping[str, Any]) -> Answer:
+        """The answer to one request of any method (HEAD as GET, without the body)."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method == "OPTIONS":
+            return Answer(200)
+        if method not in ("GET", "HEAD", "POST"):
+            return Answer(405)
         try:
-            if request.method in ("GET", "HEAD"):  # Flask answers HEAD with the GET view
-                return self.handshake()
-            return self.receive()
+            args = query_args(environ.get("QUERY_STRING", ""))
+            if method != "POST":
+                return self.handshake(args)
+            length = environ.get("CONTENT_LENGTH") or ""
+            size = int(length) if length.isdigit() else None
+            return self.receive(args, read_body(environ["wsgi.input"], size, self.max_body_bytes))
         except CallbackError as exc:
             return self._refused(exc)
         except StoreUnavailableError as exc:
@@ -99,9 +130,9 @@ class CallbackEndpoint:
                 "callback not stored; WeCom will redeliver",
                 extra={"app": self.app, "event": "store_unavailable", "error": str(exc)},
             )
-            return Response("503 not stored\n", status=503, mimetype="text/plain")
+            return Answer(503, b"503 not stored\n")
 
-    def _refused(self, exc: CallbackError) -> Response:
+    def _refused(self, exc: CallbackError) -> Answer:
         outcome = type(exc).__name__
         self.metrics.inc(CALLBACKS, {"outcome": outcome})
         log.warning(
@@ -115,15 +146,29 @@ class CallbackEndpoint:
                 "detail": str(exc),
             },
         )
-        return Response(
-            f"{exc.http_status} refused\n", status=exc.http_status, mimetype="text/plain"
-        )
+        return Answer(exc.http_status, f"{exc.http_status} refused\n".encode())
 
 
-def register_callback(flask_app: Flask, endpoint: CallbackEndpoint) -> None:
-    flask_app.add_url_rule(
-        endpoint.inbound.path,
-        endpoint=f"callback:{endpoint.app}",
-        view_func=endpoint.view,
-        methods=["GET", "POST"],
-    )
+class CallbackRouter:
+    """WSGI: callback paths to their endpoints, every other request to `fallback` (Flask)."""
+
+    def __init__(self, endpoints: Iterable[CallbackEndpoint], fallback: WsgiApp) -> None:
+        self._by_path = {endpoint.inbound.path: endpoint for endpoint in endpoints}
+        self._fallback = fallback
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        endpoint = self._by_path.get(environ.get("PATH_INFO", ""))
+        if endpoint is None:
+            return self._fallback(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        answer = endpoint.answer(environ)
+        headers = [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(answer.body))),
+        ]
+        if method == "OPTIONS" or answer.status == 405:
+            headers.append(("Allow", ALLOWED))
+        start_response(f"{answer.status} {HTTPStatus(answer.status).phrase}", headers)
+        return [b"" if method == "HEAD" else answer.body]

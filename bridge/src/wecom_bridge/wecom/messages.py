@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from xml.parsers import expat
 from xml.parsers.expat import ExpatError
 
 import xmltodict
@@ -15,27 +16,81 @@ from wecom_bridge.errors import MalformedXmlError
 _DTD = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
+class _DtdRefused(Exception):
+    """Raised from inside expat when the document declares a DTD or an entity."""
+
+
+class _FlatFields:
+    """Collects the text of `<xml>`'s leaf children as expat reports them (a few C callbacks per
+    element: the callback path's parse costs a fraction of a general XML-to-dict converter)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.repeated: set[str] = set()
+        self.root = ""
+        self.root_has_content = False
+        self._path: list[str] = []
+        self._text: list[str] = []
+        self._nested = False  # the current child has children or attributes: not a text field
+
+    def start(self, name: str, attrs: dict[str, str]) -> None:
+        depth = len(self._path)
+        self._path.append(name)
+        if depth == 0:
+            self.root = name
+            self.root_has_content = bool(attrs)
+        elif depth == 1:
+            self.root_has_content = True
+            self._text, self._nested = [], bool(attrs)
+        else:
+            self._nested = True
+
+    def end(self, name: str) -> None:
+        self._path.pop()
+        if len(self._path) != 1:
+            return
+        if name in self.fields or name in self.repeated:
+            self.repeated.add(name)  # as a list, a repeated element is no text field
+            self.fields.pop(name, None)
+        elif not self._nested:
+            self.fields[name] = "".join(self._text).strip()
+
+    def text(self, data: str) -> None:
+        if len(self._path) == 2:
+            self._text.append(data)
+
+    @staticmethod
+    def refuse(*_: object) -> None:
+        raise _DtdRefused
+
+
 def parse_xml(data: bytes) -> dict[str, str]:
-    """Parse a flat WeCom `<xml>…</xml>` document into a dict of its child elements' text."""
+    """Parse a flat WeCom `<xml>…</xml>` document into a dict of its child elements' text.
+
+    Elements with children or attributes (e.g. batch job details) and repeated elements are not
+    fields the bridge needs; they are left out."""
     if _DTD.search(data):
         raise MalformedXmlError("XML with a DTD or entity declaration is refused")
+    collector = _FlatFields()
+    parser = expat.ParserCreate()
+    # The byte check above misses a DTD in UTF-16 or UTF-32; expat itself refuses it then.
+    parser.StartDoctypeDeclHandler = collector.refuse
+    parser.EntityDeclHandler = collector.refuse
+    parser.StartElementHandler = collector.start
+    parser.EndElementHandler = collector.end
+    parser.CharacterDataHandler = collector.text
+    parser.buffer_text = True
     try:
-        doc = xmltodict.parse(data, disable_entities=True)
+        parser.Parse(data, True)
+    except _DtdRefused:
+        raise MalformedXmlError("XML with a DTD or entity declaration is refused") from None
     except (ExpatError, ValueError, LookupError) as exc:
         # LookupError: an XML declaration naming an encoding Python does not know
         # (`<?xml version="1.0" encoding="foo"?>`), raised by expat's codec lookup.
         raise MalformedXmlError(f"not well-formed XML: {exc}") from exc
-    root = doc.get("xml") if isinstance(doc, dict) else None
-    if not isinstance(root, dict):
+    if collector.root != "xml" or not collector.root_has_content:
         raise MalformedXmlError("root element <xml> with children expected")
-    fields: dict[str, str] = {}
-    for name, value in root.items():
-        if isinstance(value, str):
-            fields[name] = value
-        elif value is None:
-            fields[name] = ""
-        # Nested elements (e.g. batch job details) are not needed by the bridge.
-    return fields
+    return collector.fields
 
 
 @dataclass(frozen=True)
