@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import pytest
+from conftest import wait_for
 
 from wecom_bridge.logs import setup_logging
+from wecom_bridge.testing.callbacks import CallbackClient
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +60,25 @@ def test_text_format_carries_the_context(capsys) -> None:
     err = capsys.readouterr().err
     assert "WARNING wecom_bridge.test: refused reason=SignatureError" in err
     assert "not shown" not in err
+
+
+def test_callbacks_are_summed_up_at_info_and_refusals_logged_one_by_one(
+    caplog: pytest.LogCaptureFixture, callbacks: CallbackClient
+) -> None:
+    caplog.set_level(logging.INFO, logger="wecom_bridge")
+    time.sleep(1.2)  # bridges of earlier tests flush what they counted within a second
+    caplog.clear()
+    for n in range(3):
+        assert callbacks.send_text(f"sum{n}", "hi", msg_id=f"880{n}").status_code == 200
+    assert callbacks.send_text("sum0", "hi", msg_id="8800").status_code == 200  # redelivery
+    forged = callbacks.post({"msg_signature": "0" * 40, "timestamp": "1", "nonce": "2"}, b"<xml/>")
+    assert forged.status_code == 400
+
+    def summary() -> logging.LogRecord | None:
+        return next((r for r in caplog.records if r.getMessage() == "callbacks stored"), None)
+
+    record = wait_for(summary, timeout=5)
+    assert (record.accepted, record.duplicate) == (3, 1)  # type: ignore[union-attr]
+    assert not [r for r in caplog.records if r.getMessage() == "callback stored"]  # DEBUG only
+    refused = [r for r in caplog.records if r.getMessage() == "callback refused"]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING

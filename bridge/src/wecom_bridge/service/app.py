@@ -31,7 +31,7 @@ from wecom_bridge.service.processes import (
     WakeupSender,
     publish_metrics_in_background,
 )
-from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter
+from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, IntakeTally
 from wecom_bridge.web.ops import Ops, register_ops
 from wecom_bridge.web.send_api import SendApi, register_send_api
 from wecom_bridge.wecom.api import WeComClient
@@ -116,6 +116,8 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     flask_app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     flask_app.extensions["wecom_bridge"] = Runtime(config, store, metrics, pool)
     acceptor = GroupCommitter(store, on_stored=notify)
+    tally = IntakeTally()
+    tally.start()
     endpoints = [
         CallbackEndpoint(
             app=app.name,
@@ -124,6 +126,7 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
             acceptor=acceptor,
             metrics=metrics,
             max_body_bytes=config.max_body_bytes,
+            tally=tally,
         )
         for app in config.apps
     ]
