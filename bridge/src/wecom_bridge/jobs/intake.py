@@ -48,11 +48,12 @@ class GroupCommitter:
         self,
         store: Store,
         *,
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[int], None] = lambda jobs: None,
         wait_seconds: float = COMMIT_WAIT_SECONDS,
     ) -> None:
         self._store = store
-        self._on_stored = on_stored  # wakes the job side: once per batch, not per callback
+        # Wakes the job side, once per batch with the number of new jobs, not per callback.
+        self._on_stored = on_stored
         self._wait = wait_seconds
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
@@ -91,8 +92,9 @@ class GroupCommitter:
                 pending.error = error
                 pending.done.set()
             return
-        if any(results):
-            self._on_stored()
+        new_jobs = sum(1 for result in results if result)
+        if new_jobs:
+            self._on_stored(new_jobs)
         for pending, result in zip(batch, results, strict=True):
             pending.result = result
             pending.done.set()

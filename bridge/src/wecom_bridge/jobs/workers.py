@@ -76,12 +76,13 @@ class WorkerPool:
         thread.start()
         self._threads.append(thread)
 
-    def notify(self) -> None:
-        """New work: wake every idle worker (one poke may stand for a whole commit batch; a
-        worker that finds nothing goes back to sleep)."""
+    def notify(self, jobs: int = 1) -> None:
+        """`jobs` new jobs: wake as many idle workers (at most all of them). More would only
+        queue for the write lock the callbacks' commits need."""
+        wake = max(1, min(jobs, self.size))
         with self._wake:
-            self._pending_wakeups = self.size
-            self._wake.notify_all()
+            self._pending_wakeups = min(self.size, self._pending_wakeups + wake)
+            self._wake.notify(wake)
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)

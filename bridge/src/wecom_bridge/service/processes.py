@@ -4,7 +4,7 @@ they wake each other.
 ```
 wecom-bridge serve ── gunicorn master ──┬── web worker(s)   HTTP: callbacks, send API, ops
                                          │      │  store: SQLite in BRIDGE_DATA_DIR (synced commits)
-                                         │      │  wake.sock ──▶ "a job was stored"
+                                         │      │  wake.sock ──▶ "jobs were stored"
                                          │      ▼
                                          └── job process (`wecom-bridge work`, supervised)
                                                 workers ─▶ Dify ─▶ WeCom; heartbeats in the store
@@ -64,20 +64,20 @@ class WakeupSender:
         self._path = str(data_dir / WAKE_SOCKET)
         self._local = threading.local()
 
-    def send(self) -> None:
+    def send(self, jobs: int = 1) -> None:
         sock = getattr(self._local, "sock", None)
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.setblocking(False)
             self._local.sock = sock
         with contextlib.suppress(OSError):  # job process not up, or its buffer full: it polls
-            sock.sendto(b"!", self._path)
+            sock.sendto(str(jobs).encode(), self._path)
 
 
 class WakeupListener:
-    """Calls `on_wake` for every poke; runs in a daemon thread of the job process."""
+    """Calls `on_wake(jobs)` for every poke; runs in a daemon thread of the job process."""
 
-    def __init__(self, data_dir: Path, on_wake: Callable[[], None]) -> None:
+    def __init__(self, data_dir: Path, on_wake: Callable[[int], None]) -> None:
         self._path = data_dir / WAKE_SOCKET
         self._on_wake = on_wake
         with contextlib.suppress(FileNotFoundError):
@@ -93,10 +93,10 @@ class WakeupListener:
     def _run(self) -> None:
         while True:
             try:
-                self._sock.recv(64)
+                data = self._sock.recv(64)
             except OSError:
                 return
-            self._on_wake()
+            self._on_wake(int(data) if data.isdigit() else 1)
 
     def close(self) -> None:
         self._sock.close()
