@@ -18,7 +18,13 @@ from typing import Any
 from wecom_bridge.channels.base import Outbound, Reply
 from wecom_bridge.config import AppConfig
 from wecom_bridge.dify.client import DifyClient
-from wecom_bridge.errors import DifyError, JobPayloadError, WeComApiError, WeComConfigError
+from wecom_bridge.errors import (
+    DifyError,
+    DifyPausedError,
+    JobPayloadError,
+    WeComApiError,
+    WeComConfigError,
+)
 from wecom_bridge.jobs.kinds import (
     ChatJob,
     JobSpec,
@@ -152,6 +158,17 @@ class JobProcessor:
         conversation = self.store.get_conversation(cfg.corp_id, cfg.agent_id, job.user)
         try:
             answer = app.dify.ask(spec.query, job.user, conversation)
+        except DifyPausedError as exc:
+            log.warning(
+                "Dify workflow paused for human input, telling the member",
+                extra={
+                    "job_id": job.id,
+                    "user": job.user,
+                    "event": "dify_paused",
+                    "workflow_run_id": exc.run_id,
+                },
+            )
+            return Answer(cfg.replies.paused_reply, {"dify_paused": exc.run_id})
         except DifyError as exc:
             log.warning(
                 "Dify failed, sending the fallback text",
