@@ -70,7 +70,12 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
     """The job side: its own store connection, the processor and the worker threads."""
     # Worker progress commits without fsync: it survives a crash of the process, and the next
     # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
-    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout, durable_commits=False)
+    store = Store(
+        config.data_dir,
+        busy_timeout=config.db_busy_timeout,
+        durable_commits=False,
+        takes_turns=True,
+    )
     processor = JobProcessor(
         store,
         build_apps(config, store, metrics),
