@@ -53,7 +53,10 @@ def make_client(dify_server: ServerThread, sleeps: list[float]) -> Callable[...,
 
 
 def answer_requests(server: ServerThread) -> list[dict]:
-    return [r for r in state_of(server).snapshot() if r["path"] != "/v1/info"]
+    """What the client asked, without the app's info and input form it reads now and then."""
+    return [
+        r for r in state_of(server).snapshot() if r["path"] not in ("/v1/info", "/v1/parameters")
+    ]
 
 
 def test_streaming_chat_answer_is_assembled(make_client, dify_server) -> None:
@@ -90,7 +93,8 @@ def test_app_mode_comes_from_info_once(make_client, dify_server) -> None:
 
 def test_configured_app_mode_skips_info(make_client, dify_server) -> None:
     make_client(app_mode="chat").ask("q", user="u")
-    assert [r["path"] for r in state_of(dify_server).snapshot()] == ["/v1/chat-messages"]
+    paths = [r["path"] for r in state_of(dify_server).snapshot()]
+    assert paths == ["/v1/parameters", "/v1/chat-messages"]
 
 
 @pytest.mark.parametrize("dify_mode", ["agent-chat"])
@@ -275,7 +279,7 @@ def test_wrong_key_is_not_retried(make_client, dify_server, sleeps) -> None:
     assert caught.value.code == "unauthorized"
     assert not caught.value.retryable
     assert sleeps == []
-    assert len(state_of(dify_server).snapshot()) == 1
+    assert len(answer_requests(dify_server)) == 1
 
 
 @pytest.mark.parametrize("status", [400, 403, 404])
@@ -483,3 +487,58 @@ def test_api_key_never_logged(make_client, dify_server, caplog) -> None:
     assert API_KEY not in caplog.text
     assert "app-wrong-key" not in caplog.text
     assert all("Authorization" not in str(r) for r in state_of(dify_server).snapshot())
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+DEPT_FORM = [{"text-input": {"variable": "dept", "label": "部门", "required": True}}]
+
+
+def test_required_input_without_a_value_is_not_asked(make_client, dify_server, sleeps) -> None:
+    """Dify refuses every message that lacks a required input (400 invalid_param): the
+    client says which input is missing and does not POST the question at all."""
+    state_of(dify_server).set_input_form(DEPT_FORM)
+    with pytest.raises(DifyError) as caught:
+        make_client().ask("q", user="u")
+    assert caught.value.code == "input_missing"
+    assert "'dept'" in str(caught.value) and "DIFY_INPUTS" in str(caught.value)
+    assert answer_requests(dify_server) == []
+    answer = make_client(inputs={"dept": "HR", "typo": "x"}).ask("q", user="u")
+    assert answer.text == "Dify double answer: q"
+    (sent,) = answer_requests(dify_server)
+    assert sent["json"]["inputs"] == {"dept": "HR", "typo": "x"}
+    assert state_of(dify_server).messages[-1]["inputs"] == {"dept": "HR"}  # Dify dropped typo
+
+
+def test_input_form_is_cached_and_reread_when_dify_says_it_changed(
+    make_client, dify_server
+) -> None:
+    client = make_client()
+    client.ask("one", user="u")
+    client.ask("two", user="u")
+    reads = [r for r in state_of(dify_server).snapshot() if r["path"] == "/v1/parameters"]
+    assert len(reads) == 1  # cached
+    state_of(dify_server).set_input_form(DEPT_FORM)  # the app now requires an input
+    with pytest.raises(DifyError) as first:
+        client.ask("three", user="u")
+    assert first.value.code == "invalid_param"  # Dify's 400, then the form is read again
+    with pytest.raises(DifyError) as second:
+        client.ask("four", user="u")
+    assert second.value.code == "input_missing"
+    assert [r["json"]["query"] for r in answer_requests(dify_server)] == ["one", "two", "three"]
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_query_input_names_the_workflow_variable(make_client, dify_server) -> None:
+    state_of(dify_server).set_input_form(
+        [
+            {"paragraph": {"variable": "question", "label": "问题", "required": True}},
+            {"text-input": {"variable": "lang", "label": "语言", "required": False}},
+        ]
+    )
+    with pytest.raises(DifyError, match="DIFY_QUERY_INPUT=query is not an input"):
+        make_client().ask("q", user="u")
+    answer = make_client(query_input="question", inputs={"lang": "zh"}).ask("请假", user="u")
+    assert answer.text == "Dify double answer: 请假"
+    assert answer_requests(dify_server)[-1]["json"]["inputs"] == {"lang": "zh", "question": "请假"}

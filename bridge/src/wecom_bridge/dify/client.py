@@ -15,6 +15,7 @@ is only for failures before Dify accepted (connect errors, 429, 5xx) and for the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -45,6 +46,8 @@ WORKFLOW_OK = ("succeeded", "partial-succeeded")
 # The one in-stream error code Dify uses for provider failures (rate limit, 5xx, connection).
 TRANSIENT_STREAM_CODE = "completion_request_error"
 RECOVER_STEP_MAX = 15.0
+# How long the app's input form (GET /parameters) is trusted before it is read again.
+PARAMETERS_TTL = 300.0
 
 # Reasoning models' thinking: <think>…</think> (an unclosed one runs to the end), and the
 # <details><summary>Thinking...</summary>…</details> block some Dify releases render it as.
@@ -189,6 +192,9 @@ class DifyClient:
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._mode: str | None = settings.app_mode
         self._mode_lock = threading.Lock()
+        self._form: list[dict[str, Any]] | None = None
+        self._form_read_at = 0.0
+        self._clock = time.monotonic
         self._jitter = random.Random()  # noqa: S311 - backoff jitter, not security
 
     # --- public ----------------------------------------------------------------------------
@@ -209,11 +215,73 @@ class DifyClient:
             raise DifyError(f"unsupported Dify app mode {mode!r}", code="unsupported_app_mode")
         return mode
 
+    def parameters(self) -> dict[str, Any]:
+        """GET /parameters: the app's user_input_form, opening statement, file upload, …"""
+        return self._json(self._send("GET", "/parameters"))  # one try: it only informs
+
+    def input_form(self, *, refresh: bool = False) -> list[dict[str, Any]]:
+        """The variables the app declares ({"variable", "required", "label", …} each), read
+        from /parameters at most every PARAMETERS_TTL seconds (or at once with `refresh`)."""
+        with self._mode_lock:
+            fresh = self._form is not None and self._clock() - self._form_read_at < PARAMETERS_TTL
+            if fresh and not refresh and self._form is not None:
+                return self._form
+        form = self.parameters().get("user_input_form") or []
+        variables = [
+            spec
+            for item in form
+            if isinstance(item, dict)
+            for spec in item.values()
+            if isinstance(spec, dict) and spec.get("variable")
+        ]
+        with self._mode_lock:
+            self._form, self._form_read_at = variables, self._clock()
+        return variables
+
+    def input_problems(self, *, refresh: bool = False) -> tuple[list[str], list[str]]:
+        """What the configured inputs lack for this app (problems: Dify would refuse every
+        message) and what it ignores (warnings: Dify drops undeclared inputs silently)."""
+        mode = self.app_mode()
+        declared = {str(spec["variable"]): spec for spec in self.input_form(refresh=refresh)}
+        given = {k for k, v in self._settings.inputs.items() if v not in (None, "")}
+        takes_query = mode not in CHAT_MODES
+        if takes_query:
+            given.add(self._settings.query_input)
+        problems = [
+            f"the app requires the input {name!r} ({spec.get('label') or name}): "
+            "set it in DIFY_INPUTS" + ("" if not takes_query else " or name it in DIFY_QUERY_INPUT")
+            for name, spec in declared.items()
+            if spec.get("required") and name not in given
+        ]
+        if takes_query and self._settings.query_input not in declared:
+            problems.append(
+                f"DIFY_QUERY_INPUT={self._settings.query_input} is not an input of the app, so "
+                f"Dify would drop the question (inputs: {', '.join(sorted(declared)) or 'none'})"
+            )
+        warnings = [
+            f"DIFY_INPUTS key {name!r} is not an input of the app (Dify drops it)"
+            for name in sorted(self._settings.inputs)
+            if name not in declared
+        ]
+        return problems, warnings
+
+    def _check_inputs(self) -> None:
+        """Refuse to ask when the app needs an input nobody configured: Dify would answer 400
+        on every message. The form is cached; if /parameters cannot be read, ask anyway."""
+        try:
+            problems, _ = self.input_problems()
+        except DifyError as exc:
+            log.warning("could not read the app's input form (%s); asking anyway", exc.code)
+            return
+        if problems:
+            raise DifyError("; ".join(problems), code="input_missing")
+
     def ask(self, query: str, user: str, conversation_id: str = "") -> DifyAnswer:
         started = time.monotonic()
         call = _Call()
         try:
             mode = self.app_mode()
+            self._check_inputs()
             try:
                 if mode in CHAT_MODES:
                     answer = self._chat(call, query, user, conversation_id)
@@ -233,6 +301,9 @@ class DifyClient:
                 )
             return answer
         except DifyError as exc:
+            if exc.code == "invalid_param" and "required in input form" in str(exc):
+                with contextlib.suppress(DifyError):  # the app's form changed since it was read
+                    self.input_form(refresh=True)
             self._metrics.inc("wecom_bridge_dify_errors_total", {"code": exc.code or "unknown"})
             raise
         finally:
