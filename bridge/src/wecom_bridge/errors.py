@@ -131,11 +131,19 @@ class DifyPausedError(DifyError):
 class WeComApiError(BridgeError):
     """WeCom's API answered with a non-zero errcode (or could not be reached: errcode None)."""
 
-    def __init__(self, errcode: int | None, errmsg: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        errcode: int | None,
+        errmsg: str,
+        *,
+        retryable: bool = False,
+        retry_after: float = 0.0,
+    ) -> None:
         super().__init__(f"errcode={errcode} {errmsg}")
         self.errcode = errcode
         self.errmsg = errmsg
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds WeCom blocks further calls (frequency limits)
 
 
 class WeComConfigError(WeComApiError):

@@ -47,6 +47,10 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "counter",
         "Messages (parts) sent through message/send.",
     ),
+    "wecom_bridge_wecom_undelivered_total": (
+        "counter",
+        "Parts WeCom accepted but could not deliver to anyone named, by reason.",
+    ),
     "wecom_bridge_token_refreshes_total": ("counter", "WeCom access token refreshes."),
     "wecom_bridge_jobs_total": ("counter", "Jobs finished, by final status."),
     "wecom_bridge_send_api_requests_total": (

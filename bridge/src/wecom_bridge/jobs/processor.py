@@ -249,6 +249,7 @@ class JobProcessor:
                 "invaliduser": result.invaliduser,
                 "invalidparty": result.invalidparty,
                 "invalidtag": result.invalidtag,
+                "unlicenseduser": result.unlicenseduser,
             }
             with self._sent_lock:
                 self._sent[job.id] = max(self._sent.get(job.id, 0), index + 1)
@@ -274,6 +275,8 @@ class JobProcessor:
         age = self._clock() - job.received_at
         if (exc.retryable or isinstance(exc, WeComConfigError)) and age < self.send_max_age:
             delay = min(MAX_JOB_RETRY_DELAY, 5.0 * 2 ** (job.attempts - 1))
+            # A frequency limit (45009) blocks for a window: no retry before it can be over.
+            delay = max(delay, exc.retry_after)
             self.store.retry_later(job.id, delay, str(exc), exc.errcode)
             log.warning(
                 "send failed, will retry",

@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
-INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag")
+INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
 
 
 @dataclass(frozen=True)
