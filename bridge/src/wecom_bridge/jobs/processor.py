@@ -204,27 +204,17 @@ class JobProcessor:
         try:
             answer = app.dify.ask(spec.query, job.user, conversation)
         except DifyPausedError as exc:
+            fields: dict[str, object] = {"event": "dify_paused", "workflow_run_id": exc.run_id}
             log.warning(
                 "Dify workflow paused for human input, telling the member",
-                extra={
-                    "job_id": job.id,
-                    "user": job.user,
-                    "event": "dify_paused",
-                    "workflow_run_id": exc.run_id,
-                },
+                extra={"job_id": job.id, "user": job.user, **fields},
             )
             return Answer(cfg.replies.paused_reply, {"dify_paused": exc.run_id})
         except DifyError as exc:
+            fields = {"event": "dify_failed", "code": exc.code, "status": exc.status}
             log.warning(
                 "Dify failed, sending the fallback text",
-                extra={
-                    "job_id": job.id,
-                    "user": job.user,
-                    "event": "dify_failed",
-                    "code": exc.code,
-                    "status": exc.status,
-                    "error": str(exc),
-                },
+                extra={"job_id": job.id, "user": job.user, **fields, "error": str(exc)},
             )
             return Answer(fallback, {"dify_error": exc.code or str(exc.status or "unreachable")})
         if answer.conversation_id and answer.conversation_id != conversation:

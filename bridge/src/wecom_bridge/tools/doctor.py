@@ -18,7 +18,7 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from wecom_bridge.config import AppConfig, load_apps, pick_app, wecom_api_base
-from wecom_bridge.dify.client import DifyClient
+from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import (
     ConfigError,
     DifyError,
@@ -493,19 +493,26 @@ def _wecom_failure(name: str, call: str, base: str, exc: WeComApiError) -> Check
 # --- (g) Dify ----------------------------------------------------------------------------------
 
 
-def check_dify(doctor: Doctor) -> CheckResult:
-    name = "dify"
+def _quick_dify_settings(doctor: Doctor, name: str) -> DifySettings | CheckResult:
+    """The app's Dify settings for one quick try (the doctor reports, the service retries), or
+    the check's result when they cannot be loaded."""
     try:
         configured = doctor.app(with_dify=True).dify
     except ConfigError as exc:
         return _not_loaded(name, exc, "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
     if configured is None:  # pragma: no cover - with_dify=True always loads Dify's settings
         return skipped(name, "no Dify configured", "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
-    base = configured.api_base
-    # One quick try: the doctor reports, the service retries.
-    settings = dataclasses.replace(
+    return dataclasses.replace(
         configured, connect_timeout=3.0, read_timeout=doctor.prober.timeout, max_attempts=1
     )
+
+
+def check_dify(doctor: Doctor) -> CheckResult:
+    name = "dify"
+    settings = _quick_dify_settings(doctor, name)
+    if isinstance(settings, CheckResult):
+        return settings
+    configured, base = settings, settings.api_base
     try:
         info = DifyClient(settings).info()
     except DifyError as exc:
@@ -524,15 +531,9 @@ def check_dify_inputs(doctor: Doctor) -> CheckResult:
     """The app's declared inputs (GET /v1/parameters) against DIFY_INPUTS / DIFY_QUERY_INPUT:
     a required input without a value would make Dify refuse every message."""
     name = "dify-inputs"
-    try:
-        configured = doctor.app(with_dify=True).dify
-    except ConfigError as exc:
-        return _not_loaded(name, exc, "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
-    if configured is None:  # pragma: no cover - with_dify=True always loads Dify's settings
-        return skipped(name, "no Dify configured", "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
-    settings = dataclasses.replace(
-        configured, connect_timeout=3.0, read_timeout=doctor.prober.timeout, max_attempts=1
-    )
+    settings = _quick_dify_settings(doctor, name)
+    if isinstance(settings, CheckResult):
+        return settings
     try:
         problems, warnings = DifyClient(settings).input_problems()
     except DifyError as exc:
