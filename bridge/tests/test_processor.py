@@ -111,3 +111,39 @@ def test_job_of_an_app_removed_from_the_configuration_fails_alone(tmp_path: Path
     processor.process(job)
     assert channel.sent == [("sun", "新应用的消息")]
     assert metrics.value("wecom_bridge_jobs_total", {"status": "failed"}) == 1
+
+
+def test_job_resumed_after_dify_accepted_fetches_the_answer_instead_of_asking(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    """The worker died while Dify was answering: the ids of the accepted message were kept on
+    the job, so the resumed job reads the answer back and the question is not POSTed again."""
+    store = Store(tmp_path)
+    dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
+    channel = RecordingChannel()
+    processor = JobProcessor(store, {"default": AppRuntime(plain_app(), dify, channel)}, Metrics())
+    noted: list[dict[str, str]] = []
+    first = dify.ask("报销流程？", "qian", on_accepted=noted.append)  # the attempt that died
+    assert noted and noted[0]["message_id"] == first.message_id
+    job = claimed(store, "qian", ChatJob("报销流程？"))
+    store.note_result(job.id, "dify_accepted", noted[0])
+    dify_state(dify_double).clear_requests()
+    processor.process(store.get_job(job.id))
+    assert channel.sent == [("qian", "Dify double answer: 报销流程？")]
+    assert [r["method"] for r in dify_state(dify_double).snapshot()] == ["GET"]  # /v1/messages
+
+
+def test_chat_job_keeps_the_ids_of_the_message_dify_accepted(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    store = Store(tmp_path)
+    dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
+    processor = JobProcessor(
+        store, {"default": AppRuntime(plain_app(), dify, RecordingChannel())}, Metrics()
+    )
+    job = claimed(store, "sun", ChatJob("你好"))
+    processor.process(job)
+    kept = store.get_job(job.id).result["dify_accepted"]
+    (message,) = dify_state(dify_double).messages
+    assert kept["message_id"] == message["id"]
+    assert kept["conversation_id"] == message["conversation_id"]

@@ -170,9 +170,25 @@ def _decode_event(name: str, data: list[str]) -> dict[str, Any]:
 
 @dataclass
 class _Call:
-    """One member message being asked: how many times its question was POSTed."""
+    """One member message being asked: how many times its question was POSTed, and who
+    wants to know the ids of the message Dify accepted (to fetch its answer after a crash)."""
 
     posts: int = 0
+    on_accepted: Callable[[dict[str, str]], None] | None = None
+    reported: tuple[str, str] = ("", "")
+
+    def accepted(self, progress: _Progress) -> None:
+        ids = (progress.message_id, progress.workflow_run_id)
+        if self.on_accepted is None or not any(ids) or ids == self.reported:
+            return
+        self.reported = ids
+        self.on_accepted(
+            {
+                "conversation_id": progress.conversation_id,
+                "message_id": progress.message_id,
+                "workflow_run_id": progress.workflow_run_id,
+            }
+        )
 
 
 class DifyClient:
@@ -276,9 +292,19 @@ class DifyClient:
         if problems:
             raise DifyError("; ".join(problems), code="input_missing")
 
-    def ask(self, query: str, user: str, conversation_id: str = "") -> DifyAnswer:
+    def ask(
+        self,
+        query: str,
+        user: str,
+        conversation_id: str = "",
+        *,
+        on_accepted: Callable[[dict[str, str]], None] | None = None,
+    ) -> DifyAnswer:
+        """Dify's answer to `query`. `on_accepted(ids)` is called as soon as Dify named the
+        message it accepted (conversation_id, message_id, workflow_run_id): keep them, and a
+        job resumed after a crash fetches that answer (`resume`) instead of asking again."""
         started = time.monotonic()
-        call = _Call()
+        call = _Call(on_accepted=on_accepted)
         try:
             mode = self.app_mode()
             self._check_inputs()
@@ -295,11 +321,7 @@ class DifyClient:
                     answer = self._with_retries(lambda: self._stream(call, "/workflows/run", body))
             except _StreamBroken as broken:
                 answer = self._recover(broken, query, user)
-            if self._settings.strip_reasoning:
-                answer = DifyAnswer(
-                    strip_reasoning(answer.text), answer.conversation_id, answer.message_id
-                )
-            return answer
+            return self._cleaned(answer)
         except DifyError as exc:
             if exc.code == "invalid_param" and "required in input form" in str(exc):
                 with contextlib.suppress(DifyError):  # the app's form changed since it was read
@@ -310,6 +332,29 @@ class DifyClient:
             self._metrics.observe("wecom_bridge_dify_latency_seconds", time.monotonic() - started)
             if call.posts:
                 self._metrics.observe("wecom_bridge_dify_requests_per_message", call.posts)
+
+    def resume(self, accepted: Mapping[str, object], query: str, user: str) -> DifyAnswer:
+        """The answer to a question Dify accepted earlier (the ids `ask` reported), fetched
+        from Dify; the question is not POSTed again."""
+        started = time.monotonic()
+        progress = _Progress(
+            **{k: str(accepted.get(k) or "") for k in ("conversation_id", "message_id")},
+            workflow_run_id=str(accepted.get("workflow_run_id") or ""),
+        )
+        try:
+            return self._cleaned(
+                self._recover(_StreamBroken("earlier", "resumed", progress), query, user)
+            )
+        except DifyError as exc:
+            self._metrics.inc("wecom_bridge_dify_errors_total", {"code": exc.code or "unknown"})
+            raise
+        finally:
+            self._metrics.observe("wecom_bridge_dify_latency_seconds", time.monotonic() - started)
+
+    def _cleaned(self, answer: DifyAnswer) -> DifyAnswer:
+        if not self._settings.strip_reasoning:
+            return answer
+        return DifyAnswer(strip_reasoning(answer.text), answer.conversation_id, answer.message_id)
 
     # --- modes -----------------------------------------------------------------------------
 
@@ -463,7 +508,7 @@ class DifyClient:
                     message_id=str(data.get("message_id") or data.get("id") or ""),
                 )
             try:
-                return self._read_stream(path, response, progress)
+                return self._read_stream(call, path, response, progress)
             except requests.ConnectionError as exc:
                 timed_out = any(isinstance(arg, ReadTimeoutError) for arg in exc.args)
                 raise _StreamBroken(path, "timeout" if timed_out else "network", progress) from None
@@ -473,13 +518,14 @@ class DifyClient:
                 raise _StreamBroken(path, "bad_response", progress) from None
 
     def _read_stream(
-        self, path: str, response: requests.Response, progress: _Progress
+        self, call: _Call, path: str, response: requests.Response, progress: _Progress
     ) -> DifyAnswer:
         for event in _sse_events(response):
             kind = event.get("event")
             progress.conversation_id = str(event.get("conversation_id") or progress.conversation_id)
             progress.message_id = str(event.get("message_id") or progress.message_id)
             progress.workflow_run_id = str(event.get("workflow_run_id") or progress.workflow_run_id)
+            call.accepted(progress)
             if kind in ("message", "agent_message"):
                 progress.answer += str(event.get("answer", ""))
             elif kind == "message_replace":

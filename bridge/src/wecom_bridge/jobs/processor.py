@@ -48,6 +48,8 @@ MAX_JOB_RETRY_DELAY = 300.0
 # A write that records what WeCom accepted (or what Dify answered) is retried until it lands,
 # with this backoff: giving it up would send that part again (or ask Dify again).
 RECORD_RETRY_FIRST = 0.05
+# The job's result key for the ids of the message Dify accepted (see DifyClient.ask).
+DIFY_ACCEPTED = "dify_accepted"
 RECORD_RETRY_MAX = 2.0
 
 
@@ -201,8 +203,21 @@ class JobProcessor:
         if app.dify is None:  # only a configuration loaded without Dify has none
             return Answer(fallback, {"dify_error": "not configured"})
         conversation = self.store.get_conversation(cfg.corp_id, cfg.agent_id, job.user)
+        accepted = (job.result or {}).get(DIFY_ACCEPTED)
         try:
-            answer = app.dify.ask(spec.query, job.user, conversation)
+            if isinstance(accepted, dict):  # asked before a crash: fetch, do not ask again
+                log.info(
+                    "resuming: fetching the answer Dify accepted before",
+                    extra={"job_id": job.id, "user": job.user, "event": "dify_resume"},
+                )
+                answer = app.dify.resume(accepted, spec.query, job.user)
+            else:
+                answer = app.dify.ask(
+                    spec.query,
+                    job.user,
+                    conversation,
+                    on_accepted=lambda ids: self._note_accepted(job, ids),
+                )
         except DifyPausedError as exc:
             fields: dict[str, object] = {"event": "dify_paused", "workflow_run_id": exc.run_id}
             log.warning(
@@ -230,6 +245,17 @@ class JobProcessor:
             "message_id": answer.message_id,
         }
         return Answer(answer.text.strip() or fallback, result)
+
+    def _note_accepted(self, job: Job, ids: dict[str, str]) -> None:
+        """Keep the ids of the message Dify accepted, so that a job resumed after a crash
+        fetches its answer instead of asking again (best effort: without them it asks again)."""
+        try:
+            self.store.note_result(job.id, DIFY_ACCEPTED, ids)
+        except StoreUnavailableError as exc:
+            log.warning(
+                "could not keep the Dify message ids",
+                extra={"job_id": job.id, "event": "dify_ids_unsaved", "error": str(exc)},
+            )
 
     # --- sending ----------------------------------------------------------------------------
 

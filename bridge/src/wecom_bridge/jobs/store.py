@@ -507,13 +507,24 @@ class Store:
     def save_parts(self, job_id: int, parts: list[str], result: dict[str, object]) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET parts=?, result=?, updated_at=? WHERE id=?",
+                # merged: facts noted earlier (note_result) stay
+                "UPDATE jobs SET parts=?, result=json_patch(coalesce(result, '{}'), ?),"
+                " updated_at=? WHERE id=?",
                 (
                     json.dumps(parts, ensure_ascii=False),
                     json.dumps(result, ensure_ascii=False),
                     self._clock(),
                     job_id,
                 ),
+            )
+
+    def note_result(self, job_id: int, key: str, value: object) -> None:
+        """Keep one more fact on the job's result (e.g. the ids of the message Dify accepted)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET result=json_set(coalesce(result, '{}'), ?, json(?)),"
+                " updated_at=? WHERE id=?",
+                (f"$.{key}", json.dumps(value, ensure_ascii=False), self._clock(), job_id),
             )
 
     def mark_part_sent(
