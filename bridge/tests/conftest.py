@@ -40,6 +40,16 @@ class AppSecrets:
         return WeComCrypto(self.token, self.aes_key, self.corp_id)
 
 
+class FakeClock:
+    """A clock a test moves by hand (`clock.now += 60`)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from conftest import dify_state, wait_for, wecom_state
 
 from wecom_bridge.testing.callbacks import CallbackClient
@@ -22,29 +23,32 @@ def posts(dify_double: ServerThread) -> list[dict]:
     return [r for r in dify_state(dify_double).snapshot() if r["method"] == "POST"]
 
 
+def workflow_answer(
+    callbacks: CallbackClient, wecom_double: ServerThread, dify_double: ServerThread, status: str
+) -> list[str]:
+    """What a member receives from a workflow app whose run ends with `status`."""
+    state = dify_state(dify_double)
+    state.mode = "workflow"
+    state.workflow_status_next(status)
+    callbacks.send_text(f"member-{status}", "请审批我的报销")
+    wait_for(lambda: texts_to(wecom_double, f"member-{status}"), timeout=20)
+    return texts_to(wecom_double, f"member-{status}")
+
+
 def test_paused_workflow_tells_the_member_and_logs_the_run(
     callbacks: CallbackClient, wecom_double: ServerThread, dify_double: ServerThread, caplog
 ) -> None:
-    state = dify_state(dify_double)
-    state.mode = "workflow"
-    state.workflow_status_next("paused")
-    callbacks.send_text("wangwu", "请审批我的报销")
-    wait_for(lambda: texts_to(wecom_double, "wangwu"), timeout=20)
-    (text,) = texts_to(wecom_double, "wangwu")
+    (text,) = workflow_answer(callbacks, wecom_double, dify_double, "paused")
     assert "人工处理" in text
-    (run_id,) = state.workflow_runs
+    (run_id,) = dify_state(dify_double).workflow_runs
     assert any(getattr(r, "workflow_run_id", None) == run_id for r in caplog.records)
 
 
-def test_failed_workflow_gives_the_fallback(
-    callbacks: CallbackClient, wecom_double: ServerThread, dify_double: ServerThread
+@pytest.mark.parametrize("status", ["failed", "stopped"])
+def test_failed_or_stopped_workflow_gives_the_fallback(
+    callbacks: CallbackClient, wecom_double: ServerThread, dify_double: ServerThread, status: str
 ) -> None:
-    state = dify_state(dify_double)
-    state.mode = "workflow"
-    state.workflow_status_next("failed")
-    callbacks.send_text("zhaoliu", "跑一下")
-    wait_for(lambda: texts_to(wecom_double, "zhaoliu"), timeout=20)
-    assert texts_to(wecom_double, "zhaoliu") == [FALLBACK]
+    assert workflow_answer(callbacks, wecom_double, dify_double, status) == [FALLBACK]
     assert len(posts(dify_double)) == 1
 
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import FakeClock
 
 from wecom_bridge.errors import WeComApiError, WeComConfigError
 from wecom_bridge.metrics import Metrics
@@ -19,14 +20,6 @@ from wecom_bridge.wecom.messages import OutboundMessage
 CORP_ID = "wwclienttest01"
 SECRET = "client-test-secret-abcdef"
 AGENT_ID = "1000002"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from conftest import plain_app
+from conftest import FakeClock, plain_app
 
 from wecom_bridge.channels.wecom_app import WeComAppOutbound
 from wecom_bridge.errors import WeComApiError
@@ -25,21 +25,13 @@ from wecom_bridge.wecom.messages import OutboundMessage
 CORP_ID, SECRET, AGENT_ID = "wwfacts01", "facts-secret-abcdef", "1000002"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_000.0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def wecom(clock: Clock) -> Iterator[ServerThread]:
+def wecom(clock: FakeClock) -> Iterator[ServerThread]:
     app = create_wecom_double(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID, clock=clock)
     with ServerThread(app) as server:
         yield server
@@ -49,7 +41,7 @@ def state_of(server: ServerThread) -> WeComDoubleState:
     return server.app.extensions["wecom_double"]
 
 
-def client_for(server: ServerThread, clock: Clock, **options: object) -> WeComClient:
+def client_for(server: ServerThread, clock: FakeClock, **options: object) -> WeComClient:
     return WeComClient(
         api_base=server.url,
         corp_id=CORP_ID,
