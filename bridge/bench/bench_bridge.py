@@ -51,7 +51,15 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 class Stack:
     """Doubles + bridge as child processes; torn down on exit."""
 
-    def __init__(self, dify_delay_ms: int, threads: int, workers: int) -> None:
+    def __init__(
+        self,
+        dify_delay_ms: int,
+        threads: int,
+        workers: int,
+        *,
+        bridge_log: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.wecom_port, self.dify_port, self.bridge_port = free_port(), free_port(), free_port()
         self.data = tempfile.mkdtemp(prefix="bridge-bench-")
         base = {
@@ -79,21 +87,25 @@ class Stack:
             "BRIDGE_WEB_THREADS": str(threads),
             "BRIDGE_JOB_WORKERS": str(workers),
             "BRIDGE_LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
         }
         wait_http(f"http://127.0.0.1:{self.wecom_port}/_double/stats")
         wait_http(f"http://127.0.0.1:{self.dify_port}/health")
-        self.bridge = self._spawn(["serve"], bridge_env)
+        self.bridge = self._spawn(["serve"], bridge_env, log=bridge_log)
         self.procs.append(self.bridge)
         wait_http(f"http://127.0.0.1:{self.bridge_port}/readyz")
 
     @staticmethod
-    def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        args: list[str], env: dict[str, str], log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        stderr = log.open("ab") if log is not None else subprocess.DEVNULL
         return subprocess.Popen(
             [sys.executable, "-m", "wecom_bridge", *args],
             env=env,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
         )
 
     def rss_mib(self) -> float:

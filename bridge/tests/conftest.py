@@ -7,21 +7,24 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
 
-from wecom_bridge.config import load_config
+from wecom_bridge.channels.base import Reply, Target
+from wecom_bridge.config import AppConfig, Replies, load_config
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.dify_double import create_dify_double
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import create_wecom_double
 from wecom_bridge.wecom.crypto import WeComCrypto
+from wecom_bridge.wecom.messages import SendResult
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,16 @@ class AppSecrets:
 
     def crypto(self) -> WeComCrypto:
         return WeComCrypto(self.token, self.aes_key, self.corp_id)
+
+
+class FakeClock:
+    """A clock a test moves by hand (`clock.now += 60`)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> object:
@@ -162,3 +175,36 @@ class BridgeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.stderr.read().decode(errors="replace") if self.proc else ""
+
+
+@dataclass
+class RecordingChannel:
+    """An outbound that records what it sends (the processor's tests need no HTTP for it)."""
+
+    sent: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    part_limit_bytes: int = 2048
+
+    def pacing_keys(self, target: Target) -> list[str]:
+        return []
+
+    def send_part(self, target: Target, text: str) -> SendResult:
+        assert isinstance(target, Reply)
+        with self.lock:
+            self.sent.append((target.user, text))
+            return SendResult(msgid=f"m{len(self.sent)}")
+
+
+def plain_app(name: str = "default", **replies: str) -> AppConfig:
+    """An app without Dify, for processor tests."""
+    return AppConfig(
+        name=name,
+        corp_id="ww1",
+        agent_id="1000002",
+        secret="s",
+        token="t",
+        encoding_aes_key="k",
+        callback_path="/wxcomapp",
+        dify=None,
+        replies=Replies(**replies),
+    )

@@ -145,6 +145,7 @@ def test_dify_failure_gives_fallback(
     callbacks.send_text("sunba", "还在吗")
     wait_for(lambda: sent_texts(wecom_double, "sunba"), timeout=20)
     assert sent_texts(wecom_double, "sunba") == ["抱歉，知识库暂时无法回答，请稍后再试。"]
+    wait_for(lambda: job_states(bridge)[0].status == "done")  # marked done just after the send
     (job,) = job_states(bridge)
     assert job.status == "done" and job.error.startswith("dify:")
 

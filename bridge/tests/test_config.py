@@ -54,6 +54,11 @@ def test_defaults() -> None:
         ("BRIDGE_JOB_WORKERS", "0"),
         ("BRIDGE_LOG_FORMAT", "xml"),
         ("BRIDGE_REPLY_MSGTYPE", "image"),
+        ("DIFY_INPUTS", "dept=HR"),
+        ("DIFY_INPUTS", '["HR"]'),
+        ("DIFY_QUERY_INPUT", "my question"),
+        ("DIFY_RECOVER_SECONDS", "-1"),
+        ("DIFY_STRIP_REASONING", "maybe"),
     ],
 )
 def test_bad_value_names_variable(name: str, value: str) -> None:
@@ -61,6 +66,27 @@ def test_bad_value_names_variable(name: str, value: str) -> None:
         load_config(base_env(**{name: value}))
     assert err.value.variable == name
     assert "s3cr3t" not in str(err.value)
+
+
+def test_dify_answer_settings() -> None:
+    defaults = load_config(base_env()).apps[0]
+    assert defaults.dify is not None
+    assert (defaults.dify.inputs, defaults.dify.query_input) == ({}, "query")
+    assert defaults.dify.recover_seconds == 120 and defaults.dify.strip_reasoning
+    assert "人工" in defaults.replies.paused_reply
+    env = base_env(
+        DIFY_INPUTS='{"dept": "HR", "level": 3}',
+        DIFY_QUERY_INPUT="question",
+        DIFY_RECOVER_SECONDS="30",
+        DIFY_STRIP_REASONING="false",
+        BRIDGE_PAUSED_REPLY="请等待审批。",
+    )
+    app = load_config(env).apps[0]
+    assert app.dify is not None
+    assert app.dify.inputs == {"dept": "HR", "level": 3}
+    assert app.dify.query_input == "question"
+    assert app.dify.recover_seconds == 30 and not app.dify.strip_reasoning
+    assert app.replies.paused_reply == "请等待审批。"
 
 
 def test_missing_variable_named() -> None:

@@ -110,6 +110,7 @@ def test_all_green(
         "wecom-gettoken": "PASS",
         "wecom-trusted-ip": "PASS",
         "dify": "PASS",
+        "dify-inputs": "PASS",
         "bridge-ready": "PASS",
     }
     assert "127.0.0.1" in results["dns"]["detail"]
@@ -131,7 +132,7 @@ def test_table_output_and_exit_code(
     assert any(line.startswith("FAIL    verify-file missing1") for line in lines)
     assert "↳ serve WW_verify_missing1.txt at the root" in out
     assert "SKIP    bridge-ready" in out
-    assert out.rstrip().endswith("7 passed, 1 failed, 1 skipped")
+    assert out.rstrip().endswith("8 passed, 1 failed, 1 skipped")
 
 
 def test_nothing_configured_skips_everything(
@@ -499,3 +500,21 @@ def test_table_aligns_wide_characters() -> None:
     columns = {display_width(line.split("  ok")[0]) for line in lines[1:2]}
     assert columns == {display_width(lines[2].split("  bad")[0])}
     assert lines[3].strip() == "↳ fix it"
+
+
+def test_dify_required_input_without_a_value(
+    capsys: pytest.CaptureFixture[str],
+    doctor_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    dify_double: ServerThread,
+) -> None:
+    form = [{"text-input": {"variable": "dept", "label": "部门", "required": True}}]
+    dify_state(dify_double).set_input_form(form)
+    code, results = run_doctor(capsys)
+    assert code == 1
+    failure = assert_only_failure(results, "dify-inputs")
+    assert "'dept' (部门)" in failure["detail"] and "DIFY_INPUTS" in failure["detail"]
+    monkeypatch.setenv("DIFY_INPUTS", '{"dept": "HR", "typo": 1}')
+    _, results = run_doctor(capsys)
+    assert results["dify-inputs"]["status"] == "PASS"
+    assert "'typo' is not an input of the app" in results["dify-inputs"]["detail"]

@@ -639,3 +639,172 @@ def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="host:port"):
         parse_listen("localhost")
+
+
+# --- the Dify double follows Dify's server ----------------------------------------------------
+
+
+def authed_get(server: ServerThread, path: str, **params: str) -> requests.Response:
+    return requests.get(
+        f"{server.url}/v1{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {DIFY_KEY}"},
+        timeout=5,
+    )
+
+
+def test_dify_streams_ping_while_the_model_thinks(dify: ServerThread) -> None:
+    state = dify.app.extensions["dify_double"]
+    state.ping_interval = 0.1
+    state.set_delay(0.55)
+    events = sse(v1(dify, "/chat-messages", chat()))
+    pings = [e for e in events if e.get("raw") == "event: ping"]
+    assert len(pings) >= 5  # the first one, then one per interval while the model runs
+    assert events[-1]["event"] == "message_end"
+
+
+def test_dify_blocking_answer_sends_nothing_until_the_end(dify: ServerThread) -> None:
+    dify.app.extensions["dify_double"].set_delay(0.6)
+    with pytest.raises(requests.Timeout):  # no byte within 0.3 s, not even headers
+        requests.post(
+            dify.url + "/v1/chat-messages",
+            json=chat(mode="blocking"),
+            headers={"Authorization": f"Bearer {DIFY_KEY}"},
+            timeout=(2, 0.3),
+        )
+
+
+def test_dify_records_messages_and_lists_them(dify: ServerThread) -> None:
+    first = v1(dify, "/chat-messages", chat("一", mode="blocking")).json()
+    cid = first["conversation_id"]
+    v1(dify, "/chat-messages", chat("二", mode="blocking", cid=cid))
+    page = authed_get(dify, "/messages", conversation_id=cid, user="u").json()
+    assert [m["query"] for m in page["data"]] == ["一", "二"]  # oldest first
+    assert page["data"][0]["answer"] == "Dify double answer: 一"
+    assert page["data"][0]["id"] == first["message_id"]
+    assert page["data"][0]["status"] == "normal"
+    assert page["has_more"] is False
+    older = authed_get(
+        dify, "/messages", conversation_id=cid, user="u", limit="1", first_id=page["data"][1]["id"]
+    ).json()
+    assert [m["query"] for m in older["data"]] == ["一"]
+    assert authed_get(dify, "/messages", conversation_id=cid, user="other").status_code == 404
+    assert authed_get(dify, "/messages", conversation_id="nope", user="u").status_code == 400
+
+
+def test_dify_message_shows_its_answer_once_generation_ended(dify: ServerThread) -> None:
+    """Dify records the message before the model runs and fills in the answer at the end,
+    whether the client is still listening or not."""
+    state = dify.app.extensions["dify_double"]
+    state.hang_next(0.6, mid_stream=True)
+    with pytest.raises(requests.RequestException):  # the stream stalls after its first chunk
+        requests.post(
+            dify.url + "/v1/chat-messages",
+            json=chat("慢"),
+            headers={"Authorization": f"Bearer {DIFY_KEY}"},
+            timeout=(2, 0.3),
+        )
+    (message,) = state.messages
+    cid = message["conversation_id"]
+    running = authed_get(dify, "/messages", conversation_id=cid, user="u").json()["data"]
+    assert running[0]["answer"] == ""
+    time.sleep(0.7)
+    done = authed_get(dify, "/messages", conversation_id=cid, user="u").json()["data"]
+    assert done[0]["answer"] == "Dify double answer: 慢"
+
+
+def test_dify_failed_message_is_recorded_as_an_error(dify: ServerThread) -> None:
+    state = dify.app.extensions["dify_double"]
+    state.fail_next(400, "completion_request_error", "rate limited", in_stream=True)
+    assert sse(v1(dify, "/chat-messages", chat()))[-1]["event"] == "error"
+    (message,) = state.messages
+    assert (message["status"], message["error"], message["answer"]) == (
+        "error",
+        "rate limited",
+        "",
+    )
+
+
+def test_dify_conversation_id_must_be_a_uuid(dify: ServerThread) -> None:
+    refused = v1(dify, "/chat-messages", chat(cid="not-a-uuid"))
+    assert refused.status_code == 400
+    assert refused.json()["code"] == "invalid_param"
+    assert "conversation_id" in refused.json()["message"]
+    unknown = v1(dify, "/chat-messages", chat(cid="3f6d6b3e-0000-4000-8000-000000000000"))
+    assert (unknown.status_code, unknown.json()["message"]) == (404, "Conversation Not Exists.")
+
+
+def test_dify_keeps_only_declared_inputs_and_enforces_required_ones(dify: ServerThread) -> None:
+    state = dify.app.extensions["dify_double"]
+    assert v1(dify, "/parameters").json()["user_input_form"] == []
+    form = [
+        {"text-input": {"variable": "dept", "label": "部门", "required": True}},
+        {"select": {"variable": "lang", "label": "语言", "required": False, "options": ["zh"]}},
+    ]
+    state.set_input_form(form)
+    assert v1(dify, "/parameters").json()["user_input_form"] == form
+    missing = v1(dify, "/chat-messages", chat(mode="blocking"))
+    assert missing.status_code == 400
+    assert missing.json() == {
+        "code": "invalid_param",
+        "message": "dept is required in input form",
+        "status": 400,
+    }
+    body = {**chat(mode="blocking"), "inputs": {"dept": "HR", "typo": "dropped"}}
+    assert v1(dify, "/chat-messages", body).status_code == 200
+    assert state.messages[-1]["inputs"] == {"dept": "HR"}
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+@pytest.mark.parametrize("status", ["succeeded", "partial-succeeded", "failed", "stopped"])
+def test_dify_workflow_statuses(dify: ServerThread, status: str) -> None:
+    state = dify.app.extensions["dify_double"]
+    state.workflow_status_next(status)
+    body = {"inputs": {"query": "run"}, "user": "u", "response_mode": "streaming"}
+    events = sse(v1(dify, "/workflows/run", body))
+    assert events[1]["event"] == "workflow_started"
+    finished = events[-1]
+    assert finished["event"] == "workflow_finished"
+    assert finished["data"]["status"] == status
+    ok = status in ("succeeded", "partial-succeeded")
+    assert bool(finished["data"]["outputs"]) is ok
+    assert bool(finished["data"]["error"]) is not ok
+    run = authed_get(dify, f"/workflows/run/{finished['workflow_run_id']}").json()
+    assert run["status"] == status
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_dify_workflow_paused_for_human_input(dify: ServerThread) -> None:
+    state = dify.app.extensions["dify_double"]
+    state.workflow_status_next("paused")
+    body = {"inputs": {"query": "approve"}, "user": "u", "response_mode": "streaming"}
+    last = sse(v1(dify, "/workflows/run", body))[-1]
+    assert last["event"] == "workflow_paused"
+    assert last["data"]["status"] == "paused"
+    assert last["data"]["paused_nodes"]
+    assert authed_get(dify, f"/workflows/run/{last['workflow_run_id']}").json()["status"] == (
+        "paused"
+    )
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_dify_workflow_requires_its_declared_input(dify: ServerThread) -> None:
+    body = {"inputs": {"question": "run"}, "user": "u", "response_mode": "blocking"}
+    refused = v1(dify, "/workflows/run", body)
+    assert (refused.status_code, refused.json()["message"]) == (
+        400,
+        "query is required in input form",
+    )
+
+
+def test_dify_reasoning_and_control_api(dify: ServerThread) -> None:
+    url = dify.url + "/_double"
+    requests.post(url + "/reasoning", json={"text": "想一想"}, timeout=5)
+    answer = v1(dify, "/chat-messages", chat(mode="blocking")).json()["answer"]
+    assert answer.startswith("<think>\n想一想\n</think>")
+    odd = requests.post(url + "/workflow-status", json={"status": "odd"}, timeout=5)
+    assert odd.status_code == 400
+    form = [{"text-input": {"variable": "x", "label": "x", "required": True}}]
+    requests.post(url + "/input-form", json={"user_input_form": form}, timeout=5)
+    assert v1(dify, "/chat-messages", chat(mode="blocking")).status_code == 400
+    assert len(requests.get(url + "/messages", timeout=5).json()["messages"]) == 1

@@ -3,14 +3,11 @@ member hears the fallback and their later messages are answered (real store, poo
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import RecordingChannel, plain_app, wait_for
 
-from wecom_bridge.channels.base import Reply, Target
-from wecom_bridge.config import AppConfig, Replies
+from wecom_bridge.channels.base import Target
 from wecom_bridge.jobs.kinds import NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
@@ -21,39 +18,21 @@ from wecom_bridge.wecom.messages import SendResult
 FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 
 
-@dataclass
-class BrokenChannel:
+class BrokenChannel(RecordingChannel):
     """A channel whose sender breaks unexpectedly on one text (a bug, not a WeCom error)."""
 
-    breaks_on: str
-    sent: list[tuple[str, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    part_limit_bytes: int = 2048
-
-    def pacing_keys(self, target: Target) -> list[str]:
-        return []
+    def __init__(self, breaks_on: str) -> None:
+        super().__init__()
+        self.breaks_on = breaks_on
 
     def send_part(self, target: Target, text: str) -> SendResult:
         if text == self.breaks_on:
             raise RuntimeError("a bug in the channel")
-        assert isinstance(target, Reply)
-        with self.lock:
-            self.sent.append((target.user, text))
-        return SendResult(msgid=f"m{len(self.sent)}")
+        return super().send_part(target, text)
 
 
 def test_poison_job_is_given_up_and_the_member_is_answered_again(tmp_path: Path) -> None:
-    app = AppConfig(
-        name="default",
-        corp_id="ww1",
-        agent_id="1000002",
-        secret="s",
-        token="t",
-        encoding_aes_key="k",
-        callback_path="/wxcomapp",
-        dify=None,
-        replies=Replies(fallback_reply=FALLBACK),
-    )
+    app = plain_app(fallback_reply=FALLBACK)
     channel = BrokenChannel(breaks_on="poison")
     store = Store(tmp_path)
     processor = JobProcessor(

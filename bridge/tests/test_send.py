@@ -495,10 +495,12 @@ def test_cli_failures_are_explained(
     assert state.snapshot() == []
 
 
-def test_cli_rate_limit_retried_then_sent(
+def test_cli_transient_error_retried_then_sent(
     cli_env: dict[str, str], wecom_double: ServerThread
 ) -> None:
-    wecom_state(wecom_double).fail_next("send", 45009)
+    """45033 (too many concurrent calls) clears in seconds; 45009, a frequency block of a
+    minute to a day, is reported at once (test_cli_explains_errcodes) instead."""
+    wecom_state(wecom_double).fail_next("send", 45033)
     result = run_cli(cli_env, "--to", "zhangsan", "--text", "hello", "--attempts", "2")
     assert result.returncode == 0, result.stderr
     assert len(wecom_state(wecom_double).snapshot()) == 1

@@ -7,6 +7,7 @@ operator can act on. Secret values are never part of an error message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import stat
@@ -25,6 +26,7 @@ DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
 DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
+DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
 DEFAULT_CALLBACK_PATH = "/wxcomapp"
 # Paths the bridge serves itself; a callback path may not take them.
 OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/api")
@@ -44,6 +46,7 @@ class Replies:
     fallback_reply: str = DEFAULT_FALLBACK
     unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
     welcome_text: str = ""  # "" = no welcome when a member enters the app
+    paused_reply: str = DEFAULT_PAUSED  # a workflow paused for human input
 
 
 @dataclass(frozen=True)
@@ -181,10 +184,42 @@ def _words(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(word.strip() for word in raw.split("|") if word.strip())
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be true or false, got {raw!r}")
+
+
+def _json_object(env: Mapping[str, str], name: str) -> dict[str, object]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(name, f"must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+_INPUT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+
+
 def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySettings:
     mode = get.get(f"{prefix}APP_MODE", "").strip() or None
     if mode is not None and mode not in APP_MODES:
         raise ConfigError(f"{prefix}APP_MODE", f"must be one of {', '.join(APP_MODES)}")
+    query_input = get.get(f"{prefix}QUERY_INPUT", "").strip() or "query"
+    if not _INPUT_RE.match(query_input):
+        raise ConfigError(
+            f"{prefix}QUERY_INPUT", f"must be a Dify variable name, got {query_input!r}"
+        )
     return DifySettings(
         api_base=_url(_required(get, f"{prefix}API_BASE"), f"{prefix}API_BASE"),
         api_key=_required(get, f"{prefix}API_KEY"),
@@ -194,6 +229,10 @@ def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySetting
         read_timeout=_float(get, f"{prefix}READ_TIMEOUT", 120.0, 1.0),
         max_attempts=_int(get, f"{prefix}MAX_ATTEMPTS", 3, 1),
         backoff_base=_float(get, f"{prefix}BACKOFF", 1.0),
+        query_input=query_input,
+        inputs=_json_object(get, f"{prefix}INPUTS"),
+        recover_seconds=_float(get, f"{prefix}RECOVER_SECONDS", 120.0),
+        strip_reasoning=_bool(get, f"{prefix}STRIP_REASONING", True),
     )
 
 
@@ -207,6 +246,7 @@ def _replies(get: Mapping[str, str]) -> Replies:
         fallback_reply=text("BRIDGE_FALLBACK_REPLY", DEFAULT_FALLBACK),
         unsupported_reply=text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
         welcome_text=text("BRIDGE_WELCOME_TEXT", ""),
+        paused_reply=text("BRIDGE_PAUSED_REPLY", DEFAULT_PAUSED),
     )
 
 
@@ -258,6 +298,7 @@ _APP_KEYS = frozenset(
         "fallback_reply",
         "unsupported_reply",
         "welcome_text",
+        "paused_reply",
     ]
     + [
         f"dify_{k}"
@@ -270,6 +311,10 @@ _APP_KEYS = frozenset(
             "read_timeout",
             "max_attempts",
             "backoff",
+            "query_input",
+            "inputs",
+            "recover_seconds",
+            "strip_reasoning",
         )
     ]
 )

@@ -112,7 +112,17 @@ class DifyError(BridgeError):
 
 
 class ConversationNotFoundError(DifyError):
-    """Dify forgot the conversation id we stored (404 "Conversation Not Exists.")."""
+    """Dify forgot the conversation id we stored (404 "Conversation Not Exists.") or refuses it
+    (400 invalid_param on conversation_id, e.g. not a UUID): either way a new one is started."""
+
+
+class DifyPausedError(DifyError):
+    """A workflow run paused for human input (status `paused`): there is no answer to send now."""
+
+    def __init__(self, run_id: str, reasons: object = None) -> None:
+        super().__init__(f"workflow run {run_id} paused for human input", code="workflow_paused")
+        self.run_id = run_id
+        self.reasons = reasons
 
 
 # --- WeCom API -------------------------------------------------------------------------------
@@ -121,11 +131,19 @@ class ConversationNotFoundError(DifyError):
 class WeComApiError(BridgeError):
     """WeCom's API answered with a non-zero errcode (or could not be reached: errcode None)."""
 
-    def __init__(self, errcode: int | None, errmsg: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        errcode: int | None,
+        errmsg: str,
+        *,
+        retryable: bool = False,
+        retry_after: float = 0.0,
+    ) -> None:
         super().__init__(f"errcode={errcode} {errmsg}")
         self.errcode = errcode
         self.errmsg = errmsg
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds WeCom blocks further calls (frequency limits)
 
 
 class WeComConfigError(WeComApiError):

@@ -17,6 +17,15 @@ LabelKey = tuple[tuple[str, str], ...]
 Snapshot = dict[str, dict[str, list[list[object]]]]
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Histograms that count things rather than seconds.
+BUCKETS: dict[str, tuple[float, ...]] = {
+    "wecom_bridge_dify_requests_per_message": (1.0, 2.0, 3.0, 4.0, 5.0, 10.0),
+}
+
+
+def buckets_of(name: str) -> tuple[float, ...]:
+    return BUCKETS.get(name, LATENCY_BUCKETS)
+
 
 # name -> (type, help)
 DEFINITIONS: dict[str, tuple[str, str]] = {
@@ -25,10 +34,22 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     "wecom_bridge_queue_depth": ("gauge", "Jobs queued or in flight."),
     "wecom_bridge_dify_latency_seconds": ("histogram", "Dify request latency."),
     "wecom_bridge_dify_errors_total": ("counter", "Dify errors, by code."),
+    "wecom_bridge_dify_requests_per_message": (
+        "histogram",
+        "Questions POSTed to Dify per member message (1 unless Dify failed before accepting).",
+    ),
+    "wecom_bridge_dify_recoveries_total": (
+        "counter",
+        "Broken Dify streams, by outcome of fetching the answer afterwards (recovered, lost).",
+    ),
     "wecom_bridge_wecom_send_errors_total": ("counter", "WeCom message/send errors, by errcode."),
     "wecom_bridge_wecom_messages_sent_total": (
         "counter",
         "Messages (parts) sent through message/send.",
+    ),
+    "wecom_bridge_wecom_undelivered_total": (
+        "counter",
+        "Parts WeCom accepted but could not deliver to anyone named, by reason.",
     ),
     "wecom_bridge_token_refreshes_total": ("counter", "WeCom access token refreshes."),
     "wecom_bridge_jobs_total": ("counter", "Jobs finished, by final status."),
@@ -71,8 +92,9 @@ class Metrics:
         with self._lock:
             series = self._hist.setdefault(name, {})
             # per series: one count per bucket, then +Inf count, then sum
-            counts = series.setdefault(_key(labels), [0.0] * (len(LATENCY_BUCKETS) + 2))
-            for i, bound in enumerate(LATENCY_BUCKETS):
+            bounds = buckets_of(name)
+            counts = series.setdefault(_key(labels), [0.0] * (len(bounds) + 2))
+            for i, bound in enumerate(bounds):
                 if value <= bound:
                     counts[i] += 1
             counts[-2] += 1
@@ -126,7 +148,7 @@ class Metrics:
 def _histogram_lines(name: str, key: LabelKey, counts: list[float]) -> list[str]:
     lines = [
         f"{name}_bucket{_fmt_labels(key, (('le', f'{bound:g}'),))} {count:g}"
-        for bound, count in zip(LATENCY_BUCKETS, counts, strict=False)
+        for bound, count in zip(buckets_of(name), counts, strict=False)
     ]
     lines.append(f"{name}_bucket{_fmt_labels(key, (('le', '+Inf'),))} {counts[-2]:g}")
     lines.append(f"{name}_count{_fmt_labels(key)} {counts[-2]:g}")
@@ -155,7 +177,7 @@ def _add_snapshot(
         target_hist = hist.setdefault(name, {})
         for raw_key, counts in series:
             key = _label_key(raw_key)
-            mine = target_hist.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            mine = target_hist.setdefault(key, [0.0] * (len(buckets_of(name)) + 2))
             if not isinstance(counts, list) or len(counts) != len(mine):
                 raise ValueError("histogram series of another bucket layout")
             target_hist[key] = [a + float(b) for a, b in zip(mine, counts, strict=True)]

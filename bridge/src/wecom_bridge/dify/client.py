@@ -1,25 +1,35 @@
 """Client for Dify's Service API: one question in, one answer text out.
 
-Chat, Chatflow and Agent apps are asked through /chat-messages and completion apps through
-/completion-messages, both streaming (SSE keeps the connection alive with pings, so a read timeout
-catches a stalled Dify without cutting long answers); workflow apps through /workflows/run.
+Every mode streams (SSE: Dify pings every ~10 s, so a per-read timeout catches a stalled Dify
+without cutting long answers or long workflow runs): chat, Chatflow and Agent apps through
+/chat-messages, completion apps through /completion-messages, workflow apps through
+/workflows/run (`text_chunk` events, then `workflow_finished` with the outputs).
+
+Dify is asked once per message. Dify records the message (and a new conversation) before the
+model runs, so once a request was accepted (the 200 stream began) it is never POSTed again: if
+the stream then breaks, the answer is fetched afterwards (`GET /messages` for the conversation,
+`GET /workflows/run/<id>` for a workflow), polled with backoff for `recover_seconds`. Re-POSTing
+is only for failures before Dify accepted (connect errors, 429, 5xx) and for the in-stream
+`completion_request_error` (a provider's rate limit, 5xx or connection: the first message failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from wecom_bridge.errors import ConversationNotFoundError, DifyError
+from wecom_bridge.errors import ConversationNotFoundError, DifyError, DifyPausedError
 from wecom_bridge.metrics import Metrics
 
 log = logging.getLogger("wecom_bridge.dify")
@@ -30,6 +40,26 @@ APP_MODES = ("chat", "advanced-chat", "agent-chat", "completion", "workflow")
 CHAT_MODES = frozenset(APP_MODES[:3])
 # Workflow outputs tried in this order when none is configured.
 WORKFLOW_OUTPUT_NAMES = ("answer", "text", "result", "output")
+# Finished workflow statuses whose outputs are valid (partial-succeeded: a node's error strategy
+# handled an error).
+WORKFLOW_OK = ("succeeded", "partial-succeeded")
+# The one in-stream error code Dify uses for provider failures (rate limit, 5xx, connection).
+TRANSIENT_STREAM_CODE = "completion_request_error"
+RECOVER_STEP_MAX = 15.0
+# How long the app's input form (GET /parameters) is trusted before it is read again.
+PARAMETERS_TTL = 300.0
+
+# Reasoning models' thinking: <think>…</think> (an unclosed one runs to the end), and the
+# <details><summary>Thinking...</summary>…</details> block some Dify releases render it as.
+_THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
+_DETAILS_RE = re.compile(
+    r"<details[^>]*>\s*<summary>\s*Thinking\.\.\.\s*</summary>.*?</details>", re.DOTALL
+)
+
+
+def strip_reasoning(text: str) -> str:
+    """`text` without a reasoning model's thinking."""
+    return _DETAILS_RE.sub("", _THINK_RE.sub("", text)).strip()
 
 
 @dataclass(frozen=True)
@@ -43,6 +73,9 @@ class DifySettings:
     max_attempts: int = 3
     backoff_base: float = 1.0
     query_input: str = "query"  # input variable that carries the question (completion, workflow)
+    inputs: Mapping[str, object] = field(default_factory=dict)  # static inputs, every message
+    recover_seconds: float = 120.0  # how long a broken stream's answer is looked for
+    strip_reasoning: bool = True  # remove <think>…</think> from what members receive
 
 
 @dataclass(frozen=True)
@@ -50,6 +83,24 @@ class DifyAnswer:
     text: str
     conversation_id: str = ""
     message_id: str = ""
+
+
+@dataclass
+class _Progress:
+    """What one accepted request has told so far (the ids that let its answer be fetched)."""
+
+    conversation_id: str = ""
+    message_id: str = ""
+    workflow_run_id: str = ""
+    answer: str = ""
+
+
+class _StreamBroken(DifyError):
+    """An accepted stream broke: the answer is fetched, the question is not POSTed again."""
+
+    def __init__(self, path: str, reason: str, progress: _Progress) -> None:
+        super().__init__(f"Dify {path} stream broke: {reason}", code=reason, retryable=False)
+        self.progress = progress
 
 
 def _retryable_status(status: int) -> bool:
@@ -69,7 +120,26 @@ def _http_error(response: requests.Response) -> DifyError:
     message = str(body.get("message") or response.reason or "Dify error")
     if status == 404 and "conversation" in message.lower():
         return ConversationNotFoundError(message, status=status, code=code)
+    if status == 400 and code == "invalid_param" and "conversation_id" in message:
+        # e.g. "conversation_id: x is not a valid uuid." — the stored id is unusable
+        return ConversationNotFoundError(message, status=status, code=code)
     return DifyError(message, status=status, code=code, retryable=_retryable_status(status))
+
+
+def _stream_error(event: Mapping[str, Any]) -> DifyError:
+    """An `error` event, classified as Dify emits them: only completion_request_error (every
+    provider failure) is worth another attempt; internal_server_error and the rest are not."""
+    code = str(event.get("code") or "stream_error")
+    try:
+        status = int(event.get("status") or 500)
+    except (TypeError, ValueError):
+        status = 500
+    return DifyError(
+        str(event.get("message") or "Dify stream error"),
+        status=status,
+        code=code,
+        retryable=code == TRANSIENT_STREAM_CODE,
+    )
 
 
 def _sse_events(response: requests.Response) -> Iterator[dict[str, Any]]:
@@ -98,6 +168,29 @@ def _decode_event(name: str, data: list[str]) -> dict[str, Any]:
     return event
 
 
+@dataclass
+class _Call:
+    """One member message being asked: how many times its question was POSTed, and who
+    wants to know the ids of the message Dify accepted (to fetch its answer after a crash)."""
+
+    posts: int = 0
+    on_accepted: Callable[[dict[str, str]], None] | None = None
+    reported: tuple[str, str] = ("", "")
+
+    def accepted(self, progress: _Progress) -> None:
+        ids = (progress.message_id, progress.workflow_run_id)
+        if self.on_accepted is None or not any(ids) or ids == self.reported:
+            return
+        self.reported = ids
+        self.on_accepted(
+            {
+                "conversation_id": progress.conversation_id,
+                "message_id": progress.message_id,
+                "workflow_run_id": progress.workflow_run_id,
+            }
+        )
+
+
 class DifyClient:
     def __init__(
         self,
@@ -115,6 +208,9 @@ class DifyClient:
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._mode: str | None = settings.app_mode
         self._mode_lock = threading.Lock()
+        self._form: list[dict[str, Any]] | None = None
+        self._form_read_at = 0.0
+        self._clock = time.monotonic
         self._jitter = random.Random()  # noqa: S311 - backoff jitter, not security
 
     # --- public ----------------------------------------------------------------------------
@@ -135,55 +231,172 @@ class DifyClient:
             raise DifyError(f"unsupported Dify app mode {mode!r}", code="unsupported_app_mode")
         return mode
 
-    def ask(self, query: str, user: str, conversation_id: str = "") -> DifyAnswer:
+    def parameters(self) -> dict[str, Any]:
+        """GET /parameters: the app's user_input_form, opening statement, file upload, …"""
+        return self._json(self._send("GET", "/parameters"))  # one try: it only informs
+
+    def input_form(self, *, refresh: bool = False) -> list[dict[str, Any]]:
+        """The variables the app declares ({"variable", "required", "label", …} each), read
+        from /parameters at most every PARAMETERS_TTL seconds (or at once with `refresh`)."""
+        with self._mode_lock:
+            fresh = self._form is not None and self._clock() - self._form_read_at < PARAMETERS_TTL
+            if fresh and not refresh and self._form is not None:
+                return self._form
+        form = self.parameters().get("user_input_form") or []
+        variables = [
+            spec
+            for item in form
+            if isinstance(item, dict)
+            for spec in item.values()
+            if isinstance(spec, dict) and spec.get("variable")
+        ]
+        with self._mode_lock:
+            self._form, self._form_read_at = variables, self._clock()
+        return variables
+
+    def input_problems(self, *, refresh: bool = False) -> tuple[list[str], list[str]]:
+        """What the configured inputs lack for this app (problems: Dify would refuse every
+        message) and what it ignores (warnings: Dify drops undeclared inputs silently)."""
+        mode = self.app_mode()
+        declared = {str(spec["variable"]): spec for spec in self.input_form(refresh=refresh)}
+        given = {k for k, v in self._settings.inputs.items() if v not in (None, "")}
+        takes_query = mode not in CHAT_MODES
+        if takes_query:
+            given.add(self._settings.query_input)
+        problems = [
+            f"the app requires the input {name!r} ({spec.get('label') or name}): "
+            "set it in DIFY_INPUTS" + ("" if not takes_query else " or name it in DIFY_QUERY_INPUT")
+            for name, spec in declared.items()
+            if spec.get("required") and name not in given
+        ]
+        if takes_query and self._settings.query_input not in declared:
+            problems.append(
+                f"DIFY_QUERY_INPUT={self._settings.query_input} is not an input of the app, so "
+                f"Dify would drop the question (inputs: {', '.join(sorted(declared)) or 'none'})"
+            )
+        warnings = [
+            f"DIFY_INPUTS key {name!r} is not an input of the app (Dify drops it)"
+            for name in sorted(self._settings.inputs)
+            if name not in declared
+        ]
+        return problems, warnings
+
+    def _check_inputs(self) -> None:
+        """Refuse to ask when the app needs an input nobody configured: Dify would answer 400
+        on every message. The form is cached; if /parameters cannot be read, ask anyway."""
+        try:
+            problems, _ = self.input_problems()
+        except DifyError as exc:
+            log.warning("could not read the app's input form (%s); asking anyway", exc.code)
+            return
+        if problems:
+            raise DifyError("; ".join(problems), code="input_missing")
+
+    def ask(
+        self,
+        query: str,
+        user: str,
+        conversation_id: str = "",
+        *,
+        on_accepted: Callable[[dict[str, str]], None] | None = None,
+    ) -> DifyAnswer:
+        """Dify's answer to `query`. `on_accepted(ids)` is called as soon as Dify named the
+        message it accepted (conversation_id, message_id, workflow_run_id): keep them, and a
+        job resumed after a crash fetches that answer (`resume`) instead of asking again."""
         started = time.monotonic()
+        call = _Call(on_accepted=on_accepted)
         try:
             mode = self.app_mode()
-            if mode in CHAT_MODES:
-                return self._chat(query, user, conversation_id)
-            if mode == "completion":
-                body = self._body(user, inputs={self._settings.query_input: query})
-                return self._with_retries(lambda: self._stream("/completion-messages", body))
-            return self._workflow(query, user)
+            self._check_inputs()
+            try:
+                if mode in CHAT_MODES:
+                    answer = self._chat(call, query, user, conversation_id)
+                elif mode == "completion":
+                    body = self._body(user, inputs=self._inputs(query))
+                    answer = self._with_retries(
+                        lambda: self._stream(call, "/completion-messages", body)
+                    )
+                else:
+                    body = self._body(user, inputs=self._inputs(query))
+                    answer = self._with_retries(lambda: self._stream(call, "/workflows/run", body))
+            except _StreamBroken as broken:
+                answer = self._recover(broken, query, user)
+            return self._cleaned(answer)
+        except DifyError as exc:
+            if exc.code == "invalid_param" and "required in input form" in str(exc):
+                with contextlib.suppress(DifyError):  # the app's form changed since it was read
+                    self.input_form(refresh=True)
+            self._metrics.inc("wecom_bridge_dify_errors_total", {"code": exc.code or "unknown"})
+            raise
+        finally:
+            self._metrics.observe("wecom_bridge_dify_latency_seconds", time.monotonic() - started)
+            if call.posts:
+                self._metrics.observe("wecom_bridge_dify_requests_per_message", call.posts)
+
+    def resume(self, accepted: Mapping[str, object], query: str, user: str) -> DifyAnswer:
+        """The answer to a question Dify accepted earlier (the ids `ask` reported), fetched
+        from Dify; the question is not POSTed again."""
+        started = time.monotonic()
+        progress = _Progress(
+            **{k: str(accepted.get(k) or "") for k in ("conversation_id", "message_id")},
+            workflow_run_id=str(accepted.get("workflow_run_id") or ""),
+        )
+        try:
+            return self._cleaned(
+                self._recover(_StreamBroken("earlier", "resumed", progress), query, user)
+            )
         except DifyError as exc:
             self._metrics.inc("wecom_bridge_dify_errors_total", {"code": exc.code or "unknown"})
             raise
         finally:
             self._metrics.observe("wecom_bridge_dify_latency_seconds", time.monotonic() - started)
 
+    def _cleaned(self, answer: DifyAnswer) -> DifyAnswer:
+        if not self._settings.strip_reasoning:
+            return answer
+        return DifyAnswer(strip_reasoning(answer.text), answer.conversation_id, answer.message_id)
+
     # --- modes -----------------------------------------------------------------------------
 
     def _body(self, user: str, **fields: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"inputs": {}, "user": user, "response_mode": "streaming"}
+        body: dict[str, Any] = {
+            "inputs": dict(self._settings.inputs),
+            "user": user,
+            "response_mode": "streaming",
+        }
         body.update(fields)
         return body
 
-    def _chat(self, query: str, user: str, conversation_id: str) -> DifyAnswer:
+    def _inputs(self, query: str) -> dict[str, object]:
+        return {**self._settings.inputs, self._settings.query_input: query}
+
+    def _chat(self, call: _Call, query: str, user: str, conversation_id: str) -> DifyAnswer:
         body = self._body(user, query=query, conversation_id=conversation_id)
         try:
-            return self._with_retries(lambda: self._stream("/chat-messages", body))
-        except ConversationNotFoundError:
+            return self._with_retries(lambda: self._stream(call, "/chat-messages", body))
+        except ConversationNotFoundError as exc:
             if not conversation_id:
                 raise
-            log.info("Dify forgot conversation %s; starting a new one", conversation_id)
-        fresh = self._body(user, query=query, conversation_id="")
-        return self._with_retries(lambda: self._stream("/chat-messages", fresh))
-
-    def _workflow(self, query: str, user: str) -> DifyAnswer:
-        body = self._body(
-            user, inputs={self._settings.query_input: query}, response_mode="blocking"
-        )
-        result = self._with_retries(lambda: self._json(self._send("POST", "/workflows/run", body)))
-        data = result.get("data") or {}
-        status = data.get("status")
-        if status != "succeeded":
-            raise DifyError(
-                f"workflow {status}: {data.get('error') or 'no error text'}",
-                code=f"workflow_{status}",
-                retryable=False,
+            log.info(
+                "Dify refused conversation %s (%s); starting a new one", conversation_id, exc.code
             )
-        text = self._pick_output(data.get("outputs") or {})
-        return DifyAnswer(text=text, message_id=str(result.get("workflow_run_id", "")))
+        fresh = self._body(user, query=query, conversation_id="")
+        return self._with_retries(lambda: self._stream(call, "/chat-messages", fresh))
+
+    def _workflow_result(self, data: Mapping[str, Any], run_id: str) -> DifyAnswer:
+        """A finished run (workflow_finished's data, or GET /workflows/run/<id>) as an answer."""
+        status = str(data.get("status") or "")
+        if status in WORKFLOW_OK:
+            outputs = data.get("outputs") or {}
+            text = self._pick_output(outputs if isinstance(outputs, dict) else {})
+            return DifyAnswer(text=text, message_id=run_id)
+        if status == "paused":
+            raise DifyPausedError(run_id, data.get("reasons"))
+        raise DifyError(
+            f"workflow {status}: {data.get('error') or 'no error text'}",
+            code=f"workflow_{status or 'unknown'}",
+            retryable=False,
+        )
 
     def _pick_output(self, outputs: dict[str, Any]) -> str:
         wanted = self._settings.workflow_output
@@ -233,7 +446,13 @@ class DifyClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _send(
-        self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        stream: bool = False,
+        params: dict[str, str] | None = None,
     ) -> requests.Response:
         headers = {"Authorization": f"Bearer {self._settings.api_key}"}
         try:
@@ -241,6 +460,7 @@ class DifyClient:
                 method,
                 self._base + path,
                 json=body,
+                params=params,
                 headers=headers,
                 timeout=self._timeout,
                 stream=stream,
@@ -269,58 +489,138 @@ class DifyClient:
             raise DifyError("Dify answered with a non-object", code="bad_response", retryable=True)
         return data
 
-    def _stream(self, path: str, body: dict[str, Any]) -> DifyAnswer:
+    def _stream(self, call: _Call, path: str, body: dict[str, Any]) -> DifyAnswer:
+        call.posts += 1
         response = self._send("POST", path, body, stream=True)
+        # From here Dify has accepted: it recorded the message (and any new conversation).
+        progress = _Progress(conversation_id=str(body.get("conversation_id") or ""))
         with response:
             if response.headers.get("Content-Type", "").startswith("application/json"):
                 # A blocking-style answer (some proxies buffer SSE away): take it as is.
                 data = self._json(response)
+                if path == "/workflows/run":
+                    run = data.get("data") or {}
+                    run_id = str(data.get("workflow_run_id") or "")
+                    return self._workflow_result(run if isinstance(run, dict) else {}, run_id)
                 return DifyAnswer(
                     text=str(data.get("answer", "")),
                     conversation_id=str(data.get("conversation_id", "") or ""),
                     message_id=str(data.get("message_id") or data.get("id") or ""),
                 )
             try:
-                return self._read_stream(path, response)
+                return self._read_stream(call, path, response, progress)
             except requests.ConnectionError as exc:
                 timed_out = any(isinstance(arg, ReadTimeoutError) for arg in exc.args)
-                code = "timeout" if timed_out else "network"
-                raise DifyError(
-                    f"Dify {path} stream broke: {code}", code=code, retryable=True
-                ) from None
-            except requests.RequestException as exc:
-                raise DifyError(
-                    f"Dify {path} stream broke: {type(exc).__name__}",
-                    code="network",
-                    retryable=True,
-                ) from None
+                raise _StreamBroken(path, "timeout" if timed_out else "network", progress) from None
+            except requests.RequestException:
+                raise _StreamBroken(path, "network", progress) from None
             except (ValueError, UnicodeDecodeError):
-                raise DifyError(
-                    f"Dify {path} sent a malformed event", code="bad_response", retryable=True
-                ) from None
+                raise _StreamBroken(path, "bad_response", progress) from None
 
-    @staticmethod
-    def _read_stream(path: str, response: requests.Response) -> DifyAnswer:
-        answer, conversation_id, message_id = "", "", ""
+    def _read_stream(
+        self, call: _Call, path: str, response: requests.Response, progress: _Progress
+    ) -> DifyAnswer:
         for event in _sse_events(response):
             kind = event.get("event")
-            conversation_id = str(event.get("conversation_id") or conversation_id)
-            message_id = str(event.get("message_id") or message_id)
+            progress.conversation_id = str(event.get("conversation_id") or progress.conversation_id)
+            progress.message_id = str(event.get("message_id") or progress.message_id)
+            progress.workflow_run_id = str(event.get("workflow_run_id") or progress.workflow_run_id)
+            call.accepted(progress)
             if kind in ("message", "agent_message"):
-                answer += str(event.get("answer", ""))
+                progress.answer += str(event.get("answer", ""))
             elif kind == "message_replace":
-                answer = str(event.get("answer", ""))
+                progress.answer = str(event.get("answer", ""))
             elif kind == "message_end":
-                return DifyAnswer(answer, conversation_id, message_id or str(event.get("id", "")))
+                message_id = progress.message_id or str(event.get("id", ""))
+                return DifyAnswer(progress.answer, progress.conversation_id, message_id)
+            elif kind == "workflow_finished" and path == "/workflows/run":
+                data = event.get("data") or {}
+                return self._workflow_result(data, progress.workflow_run_id)
+            elif kind == "workflow_paused":
+                data = event.get("data") or {}
+                raise DifyPausedError(progress.workflow_run_id, data.get("reasons"))
             elif kind == "error":
-                status = int(event.get("status") or 500)
-                raise DifyError(
-                    str(event.get("message") or "Dify stream error"),
-                    status=status,
-                    code=str(event.get("code") or "stream_error"),
-                    retryable=_retryable_status(status),
-                )
-            # ping, agent_thought, message_file, tts_*, workflow/node events: nothing to send
-        raise DifyError(
-            f"Dify {path} stream ended before message_end", code="stream_incomplete", retryable=True
+                raise _stream_error(event)
+            # ping, text_chunk, agent_thought, message_file, tts_*, node events: nothing to send
+        raise _StreamBroken(path, "stream_incomplete", progress)
+
+    # --- recovery of a broken stream -------------------------------------------------------
+
+    def _recover(self, broken: _StreamBroken, query: str, user: str) -> DifyAnswer:
+        progress = broken.progress
+        log.warning(
+            "Dify stream broke after Dify accepted the question (%s); fetching the answer "
+            "instead of asking again (conversation %s, message %s, workflow run %s)",
+            broken.code,
+            progress.conversation_id or "-",
+            progress.message_id or "-",
+            progress.workflow_run_id or "-",
         )
+        fetch: Callable[[], DifyAnswer | None]
+        if progress.workflow_run_id:
+            fetch = lambda: self._fetch_run(progress.workflow_run_id)  # noqa: E731
+        elif progress.conversation_id:
+            fetch = lambda: self._fetch_message(progress, query, user)  # noqa: E731
+        else:
+            self._metrics.inc("wecom_bridge_dify_recoveries_total", {"outcome": "lost"})
+            raise DifyError(
+                f"{broken}; Dify named no conversation to fetch the answer from",
+                code="stream_lost",
+            )
+        try:
+            answer = self._poll(fetch)
+        except DifyError:
+            self._metrics.inc("wecom_bridge_dify_recoveries_total", {"outcome": "lost"})
+            raise
+        self._metrics.inc("wecom_bridge_dify_recoveries_total", {"outcome": "recovered"})
+        return answer
+
+    def _poll(self, fetch: Callable[[], DifyAnswer | None]) -> DifyAnswer:
+        budget = self._settings.recover_seconds
+        waited, step = 0.0, max(0.1, self._settings.backoff_base)
+        while True:
+            try:
+                answer = fetch()
+            except DifyError as exc:
+                if not exc.retryable:
+                    raise
+                answer = None
+            if answer is not None:
+                return answer
+            if waited >= budget:
+                raise DifyError(
+                    f"the answer did not appear within {budget:g} s", code="stream_lost"
+                )
+            pause = min(step, budget - waited, RECOVER_STEP_MAX)
+            self._sleep(pause)
+            waited += pause
+            step *= 2
+
+    def _fetch_message(self, progress: _Progress, query: str, user: str) -> DifyAnswer | None:
+        """The accepted message's answer from GET /messages (None: not finished yet)."""
+        params = {"conversation_id": progress.conversation_id, "user": user, "limit": "20"}
+        page = self._json(self._send("GET", "/messages", params=params))
+        messages = [m for m in page.get("data") or [] if isinstance(m, dict)]
+        if progress.message_id:
+            mine = [m for m in messages if m.get("id") == progress.message_id]
+        else:  # broke before any event: the newest message with this question
+            mine = [m for m in messages if m.get("query") == query][-1:]
+        if not mine:
+            return None
+        message = mine[0]
+        if message.get("status") == "error":
+            raise DifyError(
+                f"Dify's message failed: {message.get('error') or 'no error text'}",
+                code="message_error",
+            )
+        answer = str(message.get("answer") or "")
+        if not answer:
+            return None
+        return DifyAnswer(answer, progress.conversation_id, str(message.get("id") or ""))
+
+    def _fetch_run(self, run_id: str) -> DifyAnswer | None:
+        """The run's result from GET /workflows/run/<id> (None: still running)."""
+        run = self._json(self._send("GET", f"/workflows/run/{run_id}"))
+        if run.get("status") in ("running", None, ""):
+            return None
+        return self._workflow_result(run, run_id)

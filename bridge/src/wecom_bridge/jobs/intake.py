@@ -9,6 +9,9 @@ Each acknowledged callback must be on disk (fsync) before WeCom gets its 200. On
 callback caps throughput at the disk's sync rate and makes callbacks queue for the write lock;
 a single committer thread instead takes everything that arrived while the previous sync ran and
 commits it together. A lone callback is committed at once, so nothing waits for a batch to fill.
+Batches are bounded (MAX_BATCH) and before each one the committer lets a waiting job-side
+writer take the lock first (Store.yield_turn, bounded), so a burst of callbacks cannot starve
+the job side's progress writes.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
+            # The job side first when it waits: its "part sent" writes must not starve.
+            self._store.yield_turn()
             results = self._store.accept_many([p.arrival for p in batch])
         except Exception as exc:  # every failure goes to the waiters: none may wait forever
             error = (

@@ -10,6 +10,7 @@ asking Dify again and without sending a part twice.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ from typing import Any
 from wecom_bridge.channels.base import Outbound, Reply
 from wecom_bridge.config import AppConfig
 from wecom_bridge.dify.client import DifyClient
-from wecom_bridge.errors import DifyError, JobPayloadError, WeComApiError, WeComConfigError
+from wecom_bridge.errors import (
+    DifyError,
+    DifyPausedError,
+    JobPayloadError,
+    StoreUnavailableError,
+    WeComApiError,
+    WeComConfigError,
+)
 from wecom_bridge.jobs.kinds import (
     ChatJob,
     JobSpec,
@@ -37,6 +45,12 @@ from wecom_bridge.wecom.messages import SendResult
 log = logging.getLogger("wecom_bridge.processor")
 
 MAX_JOB_RETRY_DELAY = 300.0
+# A write that records what WeCom accepted (or what Dify answered) is retried until it lands,
+# with this backoff: giving it up would send that part again (or ask Dify again).
+RECORD_RETRY_FIRST = 0.05
+# The job's result key for the ids of the message Dify accepted (see DifyClient.ask).
+DIFY_ACCEPTED = "dify_accepted"
+RECORD_RETRY_MAX = 2.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class JobProcessor:
         self.send_max_age = send_max_age
         self._sleep = sleep
         self._clock = clock
+        # Parts WeCom accepted, by job id, kept in memory too: if the job is retried in this
+        # process before its "sent" mark could be stored, those parts are not sent again.
+        self._sent: dict[int, int] = {}
+        self._sent_lock = threading.Lock()
         self._handlers: dict[type[JobSpec], Handler] = {
             ChatJob: self._ask_dify,
             ResetJob: self._reset,
@@ -115,6 +133,8 @@ class JobProcessor:
             return
         dify_error = result.get("dify_error")
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
+        with self._sent_lock:
+            self._sent.pop(job.id, None)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "done"})
         done = "sent" if isinstance(spec, SendJob) else "answered"
         log.info(done, extra={**fields, "event": "job_done", "parts": len(parts)})
@@ -130,8 +150,41 @@ class JobProcessor:
         answer = self._handlers[type(spec)](job, spec, app)
         limit = app.outbound.part_limit_bytes
         parts = split_message(answer.text, limit) if answer.text else []
-        self.store.save_parts(job.id, parts, answer.result)
+        self._until_recorded(
+            job, "answer", lambda: self.store.save_parts(job.id, parts, answer.result)
+        )
         return parts, answer.result
+
+    def _until_recorded(self, job: Job, what: str, write: Callable[[], None]) -> None:
+        """Run a progress write until it lands. Dify's answer and the parts WeCom accepted
+        exist only here until they are stored: a write given up would ask Dify again or send
+        a part twice, so a busy or unavailable store is waited out (with backoff)."""
+        delay, attempt = RECORD_RETRY_FIRST, 0
+        while True:
+            try:
+                write()
+            except StoreUnavailableError as exc:
+                attempt += 1
+                if attempt == 1 or attempt % 30 == 0:
+                    log.error(
+                        "could not record progress; retrying until it is recorded",
+                        extra={
+                            "job_id": job.id,
+                            "event": "record_retry",
+                            "what": what,
+                            "attempt": attempt,
+                            "error": str(exc),
+                        },
+                    )
+                self._sleep(delay)
+                delay = min(RECORD_RETRY_MAX, delay * 2)
+                continue
+            if attempt:
+                log.info(
+                    "progress recorded after retries",
+                    extra={"job_id": job.id, "what": what, "attempts": attempt + 1},
+                )
+            return
 
     def _reset(self, job: Job, spec: ResetJob, app: AppRuntime) -> Answer:
         cfg = app.config
@@ -150,28 +203,59 @@ class JobProcessor:
         if app.dify is None:  # only a configuration loaded without Dify has none
             return Answer(fallback, {"dify_error": "not configured"})
         conversation = self.store.get_conversation(cfg.corp_id, cfg.agent_id, job.user)
+        accepted = (job.result or {}).get(DIFY_ACCEPTED)
         try:
-            answer = app.dify.ask(spec.query, job.user, conversation)
+            if isinstance(accepted, dict):  # asked before a crash: fetch, do not ask again
+                log.info(
+                    "resuming: fetching the answer Dify accepted before",
+                    extra={"job_id": job.id, "user": job.user, "event": "dify_resume"},
+                )
+                answer = app.dify.resume(accepted, spec.query, job.user)
+            else:
+                answer = app.dify.ask(
+                    spec.query,
+                    job.user,
+                    conversation,
+                    on_accepted=lambda ids: self._note_accepted(job, ids),
+                )
+        except DifyPausedError as exc:
+            fields: dict[str, object] = {"event": "dify_paused", "workflow_run_id": exc.run_id}
+            log.warning(
+                "Dify workflow paused for human input, telling the member",
+                extra={"job_id": job.id, "user": job.user, **fields},
+            )
+            return Answer(cfg.replies.paused_reply, {"dify_paused": exc.run_id})
         except DifyError as exc:
+            fields = {"event": "dify_failed", "code": exc.code, "status": exc.status}
             log.warning(
                 "Dify failed, sending the fallback text",
-                extra={
-                    "job_id": job.id,
-                    "user": job.user,
-                    "event": "dify_failed",
-                    "code": exc.code,
-                    "status": exc.status,
-                    "error": str(exc),
-                },
+                extra={"job_id": job.id, "user": job.user, **fields, "error": str(exc)},
             )
             return Answer(fallback, {"dify_error": exc.code or str(exc.status or "unreachable")})
         if answer.conversation_id and answer.conversation_id != conversation:
-            self.store.set_conversation(cfg.corp_id, cfg.agent_id, job.user, answer.conversation_id)
+            self._until_recorded(
+                job,
+                "conversation",
+                lambda: self.store.set_conversation(
+                    cfg.corp_id, cfg.agent_id, job.user, answer.conversation_id
+                ),
+            )
         result: dict[str, object] = {
             "conversation_id": answer.conversation_id,
             "message_id": answer.message_id,
         }
         return Answer(answer.text.strip() or fallback, result)
+
+    def _note_accepted(self, job: Job, ids: dict[str, str]) -> None:
+        """Keep the ids of the message Dify accepted, so that a job resumed after a crash
+        fetches its answer instead of asking again (best effort: without them it asks again)."""
+        try:
+            self.store.note_result(job.id, DIFY_ACCEPTED, ids)
+        except StoreUnavailableError as exc:
+            log.warning(
+                "could not keep the Dify message ids",
+                extra={"job_id": job.id, "event": "dify_ids_unsaved", "error": str(exc)},
+            )
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -181,16 +265,25 @@ class JobProcessor:
                 "invaliduser": result.invaliduser,
                 "invalidparty": result.invalidparty,
                 "invalidtag": result.invalidtag,
+                "unlicenseduser": result.unlicenseduser,
             }
-            self.store.mark_part_sent(job.id, index + 1, result.msgid, invalid)
+            with self._sent_lock:
+                self._sent[job.id] = max(self._sent.get(job.id, 0), index + 1)
+            self._until_recorded(
+                job,
+                f"part {index + 1} sent",
+                lambda: self.store.mark_part_sent(job.id, index + 1, result.msgid, invalid),
+            )
 
+        with self._sent_lock:
+            start = max(job.parts_sent, self._sent.get(job.id, 0))
         send_paced(
             app.outbound,
             self.limiter,
             target_of(spec, job.user),
             parts,
             on_sent=sent,
-            start=job.parts_sent,
+            start=start,
             sleep=self._sleep,
         )
 
@@ -198,6 +291,8 @@ class JobProcessor:
         age = self._clock() - job.received_at
         if (exc.retryable or isinstance(exc, WeComConfigError)) and age < self.send_max_age:
             delay = min(MAX_JOB_RETRY_DELAY, 5.0 * 2 ** (job.attempts - 1))
+            # A frequency limit (45009) blocks for a window: no retry before it can be over.
+            delay = max(delay, exc.retry_after)
             self.store.retry_later(job.id, delay, str(exc), exc.errcode)
             log.warning(
                 "send failed, will retry",
@@ -220,6 +315,8 @@ class JobProcessor:
 
     def _fail(self, job: Job, error: str, errcode: int | None, fields: dict[str, object]) -> None:
         self.store.fail(job.id, error, errcode)
+        with self._sent_lock:
+            self._sent.pop(job.id, None)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "failed"})
         log.error(
             "job failed",

@@ -22,6 +22,18 @@ from pathlib import Path
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 
+# Fair turns for the write lock. SQLite's busy handler polls a locked database in steps of up
+# to 100 ms, so a writer that keeps re-taking the lock at once (the web side's group commit
+# under a burst of callbacks) starves the others: the job side's "part sent" write waited out
+# its busy timeout and the job resent a part WeCom had already accepted. So every writer polls
+# for the lock itself, every millisecond, and the job side announces that it wants the lock (a
+# file per waiting thread in TURNS_DIR); the group committer lets it go first (`yield_turn`),
+# waiting at most a bounded time per batch so a stale announcement cannot stall callbacks.
+TURNS_DIR = "write-turns"
+STALE_TURN_SECONDS = 30.0
+TURN_WAIT_SECONDS = 0.05
+_LOCK_POLL_SECONDS = 0.001
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedupe (
     app TEXT NOT NULL, key TEXT NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (app, key)
@@ -67,7 +79,7 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
-INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag")
+INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
 
 
 @dataclass(frozen=True)
@@ -187,10 +199,15 @@ class Store:
         durable_commits: bool = True,
         min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
+        takes_turns: bool = False,
     ) -> None:
+        """`takes_turns`: this store's writers (the job side) announce that they wait for the
+        write lock, and the group commit lets them go first."""
         with contextlib.suppress(OSError):  # a missing, unwritable dir fails at first use
             data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "bridge.sqlite3"
+        self._turns = data_dir / TURNS_DIR
+        self._takes_turns = takes_turns
         self.space = FreeSpaceFloor(data_dir, min_free_bytes)
         self._busy_timeout = busy_timeout
         self._synchronous = "FULL" if durable_commits else "NORMAL"
@@ -236,19 +253,85 @@ class Store:
         if not self._schema_ready:
             conn.executescript(SCHEMA)  # executescript manages its own transaction
             self._schema_ready = True
+        if not getattr(self._local, "polls", False):
+            # Short from here: BEGIN polls for the lock itself (see TURNS_DIR); this only
+            # covers the rare busy moments inside a transaction.
+            conn.execute(f"PRAGMA busy_timeout={int(min(self._busy_timeout, 0.02) * 1000)}")
+            self._local.polls = True
         return conn
 
     def _drop_conn(self) -> None:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
+        self._local.polls = False
         if conn is not None:
             conn.close()
 
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, polling for the write lock every millisecond up to the busy
+        timeout (SQLite's own handler sleeps up to 100 ms between tries)."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(_LOCK_POLL_SECONDS)
+
+    @contextmanager
+    def _my_turn(self) -> Iterator[None]:
+        """While this thread waits for (and holds) the write lock, others can see it wants it."""
+        if not self._takes_turns:
+            yield
+            return
+        mark = self._turns / f"{os.getpid()}-{threading.get_ident()}"
+        try:
+            self._turns.mkdir(exist_ok=True)
+            mark.touch()
+        except OSError:  # no announcement: the lock is still taken, only less fairly
+            yield
+            return
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                mark.unlink()
+
+    def writers_waiting(self) -> bool:
+        """Whether a job-side writer announced it waits for the write lock (recently)."""
+        try:
+            entries = os.scandir(self._turns)
+        except OSError:
+            return False
+        now = time.time()
+        with entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime < STALE_TURN_SECONDS:
+                        return True
+        return False
+
+    def yield_turn(self, max_wait: float = TURN_WAIT_SECONDS) -> None:
+        """Let announced job-side writers take the write lock first, waiting at most
+        `max_wait` (called by the group commit before each batch)."""
+        deadline = time.monotonic() + max_wait
+        while self.writers_waiting() and time.monotonic() < deadline:
+            time.sleep(_LOCK_POLL_SECONDS / 2)
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._my_turn(), self._tx_inner() as conn:
+            yield conn
+
+    @contextmanager
+    def _tx_inner(self) -> Iterator[sqlite3.Connection]:
         try:
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             self._drop_conn()
             raise StoreUnavailableError(f"cannot open a write transaction: {exc}") from exc
@@ -366,12 +449,22 @@ class Store:
         job = _job(row)
         return Job(**{**job.__dict__, "status": "running", "attempts": job.attempts + 1})
 
-    def renew_leases(self, owner: str, lease_seconds: float) -> None:
+    def renew_leases(
+        self, owner: str, lease_seconds: float, job_ids: Sequence[int] | None = None
+    ) -> None:
+        """Extend `owner`'s leases; with `job_ids`, only those (the jobs a worker really has in
+        hand: a job it dropped after an error must expire and be resumed)."""
         now = self._clock()
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET lease_until=? WHERE status='running' AND lease_owner=?",
-                (now + lease_seconds, owner),
+            if job_ids is None:
+                db.execute(
+                    "UPDATE jobs SET lease_until=? WHERE status='running' AND lease_owner=?",
+                    (now + lease_seconds, owner),
+                )
+                return
+            db.executemany(
+                "UPDATE jobs SET lease_until=? WHERE id=? AND status='running' AND lease_owner=?",
+                [(now + lease_seconds, job_id, owner) for job_id in job_ids],
             )
 
     def heartbeat(self, owner: str) -> None:
@@ -414,13 +507,24 @@ class Store:
     def save_parts(self, job_id: int, parts: list[str], result: dict[str, object]) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET parts=?, result=?, updated_at=? WHERE id=?",
+                # merged: facts noted earlier (note_result) stay
+                "UPDATE jobs SET parts=?, result=json_patch(coalesce(result, '{}'), ?),"
+                " updated_at=? WHERE id=?",
                 (
                     json.dumps(parts, ensure_ascii=False),
                     json.dumps(result, ensure_ascii=False),
                     self._clock(),
                     job_id,
                 ),
+            )
+
+    def note_result(self, job_id: int, key: str, value: object) -> None:
+        """Keep one more fact on the job's result (e.g. the ids of the message Dify accepted)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET result=json_set(coalesce(result, '{}'), ?, json(?)),"
+                " updated_at=? WHERE id=?",
+                (f"$.{key}", json.dumps(value, ensure_ascii=False), self._clock(), job_id),
             )
 
     def mark_part_sent(

@@ -58,6 +58,9 @@ class WorkerPool:
         self.error_retry_base = error_retry_base
         self._wake = threading.Condition()
         self._pending_wakeups = 0
+        # The jobs the workers have in hand: only their leases are renewed.
+        self._in_hand: set[int] = set()
+        self._in_hand_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -112,16 +115,22 @@ class WorkerPool:
             self._run_job(job)
 
     def _run_job(self, job: Job) -> None:
+        with self._in_hand_lock:
+            self._in_hand.add(job.id)
         try:
             self.processor.process(job)
         except StoreUnavailableError as exc:
-            # Progress stays as last stored; the lease runs out and the job is retried.
+            # Progress stays as last stored; the lease (no longer renewed: the job left the
+            # worker's hands) runs out and the job is resumed from there.
             log.error(
                 "store unavailable while processing", extra={"job_id": job.id, "error": str(exc)}
             )
         except Exception as exc:
             log.exception("unexpected error processing job", extra={"job_id": job.id})
             self._after_error(job, exc)
+        finally:
+            with self._in_hand_lock:
+                self._in_hand.discard(job.id)
 
     def _after_error(self, job: Job, exc: Exception) -> None:
         """Retry a job that failed unexpectedly, but only so often: a job that always fails
@@ -148,7 +157,9 @@ class WorkerPool:
         while not self._stopping.wait(self.heartbeat_seconds):
             try:
                 self.store.heartbeat(self.owner)
-                self.store.renew_leases(self.owner, self.lease_seconds)
+                with self._in_hand_lock:
+                    in_hand = sorted(self._in_hand)
+                self.store.renew_leases(self.owner, self.lease_seconds, in_hand)
                 if self.store.requeue_expired():
                     self.notify()
                 if time.monotonic() - last_sweep > 600:

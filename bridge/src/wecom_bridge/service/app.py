@@ -10,6 +10,7 @@ routes. `create_app(config)` runs the job side in the same process (tests, small
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from flask import Flask
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
 from wecom_bridge.config import BridgeConfig
 from wecom_bridge.dify.client import DifyClient
-from wecom_bridge.errors import StoreUnavailableError
+from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.intake import GroupCommitter
 from wecom_bridge.jobs.pacing import SlidingWindowLimiter
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
@@ -70,7 +71,12 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
     """The job side: its own store connection, the processor and the worker threads."""
     # Worker progress commits without fsync: it survives a crash of the process, and the next
     # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
-    store = Store(config.data_dir, busy_timeout=config.db_busy_timeout, durable_commits=False)
+    store = Store(
+        config.data_dir,
+        busy_timeout=config.db_busy_timeout,
+        durable_commits=False,
+        takes_turns=True,
+    )
     processor = JobProcessor(
         store,
         build_apps(config, store, metrics),
@@ -86,6 +92,39 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
     )
+
+
+def build_job_process_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
+    """The `work` process's pool; it also checks each Dify app's inputs once, in the
+    background (Dify may be slow or down at start: the answers do not wait for it)."""
+    pool = build_pool(config, metrics)
+    threading.Thread(
+        target=report_dify_inputs, args=(pool.processor.apps,), name="dify-inputs", daemon=True
+    ).start()
+    return pool
+
+
+def report_dify_inputs(apps: dict[str, AppRuntime]) -> None:
+    """At the job process's start: name the inputs an app needs that nobody configured (Dify
+    would refuse every message with 400; the bridge sends the fallback without asking)."""
+    for name, runtime in apps.items():
+        if runtime.dify is None:
+            continue
+        try:
+            problems, warnings = runtime.dify.input_problems(refresh=True)
+        except DifyError as exc:
+            log.warning(
+                "could not check the Dify app's inputs",
+                extra={"app": name, "event": "dify_inputs_unchecked", "code": exc.code},
+            )
+            continue
+        for problem in problems:
+            log.error(
+                f"configuration error: {problem}",
+                extra={"app": name, "event": "dify_inputs", "variable": "DIFY_INPUTS"},
+            )
+        for warning in warnings:
+            log.warning(warning, extra={"app": name, "event": "dify_inputs"})
 
 
 def _queue_depth(store: Store) -> float:

@@ -144,6 +144,11 @@ class WeComDoubleState:
     faults: dict[str, deque[int]] = field(default_factory=dict)
     # Userids WeCom does not know: reported in `invaliduser`; only unknown ones → 81013.
     unknown_users: set[str] = field(default_factory=set)
+    # Userids without an interface licence (接口许可): reported in `unlicenseduser`, not delivered.
+    unlicensed_users: set[str] = field(default_factory=set)
+    # Requests enable_duplicate_check kept from being delivered a second time.
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    _duplicate_keys: dict[str, tuple[float, str]] = field(default_factory=dict)
     # Where the chat page's messages go; None: the page cannot send (409).
     chat_callback: ChatCallback | None = None
     journal: Journal | None = None
@@ -198,6 +203,10 @@ class WeComDoubleState:
     def set_unknown_users(self, *users: str) -> None:
         with self.lock:
             self.unknown_users = set(users)
+
+    def set_unlicensed_users(self, *users: str) -> None:
+        with self.lock:
+            self.unlicensed_users = set(users)
 
     def expire_tokens(self) -> None:
         """Every token issued so far is now expired (the next use gets 42001)."""
@@ -271,11 +280,39 @@ class WeComDoubleState:
             return 40014
         return 42001 if self.clock() >= expiry else None
 
-    def issue_token(self) -> str:
+    def issue_token(self) -> tuple[str, int]:
+        """gettoken's token and its seconds left: the same token while it is valid (WeCom
+        hands out the current one; a new one only after it expired or was invalidated)."""
+        now = self.clock()
+        valid = [(expiry, token) for token, expiry in self.tokens.items() if expiry > now]
+        if valid:
+            expiry, token = max(valid)
+            return token, int(expiry - now)
         token = secrets.token_urlsafe(96)
-        self.tokens[token] = self.clock() + self.token_ttl
+        self.tokens[token] = now + self.token_ttl
         self._log("token", token=token)
-        return token
+        return token, self.token_ttl
+
+    def duplicate_of(self, body: dict[str, Any]) -> str | None:
+        """With enable_duplicate_check=1: the msgid of the same request JSON sent within
+        duplicate_check_interval seconds (WeCom does not deliver it again), else None."""
+        if str(body.get("enable_duplicate_check", 0)) not in ("1", "true", "True"):
+            return None
+        try:
+            interval = float(body.get("duplicate_check_interval") or 1800)
+        except (TypeError, ValueError):
+            interval = 1800.0
+        key = json.dumps(body, sort_keys=True, ensure_ascii=False)
+        now = self.clock()
+        seen = self._duplicate_keys.get(key)
+        if seen is not None and now - seen[0] < interval:
+            return seen[1]
+        return None
+
+    def remember_request(self, body: dict[str, Any], msgid: str) -> None:
+        if str(body.get("enable_duplicate_check", 0)) in ("1", "true", "True"):
+            key = json.dumps(body, sort_keys=True, ensure_ascii=False)
+            self._duplicate_keys[key] = (self.clock(), msgid)
 
     def admit(self, user: str) -> bool:
         """Whether WeCom would deliver one more message to `user` now (per-member limits)."""
@@ -336,9 +373,9 @@ def create_wecom_double(
                 return _error(state, 40013)
             if not secrets.compare_digest(request.args.get("corpsecret", ""), state.secret):
                 return _error(state, 40001)
-            token = state.issue_token()
+            token, expires_in = state.issue_token()
         return jsonify(
-            {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": state.token_ttl}
+            {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": expires_in}
         )
 
     @app.post("/cgi-bin/message/send")
@@ -402,10 +439,21 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
         record["content_bytes"] = size
     all_users = [u for u in str(body.get("touser", "")).split("|") if u]
     invalid = [u for u in all_users if u in state.unknown_users]
-    users = [u for u in all_users if u not in state.unknown_users]
+    unlicensed = [u for u in all_users if u in state.unlicensed_users and u not in invalid]
+    users = [u for u in all_users if u not in state.unknown_users and u not in unlicensed]
+    duplicate = state.duplicate_of(body)
+    if duplicate is not None:  # the same request within the interval: not delivered again
+        record["msgid"] = duplicate
+        state.duplicates.append(record)
+        return {"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": duplicate}
     refused = [u for u in users if not state.admit(u)]
     record["msgid"] = state.next_msgid()
-    if users and len(refused) == len(users):
+    state.remember_request(body, record["msgid"])
+    if unlicensed:
+        record["unlicensed_users"] = unlicensed
+    if (not users and unlicensed) or (
+        users and len(refused) == len(users)
+    ):  # nobody with an interface licence: nothing delivered
         state.dropped.append(record)
         state._log("dropped", record=record)
     else:
@@ -418,6 +466,7 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
         "errcode": 0,
         "errmsg": "ok",
         "invaliduser": "|".join(invalid),
+        **({"unlicenseduser": "|".join(unlicensed)} if unlicensed else {}),
         "msgid": record["msgid"],
     }
 

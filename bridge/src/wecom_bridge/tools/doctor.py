@@ -18,7 +18,7 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from wecom_bridge.config import AppConfig, load_apps, pick_app, wecom_api_base
-from wecom_bridge.dify.client import DifyClient
+from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import (
     ConfigError,
     DifyError,
@@ -115,7 +115,14 @@ class Doctor:
         checks: list[Callable[[Doctor], CheckResult]] = [check_dns]
         codes = self.options.verify_codes or ("",)
         checks += [functools.partial(check_verify_file, code=code) for code in codes]
-        checks += [check_tls, check_callback, check_gettoken, check_trusted_ip, check_dify]
+        checks += [
+            check_tls,
+            check_callback,
+            check_gettoken,
+            check_trusted_ip,
+            check_dify,
+            check_dify_inputs,
+        ]
         checks.append(check_bridge_ready)
         for check in checks:
             result = check(self)
@@ -486,19 +493,26 @@ def _wecom_failure(name: str, call: str, base: str, exc: WeComApiError) -> Check
 # --- (g) Dify ----------------------------------------------------------------------------------
 
 
-def check_dify(doctor: Doctor) -> CheckResult:
-    name = "dify"
+def _quick_dify_settings(doctor: Doctor, name: str) -> DifySettings | CheckResult:
+    """The app's Dify settings for one quick try (the doctor reports, the service retries), or
+    the check's result when they cannot be loaded."""
     try:
         configured = doctor.app(with_dify=True).dify
     except ConfigError as exc:
         return _not_loaded(name, exc, "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
     if configured is None:  # pragma: no cover - with_dify=True always loads Dify's settings
         return skipped(name, "no Dify configured", "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
-    base = configured.api_base
-    # One quick try: the doctor reports, the service retries.
-    settings = dataclasses.replace(
+    return dataclasses.replace(
         configured, connect_timeout=3.0, read_timeout=doctor.prober.timeout, max_attempts=1
     )
+
+
+def check_dify(doctor: Doctor) -> CheckResult:
+    name = "dify"
+    settings = _quick_dify_settings(doctor, name)
+    if isinstance(settings, CheckResult):
+        return settings
+    configured, base = settings, settings.api_base
     try:
         info = DifyClient(settings).info()
     except DifyError as exc:
@@ -511,6 +525,28 @@ def check_dify(doctor: Doctor) -> CheckResult:
             f"set DIFY_APP_MODE={mode} or leave it empty (the bridge asks /v1/info)",
         )
     return passed(name, f"{base}: app {info.get('name', '?')!r}, mode {mode}")
+
+
+def check_dify_inputs(doctor: Doctor) -> CheckResult:
+    """The app's declared inputs (GET /v1/parameters) against DIFY_INPUTS / DIFY_QUERY_INPUT:
+    a required input without a value would make Dify refuse every message."""
+    name = "dify-inputs"
+    settings = _quick_dify_settings(doctor, name)
+    if isinstance(settings, CheckResult):
+        return settings
+    try:
+        problems, warnings = DifyClient(settings).input_problems()
+    except DifyError as exc:
+        return skipped(name, f"cannot read the app's inputs ({exc.code})", "fix the dify check")
+    if problems:
+        return failed(
+            name,
+            "; ".join(problems),
+            'set DIFY_INPUTS to a JSON object with a value for each, e.g. {"dept": "HR"} '
+            "(the app's inputs: Dify › the app › 开始 node / 变量)",
+        )
+    detail = "every required input has a value"
+    return passed(name, detail + (f" ({'; '.join(warnings)})" if warnings else ""))
 
 
 def _dify_failure(name: str, base: str, exc: DifyError) -> CheckResult:

@@ -180,7 +180,8 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
             f"part {index + 1}/{len(parts)}: sent (errcode 0) msgid={_show(result.msgid)}"
             f" invaliduser={_show(result.invaliduser)}"
             f" invalidparty={_show(result.invalidparty)}"
-            f" invalidtag={_show(result.invalidtag)}",
+            f" invalidtag={_show(result.invalidtag)}"
+            + (f" unlicenseduser={result.unlicenseduser}" if result.unlicenseduser else ""),
             file=out,
             flush=True,
         )
@@ -199,7 +200,7 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         return EXIT_SEND_FAILED
     invalid = {
         name: value
-        for name in ("invaliduser", "invalidparty", "invalidtag")
+        for name in ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
         if (value := "|".join(sorted({getattr(r, name) for r in sent} - {""})))
     }
     if invalid:

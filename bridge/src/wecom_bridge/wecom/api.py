@@ -202,8 +202,8 @@ class WeComClient:
             except WeComApiError as exc:
                 code = "network" if exc.errcode is None else str(exc.errcode)
                 self._metrics.inc("wecom_bridge_wecom_send_errors_total", {"errcode": code})
-                if not exc.retryable or attempt == self._max_attempts:
-                    raise
+                if not exc.retryable or attempt == self._max_attempts or exc.retry_after:
+                    raise  # a frequency block is waited out by the caller, not in seconds
                 delay = self._backoff_base * 2 ** (attempt - 1) * self._jitter.uniform(1.0, 1.5)
                 log.warning(
                     "message/send failed (errcode %s), attempt %d/%d, retrying in %.1fs",
@@ -214,15 +214,20 @@ class WeComClient:
                 )
                 self._sleep(delay)
                 continue
-            self._metrics.inc("wecom_bridge_wecom_messages_sent_total")
-            result = SendResult(
-                msgid=str(data.get("msgid", "")),
-                invaliduser=str(data.get("invaliduser", "") or ""),
-                invalidparty=str(data.get("invalidparty", "") or ""),
-                invalidtag=str(data.get("invalidtag", "") or ""),
-            )
+            result = _send_result(message, data)
+            if result.delivered:
+                self._metrics.inc("wecom_bridge_wecom_messages_sent_total")
+            else:
+                self._metrics.inc(
+                    "wecom_bridge_wecom_undelivered_total", {"reason": "unlicenseduser"}
+                )
             if result.invaliduser:
                 log.warning("message/send: WeCom reports invalid users %s", result.invaliduser)
+            if result.unlicenseduser:
+                log.warning(
+                    "message/send: recipients without an interface licence (not delivered): %s",
+                    result.unlicenseduser,
+                )
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -252,8 +257,11 @@ class WeComClient:
         problem = config_error(errcode, errmsg)
         if problem is None:
             # A token rejected again right after a refresh is WeCom having a moment: back off.
-            retryable = lookup(errcode).handling in (Handling.RETRY, Handling.TOKEN)
-            return WeComApiError(errcode, errmsg, retryable=retryable)
+            entry = lookup(errcode)
+            retryable = entry.handling in (Handling.RETRY, Handling.TOKEN)
+            return WeComApiError(
+                errcode, errmsg, retryable=retryable, retry_after=entry.blocked_for
+            )
         with self._state_lock:
             self._config_error = (problem, self._clock() + self._cooldown)
             first = self._reported != (errcode, problem.hint)
@@ -265,3 +273,19 @@ class WeComClient:
         else:
             log.debug("WeCom configuration error %d persists", errcode)
         return problem
+
+
+def _send_result(message: OutboundMessage, data: dict[str, Any]) -> SendResult:
+    """message/send's answer; `delivered` is False when only users were named and each was
+    invalid or unlicensed (WeCom answers errcode 0 and delivers nothing)."""
+    fields = {
+        key: str(data.get(key, "") or "")
+        for key in ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
+    }
+    named = {u for u in message.touser.split("|") if u}
+    undeliverable = {
+        u for key in ("invaliduser", "unlicenseduser") for u in fields[key].split("|") if u
+    }
+    only_users = not (message.toparty or message.totag)
+    nobody = bool(fields["unlicenseduser"]) and only_users and named <= undeliverable
+    return SendResult(msgid=str(data.get("msgid", "")), delivered=not nobody, **fields)

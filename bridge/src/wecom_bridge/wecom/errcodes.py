@@ -28,6 +28,9 @@ class Errcode:
     handling: Handling
     meaning: str = ""  # plain words, for an operator
     hint: str = ""  # what to do; "{ip}" is replaced by the IP WeCom named (60020)
+    # A frequency limit blocks for a window (WeCom's doc 90454: a minute, an hour or a day,
+    # by the limit hit): retrying sooner only burns calls. Seconds before the first retry.
+    blocked_for: float = 0.0
 
 
 _TABLE = (
@@ -52,8 +55,10 @@ _TABLE = (
     Errcode(
         45009,
         Handling.RETRY,
-        "WeCom's API rate limit was reached (too many calls)",
-        "try again later",
+        "WeCom's API rate limit was reached (too many calls); WeCom blocks for a minute, an "
+        "hour or a day depending on the limit hit",
+        "try again later (in a minute at the earliest); see WeCom's 频率限制 page (doc 90454)",
+        blocked_for=60.0,
     ),
     Errcode(45033, Handling.RETRY, "too many concurrent calls", "try again later"),
     Errcode(

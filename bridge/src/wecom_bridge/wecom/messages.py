@@ -222,3 +222,5 @@ class SendResult:
     invaliduser: str = ""
     invalidparty: str = ""
     invalidtag: str = ""
+    unlicenseduser: str = ""  # recipients without an interface licence: not delivered
+    delivered: bool = True  # False: accepted, but nobody it named can receive it
