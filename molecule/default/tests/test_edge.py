@@ -95,6 +95,6 @@ def test_renewal_dry_run_against_pebble(host):
     res = host.run(
         "REQUESTS_CA_BUNDLE=%s certbot renew --dry-run --no-random-sleep-on-renew --server %s",
         bundle,
-        TEST_VARS["nginx_acme_directory_url"],
+        TEST_VARS["wecom_edge_acme_directory_url"],
     )
     assert res.rc == 0, res.stdout + res.stderr
