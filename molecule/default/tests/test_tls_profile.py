@@ -1,0 +1,90 @@
+"""The edge's TLS checked by a standard tool: sslyze against Mozilla's intermediate profile.
+
+sslyze runs here on the controller against the server's address (SNI: the test domain) and gets the
+current pebble root as the only extra trust anchor, so the certificate passes path validation for
+the right reason: it chains to the ACME CA that issued it, not because the scanner looks away.
+"""
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+
+import pytest
+from conftest import DOMAIN, PEBBLE_ROOT
+
+# Let's Encrypt's certificate lifetime, which prepare.yml gives pebble (certificateValidityPeriod).
+LETS_ENCRYPT_DAYS = 90
+
+
+@pytest.fixture(scope="module")
+def sslyze_scan(server_address, pebble_root_file, tmp_path_factory):
+    report = tmp_path_factory.mktemp("sslyze") / "scan.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sslyze",
+            "--mozilla_config",
+            "intermediate",
+            "--certinfo_ca_file",
+            str(pebble_root_file),
+            f"--json_out={report}",
+            f"{DOMAIN}:443{{{server_address}}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return run, json.loads(report.read_text())
+
+
+def test_compliant_with_mozilla_intermediate(sslyze_scan):
+    run, _ = sslyze_scan
+    # sslyze exits 1 on any deviation from the profile and lists each one.
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert "OK - Compliant." in run.stdout
+
+
+def leaf_deployment(scan):
+    (server,) = scan["server_scan_results"]
+    assert server["scan_status"] == "COMPLETED", server
+    certinfo = server["scan_result"]["certificate_info"]
+    assert certinfo["status"] == "COMPLETED", certinfo
+    return certinfo["result"]["certificate_deployments"][0]
+
+
+def test_certificate_trusted_through_the_test_ca_only(sslyze_scan):
+    deployment = leaf_deployment(sslyze_scan[1])
+    verdicts = {
+        result["trust_store"]["name"]: result["was_validation_successful"]
+        for result in deployment["path_validation_results"]
+    }
+    # The custom store is the pebble root; the public stores must not trust a test certificate.
+    custom = [name for name in verdicts if name.startswith("Custom")]
+    assert custom and all(verdicts[name] for name in custom), verdicts
+    assert not any(ok for name, ok in verdicts.items() if name not in custom), verdicts
+    assert deployment["leaf_certificate_subject_matches_hostname"] is True
+
+
+def test_certificate_has_lets_encrypt_lifetime(sslyze_scan):
+    leaf = leaf_deployment(sslyze_scan[1])["received_certificate_chain"][0]
+    days = (
+        datetime.fromisoformat(leaf["not_valid_after"])
+        - datetime.fromisoformat(leaf["not_valid_before"])
+    ).days
+    assert days <= LETS_ENCRYPT_DAYS, leaf["not_valid_before"] + " .. " + leaf["not_valid_after"]
+
+
+def test_post_quantum_group_negotiated(host, edge):
+    """X25519MLKEM768 comes first where OpenSSL has it (Debian 13's 3.5); sslyze's own OpenSSL
+    cannot offer it, so the server's openssl offers only that group and must get a handshake."""
+    res = host.run(
+        "openssl s_client -connect 127.0.0.1:443 -servername %s -tls1_3 -groups X25519MLKEM768"
+        " -CAfile %s -verify_return_error </dev/null 2>&1",
+        DOMAIN,
+        PEBBLE_ROOT,
+    )
+    assert res.rc == 0, res.stdout
+    assert "X25519MLKEM768" in res.stdout, res.stdout
