@@ -1,7 +1,8 @@
-"""Filters for Dify's docker/.env: read it as a dict, and write values back into .env.example's layout.
+"""Filters for Dify's docker/.env: read it as a dict, and write values back into
+.env.example's layout (wecom.dify.dify_env_parse, wecom.dify.dify_env_render).
 
-Compose's .env is one NAME=value per line; comments and blank lines are kept for the operator. Values
-are taken verbatim (everything after the first '='), exactly as compose reads an unquoted value.
+Compose's .env is one NAME=value per line; comments and blank lines are kept for the operator.
+Values are taken verbatim (everything after the first '='), as compose reads an unquoted value.
 """
 
 import re
