@@ -11,7 +11,7 @@ import sys
 from datetime import datetime
 
 import pytest
-from conftest import DOMAIN, PEBBLE_ROOT
+from conftest import DOMAIN
 
 # Let's Encrypt's certificate lifetime, which prepare.yml gives pebble (certificateValidityPeriod).
 LETS_ENCRYPT_DAYS = 90
@@ -75,16 +75,3 @@ def test_certificate_has_lets_encrypt_lifetime(sslyze_scan):
         - datetime.fromisoformat(leaf["not_valid_before"])
     ).days
     assert days <= LETS_ENCRYPT_DAYS, leaf["not_valid_before"] + " .. " + leaf["not_valid_after"]
-
-
-def test_post_quantum_group_negotiated(host, edge):
-    """X25519MLKEM768 comes first where OpenSSL has it (Debian 13's 3.5); sslyze's own OpenSSL
-    cannot offer it, so the server's openssl offers only that group and must get a handshake."""
-    res = host.run(
-        "openssl s_client -connect 127.0.0.1:443 -servername %s -tls1_3 -groups X25519MLKEM768"
-        " -CAfile %s -verify_return_error </dev/null 2>&1",
-        DOMAIN,
-        PEBBLE_ROOT,
-    )
-    assert res.rc == 0, res.stdout
-    assert "X25519MLKEM768" in res.stdout, res.stdout
