@@ -60,7 +60,7 @@ molecule-dify: venv images collection
 	molecule test -s dify-upgrade
 
 # The README's main-job command: the whole stack on a local server container, plus a sample conversation.
-demo: prerequisites venv collection
+demo: prerequisites venv
 	scripts/demo
 
 demo-down: venv
