@@ -3,10 +3,15 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test test-stages lint unit images molecule molecule-default molecule-dify venv demo demo-down bench
+.PHONY: test test-stages prerequisites lint unit images collection molecule molecule-default molecule-dify venv demo demo-down bench
+
+# The host's own prerequisites (Docker engine, debootstrap, python3-venv, Chromium), installed when
+# missing and the engine started when it is not running: see scripts/host-prerequisites.
+prerequisites:
+	scripts/host-prerequisites
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml
+$(VENV)/.installed: requirements-dev.txt bridge/requirements.txt bridge/pyproject.toml | prerequisites
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-dev.txt -e bridge
 	touch $@
@@ -16,23 +21,25 @@ REPORTS := $(CURDIR)/.cache/reports
 # Every stage (lint, unit, each molecule scenario) runs even after another failed (--keep-going), so one
 # CI run reports all that is broken; the failed tests are then printed again at the very end, where a
 # truncated CI log still shows them. Stages that need a failed one (images) are skipped.
-test:
+test: prerequisites
 	@rm -rf $(REPORTS)
 	@$(MAKE) --no-print-directory --keep-going test-stages || { scripts/test-digest $(REPORTS); exit 1; }
 
 test-stages: lint unit molecule
 
 # Every linter runs, so that one run lists every finding; the target fails if any of them did.
+# ansible-lint's syntax check resolves wecom.dify.* in the molecule playbooks: the collection comes first.
 LINTERS := \
-	"ruff check bridge molecule scripts scripts/test-digest bench" \
-	"ruff format --check bridge molecule scripts scripts/test-digest bench" \
+	"ruff check bridge molecule plugins scripts scripts/test-digest scripts/role-defaults bench" \
+	"ruff format --check bridge molecule plugins scripts scripts/test-digest scripts/role-defaults bench" \
+	"scripts/role-defaults --check" \
 	"yamllint -s ." \
 	"ansible-lint --profile production" \
 	"scripts/gixy-rendered" \
 	"mypy --config-file bridge/pyproject.toml bridge/src/wecom_bridge" \
 	"lint-imports --config bridge/pyproject.toml"
 
-lint: venv
+lint: venv collection
 	@failed=(); for linter in $(LINTERS); do echo "$$linter"; $$linter || failed+=("$$linter"); done; \
 	if (( $${#failed[@]} )); then printf 'lint failed: %s\n' "$${failed[@]}"; exit 1; fi
 
@@ -42,17 +49,21 @@ unit: venv
 images: venv
 	scripts/build-images
 
+# The collection artifact, installed into .cache/collections: what molecule and the demo converge through.
+collection: venv
+	scripts/build-collection
+
 molecule: molecule-default molecule-dify
 
-molecule-default: venv images
+molecule-default: venv images collection
 	molecule test -s default
 
 # roles/dify's install -> upgrade -> refused downgrade -> restore, on the Dify stand-in release.
-molecule-dify: venv images
+molecule-dify: venv images collection
 	molecule test -s dify-upgrade
 
 # The README's main-job command: the whole stack on a local server container, plus a sample conversation.
-demo: venv
+demo: prerequisites venv
 	scripts/demo
 
 demo-down: venv

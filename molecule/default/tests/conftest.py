@@ -7,6 +7,7 @@ client on the host would: /etc/hosts -> nginx -> bridge container -> doubles.
 import base64
 import json
 import shlex
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,31 @@ def edge(host):
         PEBBLE_ROOT,
     )
     return Edge(host)
+
+
+@pytest.fixture(scope="session")
+def server_address():
+    """The server container's address on the host's Docker network: the controller's way in."""
+    return subprocess.run(
+        [
+            "docker",
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            "server",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def pebble_root_file(host, edge, tmp_path_factory):
+    """The current pebble root on the controller, for clients that run here."""
+    ca_file = tmp_path_factory.mktemp("pebble") / "root.pem"
+    ca_file.write_text(host.file(PEBBLE_ROOT).content_string)
+    return ca_file
 
 
 @pytest.fixture(scope="session")

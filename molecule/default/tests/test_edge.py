@@ -69,6 +69,16 @@ def test_modern_tls_accepted(host, edge, version):
     assert res.rc == 0, res.stderr
 
 
+def test_post_quantum_group_negotiated(host, edge):
+    """X25519MLKEM768 comes first where OpenSSL has it (Debian 13's 3.5). sslyze (test_tls_profile)
+    cannot offer it, so the server's openssl offers only that group and must get a handshake."""
+    res = s_client(
+        host, "-tls1_3", "-groups", "X25519MLKEM768", "-CAfile", PEBBLE_ROOT, "-verify_return_error"
+    )
+    assert res.rc == 0, res.stdout + res.stderr
+    assert "X25519MLKEM768" in res.stdout + res.stderr, res.stdout
+
+
 def test_certificate_issued_by_pebble(host, edge):
     res = s_client(host, "-verify_return_error", "-CAfile", PEBBLE_ROOT)
     assert res.rc == 0, res.stderr
@@ -95,6 +105,6 @@ def test_renewal_dry_run_against_pebble(host):
     res = host.run(
         "REQUESTS_CA_BUNDLE=%s certbot renew --dry-run --no-random-sleep-on-renew --server %s",
         bundle,
-        TEST_VARS["nginx_acme_directory_url"],
+        TEST_VARS["wecom_edge_acme_directory_url"],
     )
     assert res.rc == 0, res.stdout + res.stderr

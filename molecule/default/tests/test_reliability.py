@@ -10,14 +10,13 @@ are printed at the end of the run. Marked disruptive: they run after the other v
 import json
 import secrets
 import shlex
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
 import pytest
 import requests
-from conftest import DOMAIN, PEBBLE_ROOT, TALLIES, TEST_VARS
+from conftest import DOMAIN, TALLIES, TEST_VARS
 from wecom_bridge.testing.redelivery import (
     Deliverer,
     Outcome,
@@ -121,22 +120,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(host, edge, crypto, tmp_path_factory):
-    address = subprocess.run(
-        [
-            "docker",
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            "server",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    ca_file = tmp_path_factory.mktemp("pebble") / "root.pem"
-    ca_file.write_text(host.file(PEBBLE_ROOT).content_string)
-    stack = Stack(host, crypto, address, str(ca_file))
+def stack(host, crypto, server_address, pebble_root_file):
+    stack = Stack(host, crypto, server_address, str(pebble_root_file))
     stack.wait_ready()
     return stack
 

@@ -54,7 +54,7 @@ def test_secret_files_root_only(host, path):
 
 def test_env_has_production_values(host):
     values = env(host)
-    url = f"https://{TEST_VARS['dify_domain']}"
+    url = f"https://{TEST_VARS['wecom_dify_domain']}"
     for name in (
         "CONSOLE_API_URL",
         "CONSOLE_WEB_URL",
@@ -69,7 +69,7 @@ def test_env_has_production_values(host):
     assert values["EXPOSE_PLUGIN_DEBUGGING_PORT"] == "127.0.0.1:5003"
     assert values["CHECK_UPDATE_URL"] == ""
     assert values["MARKETPLACE_ENABLED"] == "false"
-    assert values["PIP_MIRROR_URL"] == TEST_VARS["dify_pip_mirror_url"]
+    assert values["PIP_MIRROR_URL"] == TEST_VARS["wecom_dify_pip_mirror_url"]
     assert values["FIXTURE_APP_API_KEY"] == TEST_VARS["dify_test_app_api_key"]
 
 
@@ -81,7 +81,7 @@ def test_secrets_generated_paired_and_kept(host):
         assert default not in text
     for name, value in kept.items():
         assert values[name] == value, name
-    assert values["PLUGIN_DAEMON_KEY"] == TEST_VARS["dify_secrets"]["PLUGIN_DAEMON_KEY"]
+    assert values["PLUGIN_DAEMON_KEY"] == TEST_VARS["wecom_dify_secrets"]["PLUGIN_DAEMON_KEY"]
     assert len(values["SECRET_KEY"]) >= 42
     assert values["CODE_EXECUTION_API_KEY"] == values["SANDBOX_API_KEY"]
     assert values["WEAVIATE_AUTHENTICATION_APIKEY_ALLOWED_KEYS"] == values["WEAVIATE_API_KEY"]
