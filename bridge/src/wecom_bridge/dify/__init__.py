@@ -1,0 +1,1 @@
+"""Dify's Service API: the client the pipeline asks."""

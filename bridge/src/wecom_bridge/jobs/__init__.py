@@ -1,0 +1,1 @@
+"""The shared pipeline: typed jobs, routing, store, intake, workers, splitting, pacing."""

@@ -1,0 +1,1 @@
+"""The HTTP routes: callback channels, the send API, the operations endpoints."""

@@ -1,0 +1,1 @@
+"""WeCom's protocol and API: callback crypto, message XML, the client, the errcode table."""
