@@ -642,6 +642,14 @@ def test_parse_listen_rejects_garbage() -> None:
 
 
 # --- the Dify double follows Dify's server ----------------------------------------------------
+# Sources (langgenius/dify, 2026, as summarised in the project's Dify facts): pings every ~10 s and
+# blocking answers silent until the end — api/libs/helper.py (compact_generate_response) and
+# api/core/app/apps/base_app_generate_response_converter.py; the message recorded before the model
+# runs, listed by GET /v1/messages — api/core/app/apps/message_based_app_generator.py; workflow run
+# statuses — api/core/workflow/enums.py; inputs kept to the app's form, required ones enforced,
+# conversation ids as UUIDs — api/core/app/apps/base_app_generator.py and
+# api/controllers/service_api/app/completion.py. The search tool held none of these files this
+# session: re-read them against these tests when a real Dify is at hand.
 
 
 def authed_get(server: ServerThread, path: str, **params: str) -> requests.Response:

@@ -1,6 +1,11 @@
 """WeCom's send API as its documentation describes it (issue 18, point 9), in the double and
 in the client: duplicate check, one token while valid, frequency-limit windows, unlicensed
-recipients."""
+recipients.
+
+Sources: 发送应用消息 (developer.work.weixin.qq.com document path 90236: enable_duplicate_check,
+duplicate_check_interval, invaliduser/unlicenseduser in the answer), 获取access_token (91039: the
+same token while valid, early invalidation possible), 频率限制 (90454: blocks of a minute, an hour
+or a day)."""
 
 from __future__ import annotations
 

@@ -48,9 +48,9 @@ MAX_JOB_RETRY_DELAY = 300.0
 # A write that records what WeCom accepted (or what Dify answered) is retried until it lands,
 # with this backoff: giving it up would send that part again (or ask Dify again).
 RECORD_RETRY_FIRST = 0.05
+RECORD_RETRY_MAX = 2.0
 # The job's result key for the ids of the message Dify accepted (see DifyClient.ask).
 DIFY_ACCEPTED = "dify_accepted"
-RECORD_RETRY_MAX = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,8 @@ class JobProcessor:
             return
         try:
             spec = decode(job.kind, job.payload)
-        except (
-            JobPayloadError
-        ) as exc:  # stored by a release that wrote another shape: never retried
+        except JobPayloadError as exc:
+            # Stored by a release that wrote another shape: it would fail again, never retried.
             self._fail(job, str(exc), None, fields)
             return
         try:

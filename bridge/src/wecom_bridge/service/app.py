@@ -25,7 +25,7 @@ from wecom_bridge.jobs.pacing import SlidingWindowLimiter
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
-from wecom_bridge.metrics import Metrics
+from wecom_bridge.metrics import Metrics, Snapshot
 from wecom_bridge.service.processes import (
     HEARTBEAT_SECONDS,
     MetricsExchange,
@@ -148,9 +148,12 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
     pool = build_pool(config, metrics) if in_process_workers else None
     notify = pool.notify if pool else WakeupSender(config.data_dir).send
-    exchange = MetricsExchange(config.data_dir, "web")
-    if pool is None:  # the other processes read this one's counters from the exchange
+    # In `serve`, the processes share their counters through the data dir (service.processes).
+    others: Callable[[], list[Snapshot]] = list
+    if pool is None:
+        exchange = MetricsExchange(config.data_dir, "web")
         publish_metrics_in_background(exchange, metrics)
+        others = exchange.collect
     flask_app = Flask("wecom_bridge")
     flask_app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     flask_app.extensions["wecom_bridge"] = Runtime(config, store, metrics, pool)
@@ -175,7 +178,6 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
             config=config, store=store, metrics=metrics, notify=notify, token=config.api_token
         )
         register_send_api(flask_app, api)
-    others = exchange.collect if pool is None else tuple
     register_ops(flask_app, Ops(store, metrics, _workers_alive(store, pool), others))
     if pool:
         pool.start()

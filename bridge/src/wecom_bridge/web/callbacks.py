@@ -49,7 +49,7 @@ class CallbackInbound(Protocol):
 
 
 @dataclass(frozen=True)
-class Answer:
+class HttpAnswer:
     status: int
     body: bytes = b""
 
@@ -116,20 +116,20 @@ class CallbackEndpoint:
     max_body_bytes: int
     tally: IntakeTally
 
-    def handshake(self, args: Mapping[str, str]) -> Answer:
+    def handshake(self, args: Mapping[str, str]) -> HttpAnswer:
         plaintext = self.inbound.handshake(args)
         self.metrics.inc(CALLBACKS, {"outcome": "url_verified"})
         log.info("URL verification answered", extra={"app": self.app, "event": "verify_url"})
         # Exactly the plaintext: no quotes, no newline, no BOM — anything else fails the console.
-        return Answer(200, plaintext.encode("utf-8"))
+        return HttpAnswer(200, plaintext.encode("utf-8"))
 
-    def receive(self, args: Mapping[str, str], body: bytes) -> Answer:
+    def receive(self, args: Mapping[str, str], body: bytes) -> HttpAnswer:
         message = self.inbound.decode(args, body)
         spec = route(message, self.replies)
         job = new_job(message.sender, spec) if spec is not None else None
         job_id = self.acceptor.accept(self.app, message.dedupe_key, job)
         self._record(message, job_id)
-        return Answer(200)
+        return HttpAnswer(200)
 
     def _record(self, message: InboundMessage, job_id: int | None) -> None:
         outcome = "duplicate" if job_id is None else "accepted"
@@ -145,13 +145,13 @@ class CallbackEndpoint:
                 extra={**fields, "msg_type": message.msg_type, "event": outcome, "job_id": job_id},
             )
 
-    def answer(self, environ: Mapping[str, Any]) -> Answer:
+    def answer(self, environ: Mapping[str, Any]) -> HttpAnswer:
         """The answer to one request of any method (HEAD as GET, without the body)."""
         method = environ.get("REQUEST_METHOD", "GET")
         if method == "OPTIONS":
-            return Answer(200)
+            return HttpAnswer(200)
         if method not in ("GET", "HEAD", "POST"):
-            return Answer(405)
+            return HttpAnswer(405)
         try:
             args = query_args(environ.get("QUERY_STRING", ""))
             if method != "POST":
@@ -167,9 +167,9 @@ class CallbackEndpoint:
                 "callback not stored; WeCom will redeliver",
                 extra={"app": self.app, "event": "store_unavailable", "error": str(exc)},
             )
-            return Answer(503, b"503 not stored\n")
+            return HttpAnswer(503, b"503 not stored\n")
 
-    def _refused(self, exc: CallbackError) -> Answer:
+    def _refused(self, exc: CallbackError) -> HttpAnswer:
         outcome = type(exc).__name__
         self.metrics.inc(CALLBACKS, {"outcome": outcome})
         log.warning(
@@ -183,7 +183,7 @@ class CallbackEndpoint:
                 "detail": str(exc),
             },
         )
-        return Answer(exc.http_status, f"{exc.http_status} refused\n".encode())
+        return HttpAnswer(exc.http_status, f"{exc.http_status} refused\n".encode())
 
 
 class CallbackRouter:
