@@ -56,10 +56,6 @@ class SendJob:
     KIND: ClassVar[str] = "send"
     request: SendRequest
 
-    @property
-    def msg_id(self) -> str:
-        return ""
-
 
 JobSpec = ChatJob | ResetJob | NoticeJob | SendJob
 
