@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,9 @@ class JobProcessor:
         send_max_age: float = 3600.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        channel_handlers: Mapping[type[JobSpec], Handler] | None = None,
     ) -> None:
+        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull)."""
         self.store = store
         self.apps = apps
         self.metrics = metrics
@@ -102,6 +104,7 @@ class JobProcessor:
             ResetJob: self._reset,
             NoticeJob: self._notice,
             SendJob: self._proactive,
+            **(channel_handlers or {}),
         }
 
     def process(self, job: Job) -> None:

@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
+-- 微信客服: where the last kf/sync_msg of each kf account stopped (its next_cursor).
+CREATE TABLE IF NOT EXISTS kf_cursors (
+    app TEXT NOT NULL, open_kfid TEXT NOT NULL, cursor TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (app, open_kfid)
+);
 """
 
 INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
@@ -617,6 +622,33 @@ class Store:
         )
         earliest = rows[0][0]
         return None if earliest is None else max(0.0, earliest - self._clock())
+
+    # --- 微信客服 pulls ----------------------------------------------------------------------
+
+    def kf_cursor(self, app: str, open_kfid: str) -> str | None:
+        """The stored sync_msg cursor of a kf account; None: it was never pulled."""
+        rows = self._read(
+            "SELECT cursor FROM kf_cursors WHERE app=? AND open_kfid=?", (app, open_kfid)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def accept_pulled(
+        self, app: str, open_kfid: str, cursor: str, arrivals: Sequence[Arrival]
+    ) -> list[int | None]:
+        """Store one pulled page's messages (accept_many's dedupe and jobs) and advance the
+        account's cursor in the same transaction: a crash before it neither loses the page
+        (the cursor still points before it) nor, after it, pulls the page again."""
+        self.space.check()
+        now = self._clock()
+        with self._tx() as db:
+            results = [self._accept_one(db, arrival, now) for arrival in arrivals]
+            db.execute(
+                "INSERT INTO kf_cursors (app, open_kfid, cursor, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (app, open_kfid) DO UPDATE SET cursor=excluded.cursor,"
+                " updated_at=excluded.updated_at",
+                (app, open_kfid, cursor, now),
+            )
+        return results
 
     # --- conversations and tokens ---------------------------------------------------------
 

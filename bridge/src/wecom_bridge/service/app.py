@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 from flask import Flask
 
+from wecom_bridge.channels.kf import KfInbound, KfOutbound
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
-from wecom_bridge.config import BridgeConfig
+from wecom_bridge.config import BridgeConfig, KfConfig
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.intake import GroupCommitter
+from wecom_bridge.jobs.kf import KfJobs
 from wecom_bridge.jobs.pacing import SlidingWindowLimiter
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
@@ -33,9 +35,11 @@ from wecom_bridge.service.processes import (
     publish_metrics_in_background,
 )
 from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, IntakeTally
+from wecom_bridge.web.kf_callback import KfCallbackEndpoint
 from wecom_bridge.web.ops import Ops, register_ops
 from wecom_bridge.web.send_api import SendApi, register_send_api
 from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.kf_api import KfClient
 
 log = logging.getLogger("wecom_bridge.app")
 
@@ -67,6 +71,30 @@ def build_apps(config: BridgeConfig, store: Store, metrics: Metrics) -> dict[str
     return apps
 
 
+def kf_client(config: BridgeConfig, kf: KfConfig, store: Store, metrics: Metrics) -> KfClient:
+    """The kf API with the 微信客服 secret's own access token."""
+    return KfClient(
+        WeComClient(
+            api_base=config.wecom_api_base,
+            corp_id=kf.corp_id,
+            secret=kf.secret,
+            token_cache=store,
+            metrics=metrics,
+            config_error_cooldown=config.config_error_cooldown,
+        )
+    )
+
+
+def build_kf(
+    config: BridgeConfig, kf: KfConfig, store: Store, metrics: Metrics
+) -> tuple[AppRuntime, KfJobs]:
+    """The kf channel as the pipeline runs it: its runtime and its job kinds' handlers."""
+    client = kf_client(config, kf, store, metrics)
+    dify = DifyClient(kf.dify, metrics=metrics) if kf.dify else None
+    runtime = AppRuntime(config=kf.pipeline_app(), dify=dify, outbound=KfOutbound(kf.name, client))
+    return runtime, KfJobs(store, kf, client)
+
+
 def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
     """The job side: its own store connection, the processor and the worker threads."""
     # Worker progress commits without fsync: it survives a crash of the process, and the next
@@ -77,14 +105,19 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         durable_commits=False,
         takes_turns=True,
     )
+    apps = build_apps(config, store, metrics)
+    kf_jobs = None
+    if config.kf is not None:
+        apps[config.kf.name], kf_jobs = build_kf(config, config.kf, store, metrics)
     processor = JobProcessor(
         store,
-        build_apps(config, store, metrics),
+        apps,
         metrics,
         limiter=SlidingWindowLimiter(),
         send_max_age=config.send_max_age_seconds,
+        channel_handlers=kf_jobs.handlers() if kf_jobs else None,
     )
-    return WorkerPool(
+    pool = WorkerPool(
         store,
         processor,
         size=config.job_workers,
@@ -92,6 +125,9 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
     )
+    if kf_jobs is not None:
+        kf_jobs.wake = pool.notify
+    return pool
 
 
 def build_job_process_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
@@ -172,6 +208,20 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
         )
         for app in config.apps
     ]
+    if config.kf is not None:
+        inbound = KfInbound(config.kf)
+        endpoints.append(
+            KfCallbackEndpoint(
+                app=config.kf.name,
+                inbound=inbound,
+                replies=config.kf.replies,
+                acceptor=acceptor,
+                metrics=metrics,
+                max_body_bytes=config.max_body_bytes,
+                tally=tally,
+                kf=inbound,
+            )
+        )
     flask_app.wsgi_app = CallbackRouter(endpoints, flask_app.wsgi_app)  # type: ignore[method-assign]
     if config.api_token:
         api = SendApi(
@@ -184,7 +234,10 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     log.info(
         "bridge ready to serve",
         extra={
-            "paths": ",".join(a.callback_path for a in config.apps),
+            "paths": ",".join(
+                [a.callback_path for a in config.apps]
+                + ([config.kf.callback_path] if config.kf else [])
+            ),
             "send_api": "on" if config.api_token else "off (BRIDGE_API_TOKEN not set)",
         },
     )

@@ -1,0 +1,354 @@
+"""微信客服 (kf) end to end on loopback: the kf double's callbacks in, its sync_msg pulled,
+answers through its send_msg — the bridge's stored cursor, dedupe, windows and hand-over."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import AppSecrets, dify_state, wait_for
+
+from wecom_bridge.config import load_config
+from wecom_bridge.errors import ConfigError, StoreUnavailableError
+from wecom_bridge.jobs.kinds import ChatJob, new_job
+from wecom_bridge.jobs.store import Arrival, Store
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.callbacks import build_callback, build_url_verification
+from wecom_bridge.testing.dify_double import create_dify_double
+from wecom_bridge.testing.kf_double import DEFAULT_ACCOUNT, KfCallback, KfDoubleState
+from wecom_bridge.testing.server import ServerThread
+from wecom_bridge.testing.wecom_double import create_wecom_double
+from wecom_bridge.wecom.crypto import WeComCrypto
+
+KF_SECRET = "test-kf-secret-not-real"
+KF_TOKEN = "KfToken456"
+KF_AES_KEY = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut"
+CUSTOMER = "wmCUSTOMER0001"
+
+
+@pytest.fixture
+def kf_state(secrets: AppSecrets) -> KfDoubleState:
+    return KfDoubleState(corp_id=secrets.corp_id, secret=KF_SECRET)
+
+
+@pytest.fixture
+def kf_wecom(secrets: AppSecrets, kf_state: KfDoubleState) -> Iterator[ServerThread]:
+    app = create_wecom_double(
+        corp_id=secrets.corp_id, secret=secrets.secret, agent_id=secrets.agent_id, kf=kf_state
+    )
+    with ServerThread(app) as server:
+        yield server
+
+
+@pytest.fixture
+def kf_dify(secrets: AppSecrets) -> Iterator[ServerThread]:
+    with ServerThread(create_dify_double(api_key=secrets.dify_key)) as server:
+        yield server
+
+
+@pytest.fixture
+def kf_env(
+    tmp_path: Path, secrets: AppSecrets, kf_wecom: ServerThread, kf_dify: ServerThread
+) -> dict[str, str]:
+    return {
+        "WECOM_CORP_ID": secrets.corp_id,
+        "WECOM_AGENT_ID": secrets.agent_id,
+        "WECOM_SECRET": secrets.secret,
+        "WECOM_TOKEN": secrets.token,
+        "WECOM_ENCODING_AES_KEY": secrets.aes_key,
+        "WECOM_API_BASE": kf_wecom.url,
+        "WECOM_KF_SECRET": KF_SECRET,
+        "WECOM_KF_TOKEN": KF_TOKEN,
+        "WECOM_KF_ENCODING_AES_KEY": KF_AES_KEY,
+        "WECOM_KF_WELCOME_TEXT": "您好，我是知识库助手。",
+        "DIFY_API_BASE": f"{kf_dify.url}/v1",
+        "DIFY_API_KEY": secrets.dify_key,
+        "DIFY_BACKOFF": "0.05",
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+class Bridge:
+    """The bridge in-process on loopback, restartable on the same data dir."""
+
+    def __init__(self, env: dict[str, str], kf: KfDoubleState) -> None:
+        self.env, self.kf = env, kf
+        self.server: ServerThread | None = None
+
+    def start(self) -> Bridge:
+        app = create_app(load_config(self.env))
+        self.server = ServerThread(app).start()
+        self.kf.callback = KfCallback(f"{self.server.url}/wxcomkf", KF_TOKEN, KF_AES_KEY)
+        return self
+
+    def stop(self) -> None:
+        assert self.server is not None
+        self.server.app.extensions["wecom_bridge"].pool.stop()
+        self.server.stop()
+        self.server = None
+
+    @property
+    def store(self) -> Store:
+        assert self.server is not None
+        return self.server.app.extensions["wecom_bridge"].store
+
+
+@pytest.fixture
+def bridge(kf_env: dict[str, str], kf_state: KfDoubleState) -> Iterator[Bridge]:
+    running = Bridge(kf_env, kf_state).start()
+    yield running
+    if running.server is not None:
+        running.stop()
+
+
+def say(kf: KfDoubleState, text: str, user: str = CUSTOMER) -> int | None:
+    """The customer writes; WeCom signals the bridge. The callback's HTTP status."""
+    _, token = kf.customer_says(user, text)
+    return kf.signal(None, token)
+
+
+def received(kf: KfDoubleState, user: str = CUSTOMER) -> list[str]:
+    with kf.lock:
+        return [m["text"]["content"] for m in kf.sent if m["touser"] == user]
+
+
+def answer(text: str) -> str:
+    return f"Dify double answer: {text}"
+
+
+# --- the callback -----------------------------------------------------------------------------
+
+
+def test_kf_callback_url_verification_and_forgery(bridge: Bridge, secrets: AppSecrets) -> None:
+    assert bridge.server is not None
+    url = f"{bridge.server.url}/wxcomkf"
+    crypto = WeComCrypto(KF_TOKEN, KF_AES_KEY, secrets.corp_id)
+    params = build_url_verification(crypto, "4711")
+    assert requests.get(url, params=params, timeout=5).content == b"4711"
+    # Signed with the app's token instead of the kf's: refused, nothing stored.
+    wrong = WeComCrypto(secrets.token, secrets.aes_key, secrets.corp_id)
+    fields: dict[str, str | int] = {
+        "MsgType": "event",
+        "Event": "kf_msg_or_event",
+        "Token": "ENCx",
+        "OpenKfId": DEFAULT_ACCOUNT,
+    }
+    params, body = build_callback(wrong, fields)
+    assert requests.post(url, params=params, data=body, timeout=5).status_code == 403
+    assert bridge.store.jobs() == []
+
+
+def test_redelivered_callback_stores_one_pull(bridge: Bridge, kf_state: KfDoubleState) -> None:
+    _, token = kf_state.customer_says(CUSTOMER, "年假怎么请？")
+    assert kf_state.signal(None, token) == 200
+    assert kf_state.signal(None, token) == 200  # WeCom's redelivery: same Token
+    wait_for(lambda: received(kf_state))
+    pulls = [j for j in bridge.store.jobs() if j.kind == "kf_pull"]
+    assert len(pulls) == 1
+    assert received(kf_state) == [answer("年假怎么请？")]
+
+
+# --- the pull ---------------------------------------------------------------------------------
+
+
+def test_burst_of_five_answered_in_order_exactly_once(
+    bridge: Bridge, kf_state: KfDoubleState, kf_dify: ServerThread
+) -> None:
+    questions = [f"问题{n}" for n in range(1, 6)]
+    tokens = [kf_state.customer_says(CUSTOMER, q)[1] for q in questions]
+    for token in tokens:  # all five written before the first callback arrives
+        assert kf_state.signal(None, token) == 200
+    wait_for(lambda: len(received(kf_state)) == 5)
+    time.sleep(0.5)  # the later pulls find nothing new
+    assert received(kf_state) == [answer(q) for q in questions]
+    users = {r["json"].get("user") for r in dify_state(kf_dify).snapshot() if r.get("json")}
+    assert users == {f"kf:{DEFAULT_ACCOUNT}:{CUSTOMER}"}  # never a bare external userid
+
+
+def test_has_more_is_followed_and_the_cursor_survives_a_restart(
+    kf_env: dict[str, str], kf_state: KfDoubleState
+) -> None:
+    kf_state.page_size = 2  # WeCom may hand out fewer than asked: pages of 2
+    bridge = Bridge(kf_env, kf_state).start()
+    try:
+        tokens = [kf_state.customer_says(CUSTOMER, f"第{n}问")[1] for n in range(5)]
+        assert kf_state.signal(None, tokens[-1]) == 200
+        wait_for(lambda: len(received(kf_state)) == 5)
+        cursor = bridge.store.kf_cursor("kf", DEFAULT_ACCOUNT)
+        assert cursor
+    finally:
+        bridge.stop()
+    bridge.start()  # same data dir: the cursor is where the last pull stopped
+    try:
+        assert say(kf_state, "重启后的问题") == 200
+        wait_for(lambda: len(received(kf_state)) == 6)
+        time.sleep(0.3)
+        assert received(kf_state)[-1] == answer("重启后的问题")
+        assert len(received(kf_state)) == 6  # nothing pulled twice
+    finally:
+        bridge.stop()
+
+
+def test_empty_store_starts_now_not_with_three_days_of_history(
+    kf_env: dict[str, str], kf_state: KfDoubleState
+) -> None:
+    with kf_state.lock:  # a question from yesterday, when no bridge listened
+        kf_state.log[DEFAULT_ACCOUNT] = [
+            {
+                "msgid": "old-1",
+                "open_kfid": DEFAULT_ACCOUNT,
+                "external_userid": CUSTOMER,
+                "send_time": int(time.time()) - 86400,
+                "origin": 3,
+                "msgtype": "text",
+                "text": {"content": "昨天的问题"},
+            }
+        ]
+    bridge = Bridge(kf_env, kf_state).start()
+    try:
+        assert say(kf_state, "今天的问题") == 200
+        wait_for(lambda: received(kf_state))
+        time.sleep(0.3)
+        assert received(kf_state) == [answer("今天的问题")]
+        pull = next(j for j in bridge.store.jobs() if j.kind == "kf_pull")
+        assert pull.result and pull.result["skipped_history"] == 1
+    finally:
+        bridge.stop()
+
+
+def test_history_start_answers_the_backlog(kf_env: dict[str, str], kf_state: KfDoubleState) -> None:
+    kf_state.customer_says(CUSTOMER, "没人听到的问题")
+    bridge = Bridge({**kf_env, "WECOM_KF_START": "history"}, kf_state).start()
+    try:
+        assert say(kf_state, "新问题") == 200
+        wait_for(lambda: len(received(kf_state)) == 2)
+        assert received(kf_state) == [answer("没人听到的问题"), answer("新问题")]
+    finally:
+        bridge.stop()
+
+
+def test_expired_pull_token_pulls_without_it(bridge: Bridge, kf_state: KfDoubleState) -> None:
+    kf_state.customer_says(CUSTOMER, "令牌过期了")
+    with kf_state.lock:
+        token = kf_state._pull_token()
+        kf_state.pull_tokens[token] = 0.0  # expired before the pull ran
+    assert kf_state.signal(None, token) == 200
+    wait_for(lambda: received(kf_state))
+    assert received(kf_state) == [answer("令牌过期了")]
+    assert kf_state.stats()["sync_calls_without_token"] >= 1
+
+
+def test_sync_failure_retries_the_pull_without_losing_messages(
+    bridge: Bridge, kf_state: KfDoubleState
+) -> None:
+    kf_state.fail_next("sync_msg", -1)  # WeCom busy once
+    assert say(kf_state, "系统繁忙时的问题") == 200
+    wait_for(lambda: received(kf_state), timeout=20)
+    assert received(kf_state) == [answer("系统繁忙时的问题")]
+
+
+def test_a_page_and_its_cursor_are_stored_together_or_not_at_all(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = new_job(f"kf:{DEFAULT_ACCOUNT}:{CUSTOMER}", ChatJob(query="问"))
+    arrival = Arrival("kf", "kf:msg1", job)
+    with pytest.raises(StoreUnavailableError):  # the cursor write fails inside the transaction
+        store.accept_pulled("kf", DEFAULT_ACCOUNT, None, [arrival])  # type: ignore[arg-type]
+    assert store.jobs() == [] and store.kf_cursor("kf", DEFAULT_ACCOUNT) is None
+    assert store.accept_pulled("kf", DEFAULT_ACCOUNT, "c1", [arrival])[0]
+    assert store.accept_pulled("kf", DEFAULT_ACCOUNT, "c2", [arrival]) == [None]  # dedupe
+    assert store.kf_cursor("kf", DEFAULT_ACCOUNT) == "c2" and len(store.jobs()) == 1
+
+
+# --- answers, windows, welcome --------------------------------------------------------------------
+
+
+def test_welcome_on_enter_session_through_send_msg_on_event(
+    bridge: Bridge, kf_state: KfDoubleState
+) -> None:
+    _, token = kf_state.customer_enters(CUSTOMER)
+    assert kf_state.signal(None, token) == 200
+    wait_for(lambda: received(kf_state))
+    with kf_state.lock:
+        assert kf_state.sent[0]["welcome"] is True
+    assert received(kf_state) == ["您好，我是知识库助手。"]
+
+
+def test_window_used_up_is_recorded_not_retried(bridge: Bridge, kf_state: KfDoubleState) -> None:
+    _, token = kf_state.customer_says(CUSTOMER, "窗口用完了吗？")
+    with kf_state.lock:  # five messages already went out since the customer last wrote
+        kf_state.sessions[(DEFAULT_ACCOUNT, CUSTOMER)].sent_since = 5
+    assert kf_state.signal(None, token) == 200
+    failed = wait_for(lambda: bridge.store.jobs("failed"))
+    assert failed[0].kind == "chat" and failed[0].errcode == 95001
+    assert "5 messages within 48 hours" in (failed[0].error or "")
+    assert failed[0].attempts == 1  # not retried blindly
+    assert received(kf_state) == []
+    with kf_state.lock:
+        assert [r["errcode"] for r in kf_state.refused] == [95001]
+
+
+# --- hand-over --------------------------------------------------------------------------------
+
+
+def test_handover_then_silence_then_bot_again(bridge: Bridge, kf_state: KfDoubleState) -> None:
+    assert say(kf_state, "转人工") == 200
+    wait_for(lambda: kf_state.session_of(CUSTOMER).state == 2)
+    assert received(kf_state) == ["好的，正在为您转接人工客服，请稍候。"]
+    kf_state.servicer_action(CUSTOMER, "take")
+    assert say(kf_state, "人工在吗？") == 200  # a human holds the session: the bot is silent
+    wait_for(lambda: any(j.kind == "kf_pull" and j.status == "done" for j in bridge.store.jobs()))
+    time.sleep(0.5)
+    assert len(received(kf_state)) == 1
+    assert not [j for j in bridge.store.jobs() if j.kind == "chat"]
+    kf_state.servicer_action(CUSTOMER, "end")  # the session returns: the next one is the bot's
+    assert say(kf_state, "还有一个问题") == 200
+    wait_for(lambda: len(received(kf_state)) == 2)
+    assert received(kf_state)[-1] == answer("还有一个问题")
+
+
+def test_messages_after_a_handover_in_the_same_pull_stay_unanswered(
+    bridge: Bridge, kf_state: KfDoubleState
+) -> None:
+    kf_state.customer_says(CUSTOMER, "人工")
+    assert say(kf_state, "快点") == 200
+    wait_for(lambda: kf_state.session_of(CUSTOMER).state == 2)
+    time.sleep(0.3)
+    assert received(kf_state) == ["好的，正在为您转接人工客服，请稍候。"]
+    assert not [j for j in bridge.store.jobs() if j.kind == "chat"]  # not even asked
+
+
+def test_conversation_per_customer_and_reset(bridge: Bridge, kf_state: KfDoubleState) -> None:
+    assert say(kf_state, "第一句") == 200
+    wait_for(lambda: received(kf_state))
+    conversation = bridge.store.get_conversation(
+        "wwtestcorp0001", "kf", f"kf:{DEFAULT_ACCOUNT}:{CUSTOMER}"
+    )
+    assert conversation
+    assert say(kf_state, "/reset") == 200
+    wait_for(lambda: len(received(kf_state)) == 2)
+    assert received(kf_state)[-1] == "好的，已开始新的对话。"
+    assert not bridge.store.get_conversation(
+        "wwtestcorp0001", "kf", f"kf:{DEFAULT_ACCOUNT}:{CUSTOMER}"
+    )
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_kf_is_off_without_its_secret_and_needs_its_callback_settings(
+    kf_env: dict[str, str],
+) -> None:
+    without = {k: v for k, v in kf_env.items() if not k.startswith("WECOM_KF_")}
+    assert load_config(without).kf is None
+    with pytest.raises(ConfigError, match="WECOM_KF_TOKEN"):
+        load_config({**without, "WECOM_KF_SECRET": KF_SECRET})
+    with pytest.raises(ConfigError, match="WECOM_KF_CALLBACK_PATH"):
+        load_config({**kf_env, "WECOM_KF_CALLBACK_PATH": "/wxcomapp"})
+    with pytest.raises(ConfigError, match="WECOM_KF_START"):
+        load_config({**kf_env, "WECOM_KF_START": "yesterday"})
+    kf = load_config({**kf_env, "WECOM_KF_HANDOVER_WORDS": "找人工|真人"}).kf
+    assert kf is not None and kf.handover_words == ("找人工", "真人")
+    assert KF_SECRET not in repr(kf)
