@@ -151,6 +151,34 @@ def test_redelivered_callback_stores_one_pull(bridge: Bridge, kf_state: KfDouble
     assert received(kf_state) == [answer("年假怎么请？")]
 
 
+def post_kf_callback(bridge: Bridge, corp_id: str, fields: dict[str, str | int]) -> int:
+    assert bridge.server is not None
+    crypto = WeComCrypto(KF_TOKEN, KF_AES_KEY, corp_id)
+    params, body = build_callback(crypto, fields)
+    url = f"{bridge.server.url}/wxcomkf"
+    return requests.post(url, params=params, data=body, timeout=5).status_code
+
+
+def test_callback_without_open_kfid_pulls_every_account(
+    bridge: Bridge, kf_state: KfDoubleState, secrets: AppSecrets
+) -> None:
+    # Older kf callbacks carry only the Token (doc 94670's sample has no OpenKfId).
+    _, token = kf_state.customer_says(CUSTOMER, "没有账号的回调")
+    fields: dict[str, str | int] = {"MsgType": "event", "Event": "kf_msg_or_event", "Token": token}
+    assert post_kf_callback(bridge, secrets.corp_id, fields) == 200
+    wait_for(lambda: received(kf_state))
+    assert received(kf_state) == [answer("没有账号的回调")]
+    assert bridge.store.kf_cursor("kf", "")
+
+
+def test_the_bound_apps_own_events_are_acknowledged_and_dropped(
+    bridge: Bridge, secrets: AppSecrets
+) -> None:
+    fields: dict[str, str | int] = {"MsgType": "event", "Event": "enter_agent", "FromUserName": "u"}
+    assert post_kf_callback(bridge, secrets.corp_id, fields) == 200
+    assert bridge.store.jobs() == []
+
+
 # --- the pull ---------------------------------------------------------------------------------
 
 

@@ -40,7 +40,8 @@ def parse_customer_line(user: str) -> tuple[str, str]:
 
 
 def pull_line(open_kfid: str) -> str:
-    return f"{PULL_PREFIX}{open_kfid}"
+    """The pull line of one kf account ("": of all of them, for callbacks naming none)."""
+    return f"{PULL_PREFIX}{open_kfid or '*'}"
 
 
 class KfInbound:
@@ -58,8 +59,9 @@ class KfInbound:
         q = signed_query(args, (*SIGNED_QUERY, "echostr"))
         return self.crypto.verify_url(q["msg_signature"], q["timestamp"], q["nonce"], q["echostr"])
 
-    def signal(self, args: Mapping[str, str], body: bytes) -> KfSignal:
-        """The callback's signal (raises CallbackError when forged or malformed)."""
+    def signal(self, args: Mapping[str, str], body: bytes) -> KfSignal | None:
+        """The callback's signal; None: a genuine callback that is no kf signal (raises
+        CallbackError when forged or malformed)."""
         q = signed_query(args, SIGNED_QUERY)
         envelope = parse_envelope(body)
         self.crypto.verify_signature(
@@ -68,12 +70,13 @@ class KfInbound:
         return parse_signal(self.crypto.decrypt(envelope.encrypt))
 
     def decode(self, args: Mapping[str, str], body: bytes) -> InboundMessage:
-        """The signal as the pipeline's message (an event of the account's pull line)."""
-        signal = self.signal(args, body)
-        return signal_message(self.kf.name, signal)
+        """The callback as the pipeline's message (an event; of the account's pull line)."""
+        return signal_message(self.kf.name, self.signal(args, body))
 
 
-def signal_message(app: str, signal: KfSignal) -> InboundMessage:
+def signal_message(app: str, signal: KfSignal | None) -> InboundMessage:
+    if signal is None:  # nothing to pull: nothing to store either
+        return InboundMessage(app, pull_line(""), InboundKind.EVENT, dedupe_key="")
     # A redelivered callback carries the same Token: it is the dedupe key.
     return InboundMessage(
         app=app,

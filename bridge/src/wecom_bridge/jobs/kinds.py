@@ -62,7 +62,7 @@ class KfPullJob:
     """微信客服: pull what waits for one kf account (kf/sync_msg from the stored cursor)."""
 
     KIND: ClassVar[str] = "kf_pull"
-    open_kfid: str
+    open_kfid: str  # "": every account the kf secret manages
     token: str = ""  # the callback's one-time pull token (valid 10 minutes)
 
 
@@ -156,9 +156,7 @@ def _send(fields: Mapping[str, object]) -> JobSpec:
 
 
 def _kf_pull(fields: Mapping[str, object]) -> JobSpec:
-    return KfPullJob(
-        open_kfid=_text(fields, "open_kfid", required=True), token=_text(fields, "token")
-    )
+    return KfPullJob(open_kfid=_text(fields, "open_kfid"), token=_text(fields, "token"))
 
 
 def _kf_handover(fields: Mapping[str, object]) -> JobSpec:

@@ -22,6 +22,9 @@ class KfCallbackEndpoint(CallbackEndpoint):
     def receive(self, args: Mapping[str, str], body: bytes) -> HttpAnswer:
         signal = self.kf.signal(args, body)
         message = signal_message(self.app, signal)
+        if signal is None:  # the bound app's own events: acknowledged, nothing to pull
+            self._record(message, 0)
+            return HttpAnswer(200)
         spec = KfPullJob(open_kfid=signal.open_kfid, token=signal.token)
         job_id = self.acceptor.accept(self.app, message.dedupe_key, new_job(message.sender, spec))
         self._record(message, job_id)

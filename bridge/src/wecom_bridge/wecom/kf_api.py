@@ -47,23 +47,25 @@ class ServiceState(IntEnum):
 
 @dataclass(frozen=True)
 class KfSignal:
-    """The decrypted kf callback: messages wait to be pulled for `open_kfid`."""
+    """The decrypted kf callback: messages wait to be pulled (for `open_kfid`; "" when WeCom
+    did not name the account — older callbacks carry no OpenKfId: then all are pulled)."""
 
     open_kfid: str
     token: str = field(repr=False)
     create_time: int = 0
 
 
-def parse_signal(plaintext: bytes) -> KfSignal:
-    """The kf callback's decrypted XML; MalformedXmlError when it is not a kf signal."""
+def parse_signal(plaintext: bytes) -> KfSignal | None:
+    """The kf callback's decrypted XML; None for anything else the app's callback URL receives
+    (a self-built app bound to 微信客服 also gets its own events there)."""
     fields = parse_xml(plaintext)
     if fields.get("MsgType") != "event" or fields.get("Event") != KF_EVENT:
-        raise MalformedXmlError(f"not a {KF_EVENT} event")
-    open_kfid, token = fields.get("OpenKfId", ""), fields.get("Token", "")
-    if not open_kfid or not token:
-        raise MalformedXmlError("kf callback without OpenKfId or Token")
+        return None
+    token = fields.get("Token", "")
+    if not token:
+        raise MalformedXmlError("kf callback without Token")
     created = fields.get("CreateTime", "0")
-    return KfSignal(open_kfid, token, int(created) if created.isdigit() else 0)
+    return KfSignal(fields.get("OpenKfId", ""), token, int(created) if created.isdigit() else 0)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ class KfClient:
             ) from None
 
     def sync_msg(self, open_kfid: str, cursor: str, token: str = "") -> SyncPage:
-        body: dict[str, Any] = {"open_kfid": open_kfid, "limit": SYNC_LIMIT}
+        body: dict[str, Any] = {"limit": SYNC_LIMIT}
+        if open_kfid:  # else every account this secret manages
+            body["open_kfid"] = open_kfid
         if cursor:
             body["cursor"] = cursor
         if token:
