@@ -3,6 +3,7 @@ answers through its send_msg — the bridge's stored cursor, dedupe, windows and
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import requests
 from conftest import AppSecrets, dify_state, wait_for
 
+from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import ConfigError, StoreUnavailableError
 from wecom_bridge.jobs.kinds import ChatJob, new_job
@@ -380,3 +382,61 @@ def test_kf_is_off_without_its_secret_and_needs_its_callback_settings(
     kf = load_config({**kf_env, "WECOM_KF_HANDOVER_WORDS": "找人工|真人"}).kf
     assert kf is not None and kf.handover_words == ("找人工", "真人")
     assert KF_SECRET not in repr(kf)
+
+
+# --- doctor -----------------------------------------------------------------------------------
+
+
+def kf_doctor(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    url: str,
+) -> dict[str, dict[str, str]]:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    main(["doctor", "--json", "--timeout", "3", "--kf-callback-url", url])
+    return {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+
+
+def test_doctor_checks_the_kf_callback_and_secret(
+    bridge: Bridge,
+    kf_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert bridge.server is not None
+    url = f"{bridge.server.url}/wxcomkf"
+    results = kf_doctor(capsys, monkeypatch, kf_env, url)
+    assert results["kf-callback"]["status"] == "PASS"
+    assert results["kf-secret"]["status"] == "PASS"
+    assert DEFAULT_ACCOUNT in results["kf-secret"]["detail"]
+    wrong = {**kf_env, "WECOM_KF_SECRET": "not-the-kf-secret", "WECOM_KF_TOKEN": "OtherToken1"}
+    results = kf_doctor(capsys, monkeypatch, wrong, url)
+    assert results["kf-secret"]["status"] == "FAIL"
+    assert "WECOM_KF_SECRET is wrong" in results["kf-secret"]["hint"]
+    assert results["kf-callback"]["status"] == "FAIL"
+    assert "WECOM_KF_TOKEN" in results["kf-callback"]["hint"]
+
+
+# --- simulate ---------------------------------------------------------------------------------
+
+
+def test_simulate_chats_as_an_external_customer(
+    bridge: Bridge,
+    kf_env: dict[str, str],
+    kf_wecom: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert bridge.server is not None
+    for name, value in kf_env.items():
+        monkeypatch.setenv(name, value)
+    url = f"{bridge.server.url}/wxcomkf"
+    args = ["simulate", "--kf", "--url", url, "--api-url", kf_wecom.url, "--quiet", "0.5"]
+    assert main([*args, "--redeliver", "1", "退货怎么办？"]) == 0
+    out = capsys.readouterr().out
+    assert "redelivery 1/1" in out
+    assert out.rstrip().endswith(answer("退货怎么办？"))
+    assert main([*args, "--event", "enter_session"]) == 0
+    assert "您好，我是知识库助手。" in capsys.readouterr().out

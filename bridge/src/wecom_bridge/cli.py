@@ -58,6 +58,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"app {app.name}: corp {app.corp_id}, agent {app.agent_id}, callback path "
             f"{app.callback_path}, {dify}"
         )
+    if config.kf is not None:
+        kf = config.kf
+        print(
+            f"微信客服: callback path {kf.callback_path}, start {kf.start}, hand-over words "
+            f"{'|'.join(kf.handover_words) or '(none)'}"
+        )
     print(f"WeCom API {config.wecom_api_base}; data {config.data_dir}; listen {config.listen}")
     print(f"send API: {'on' if config.api_token else 'off (BRIDGE_API_TOKEN not set)'}")
     print("configuration OK")
@@ -84,6 +90,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         domain=args.domain,
         verify_codes=tuple(args.verify_code),
         callback_url=args.callback_url,
+        kf_callback_url=args.kf_callback_url,
         bridge_url=args.bridge_url,
         cert_days=args.cert_days,
         app=args.app,
@@ -112,6 +119,10 @@ def add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     doctor.add_argument(
         "--callback-url", help="default https://<domain><the app's callback path> (/wxcomapp)"
+    )
+    doctor.add_argument(
+        "--kf-callback-url",
+        help="微信客服 (when WECOM_KF_SECRET is set): default https://<domain>/wxcomkf",
     )
     doctor.add_argument("--bridge-url", help="the bridge's internal base URL, for /readyz")
     doctor.add_argument("--app", metavar="NAME", help="which app of BRIDGE_APPS_FILE to check")

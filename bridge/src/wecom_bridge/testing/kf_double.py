@@ -479,7 +479,8 @@ def mount_kf(app: Flask, kf: KfDoubleState, errmsg: Callable[[int], str]) -> Non
 def _kf_control_routes(app: Flask, kf: KfDoubleState) -> None:
     @app.post("/_double/kf/customer")
     def kf_customer() -> tuple[Response, int]:
-        """{external_userid, text} or {external_userid, event: "enter"}; then the callback."""
+        """{external_userid, text} or {external_userid, event: "enter"}; then the callback
+        (`send_callback: false`: the pull Token is returned instead, the caller signals)."""
         spec = request.get_json(force=True, silent=True) or {}
         user = str(spec.get("external_userid", "")).strip()
         kfid = str(spec.get("open_kfid", "")).strip() or None
@@ -492,6 +493,8 @@ def _kf_control_routes(app: Flask, kf: KfDoubleState) -> None:
         else:
             msgid, token = kf.customer_says(user, text, kfid, str(spec.get("msgtype", "text")))
             result = {"msgid": msgid}
+        if spec.get("send_callback") is False:  # the caller (simulator) signals the bridge
+            return jsonify({**result, "token": token}), 200
         return jsonify({**result, "callback_status": kf.signal(kfid, token)}), 200
 
     @app.post("/_double/kf/servicer")
