@@ -249,6 +249,35 @@ def test_empty_store_starts_now_not_with_three_days_of_history(
         bridge.stop()
 
 
+def test_a_first_pull_resumed_after_a_failure_still_skips_the_history(
+    kf_env: dict[str, str], kf_state: KfDoubleState
+) -> None:
+    old = int(time.time()) - 86400
+    with kf_state.lock:
+        kf_state.log[DEFAULT_ACCOUNT] = [
+            {
+                "msgid": f"old-{n}",
+                "open_kfid": DEFAULT_ACCOUNT,
+                "external_userid": CUSTOMER,
+                "send_time": old,
+                "origin": 3,
+                "msgtype": "text",
+                "text": {"content": f"旧问题{n}"},
+            }
+            for n in range(3)
+        ]
+    kf_state.page_size = 1
+    kf_state.fail_next("sync_msg", 0, -1)  # the first page lands, the second fails
+    bridge = Bridge(kf_env, kf_state).start()
+    try:
+        assert say(kf_state, "新问题") == 200
+        wait_for(lambda: received(kf_state), timeout=20)
+        time.sleep(0.3)
+        assert received(kf_state) == [answer("新问题")]
+    finally:
+        bridge.stop()
+
+
 def test_history_start_answers_the_backlog(kf_env: dict[str, str], kf_state: KfDoubleState) -> None:
     kf_state.customer_says(CUSTOMER, "没人听到的问题")
     bridge = Bridge({**kf_env, "WECOM_KF_START": "history"}, kf_state).start()

@@ -101,5 +101,8 @@ class KfOutbound:
     def send_part(self, target: Target, text: str) -> SendResult:
         if not isinstance(target, Reply):  # the send API names members, never customers
             raise WeComApiError(None, "微信客服 sends only answers to customers")
-        open_kfid, external_userid = parse_customer_line(target.user)
+        try:
+            open_kfid, external_userid = parse_customer_line(target.user)
+        except ValueError as exc:  # a pull line has no customer to tell anything
+            raise WeComApiError(None, str(exc)) from None
         return SendResult(msgid=self.client.send_text(open_kfid, external_userid, text))

@@ -47,6 +47,7 @@ from wecom_bridge.wecom.kf_api import (
 log = logging.getLogger("wecom_bridge.kf")
 
 INVALID_PULL_TOKEN = 95007
+HISTORY_BEFORE = "kf_history_before"  # the job's result key of the first pull's boundary
 ENTER_SESSION = "enter_session"
 
 
@@ -108,9 +109,7 @@ class KfJobs:
     def pull(self, job: Job, spec: KfPullJob, app: AppRuntime) -> Answer:
         kfid = spec.open_kfid
         cursor = self.store.kf_cursor(self.kf.name, kfid)
-        since = None
-        if cursor is None and self.kf.start == "now":
-            since = job.received_at - PULL_TOKEN_SECONDS
+        since = self._history_boundary(job, cursor)
         # Past its 10 minutes the token only earns an error: pull without it (rate-limited).
         token = spec.token if self._clock() - job.received_at < PULL_TOKEN_SECONDS else ""
         pages = stored = skipped = 0
@@ -148,6 +147,20 @@ class KfJobs:
             },
         )
         return Answer("", {"pages": pages, "jobs": stored, "skipped_history": skipped})
+
+    def _history_boundary(self, job: Job, cursor: str | None) -> float | None:
+        """The send_time before which messages are history, not answered (None: answer all).
+
+        Kept on the job: a first pull that dies after its first page resumes with a cursor,
+        and its later pages are still the history it must skip."""
+        noted = (job.result or {}).get(HISTORY_BEFORE)
+        if isinstance(noted, int | float):
+            return float(noted)
+        if cursor is not None or self.kf.start != "now":
+            return None
+        since = job.received_at - PULL_TOKEN_SECONDS
+        self.store.note_result(job.id, HISTORY_BEFORE, since)
+        return since
 
     def _arrivals(self, messages: Sequence[KfMessage], page: _Page) -> list[Arrival]:
         arrivals: list[Arrival] = []

@@ -126,8 +126,9 @@ class KfDoubleState:
             self.faults.setdefault(api, deque()).extend(int(c) for c in errcodes)
 
     def take_fault(self, api: str) -> int | None:
+        """The errcode this call answers; a queued 0 lets one call through (to fail a later one)."""
         queue = self.faults.get(api)
-        return queue.popleft() if queue else None
+        return (queue.popleft() or None) if queue else None
 
     # --- what customers and servicers do (control side) --------------------------------------
 
