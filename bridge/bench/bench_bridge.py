@@ -55,7 +55,7 @@ class Stack:
         self,
         dify_delay_ms: int,
         threads: int,
-        workers: int,
+        workers: int | None,
         *,
         bridge_log: Path | None = None,
         extra_env: dict[str, str] | None = None,
@@ -85,8 +85,8 @@ class Stack:
             "BRIDGE_DATA_DIR": self.data,
             "BRIDGE_LISTEN": f"127.0.0.1:{self.bridge_port}",
             "BRIDGE_WEB_THREADS": str(threads),
-            "BRIDGE_JOB_WORKERS": str(workers),
             "BRIDGE_LOG_LEVEL": "WARNING",
+            **({"BRIDGE_JOB_WORKERS": str(workers)} if workers is not None else {}),
             **(extra_env or {}),
         }
         wait_http(f"http://127.0.0.1:{self.wecom_port}/_double/stats")
