@@ -121,7 +121,11 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         store,
         processor,
         size=config.job_workers,
-        app_limits={app.name: app.dify.max_concurrency for app in config.apps if app.dify},
+        app_limits={
+            name: runtime.config.dify.max_concurrency
+            for name, runtime in apps.items()
+            if runtime.config.dify
+        },
         heartbeat_seconds=HEARTBEAT_SECONDS,
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
