@@ -469,3 +469,14 @@ def test_simulate_chats_as_an_external_customer(
     assert out.rstrip().endswith(answer("退货怎么办？"))
     assert main([*args, "--event", "enter_session"]) == 0
     assert "您好，我是知识库助手。" in capsys.readouterr().out
+
+
+def test_check_config_names_the_kf_channel(
+    kf_env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in kf_env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "微信客服: callback path /wxcomkf, start now" in out
+    assert KF_SECRET not in out and KF_AES_KEY not in out
