@@ -172,10 +172,16 @@ def publish_metrics_in_background(exchange: MetricsExchange, metrics: Metrics) -
 # --- the job process ----------------------------------------------------------------------------
 
 
+# When the box is short of CPU, the acknowledgements (WeCom's 5 s) come before the answers,
+# which wait on Dify for seconds anyway; the job process runs at this niceness.
+JOB_PROCESS_NICENESS = 5
+
+
 def run_job_process(
     config: BridgeConfig, build_pool: Callable[[BridgeConfig, Metrics], WorkerPool]
 ) -> None:
     """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
+    os.nice(JOB_PROCESS_NICENESS)
     metrics = Metrics()
     pool = build_pool(config, metrics)
     listener = WakeupListener(config.data_dir, pool.notify)
