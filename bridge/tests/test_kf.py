@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import AppSecrets, dify_state, wait_for
+from conftest import AppSecrets, BridgeProcess, dify_state, wait_for
 
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
@@ -480,3 +480,37 @@ def test_check_config_names_the_kf_channel(
     out = capsys.readouterr().out
     assert "微信客服: callback path /wxcomkf, start now" in out
     assert KF_SECRET not in out and KF_AES_KEY not in out
+
+
+# --- kill -9 ----------------------------------------------------------------------------------
+
+
+def test_kill9_mid_burst_neither_loses_nor_replays(
+    kf_env: dict[str, str], kf_state: KfDoubleState, kf_dify: ServerThread
+) -> None:
+    dify_state(kf_dify).delay = 1.5  # the kill lands while answers are being prepared
+    customers = [f"wmKILL{n:04d}" for n in range(6)]
+    questions = {c: [f"{c} 问题{k}" for k in range(2)] for c in customers}
+    first = BridgeProcess(kf_env).start()
+    kf_state.callback = KfCallback(f"{first.url}/wxcomkf", KF_TOKEN, KF_AES_KEY)
+    statuses = [say(kf_state, questions[c][k], c) for k in range(2) for c in customers]
+    first.kill9()
+    assert statuses == [200] * 12
+    answered_before = sum(len(received(kf_state, c)) for c in customers)
+
+    dify_state(kf_dify).delay = 0.0
+    second = BridgeProcess(kf_env).start()
+    kf_state.callback = KfCallback(f"{second.url}/wxcomkf", KF_TOKEN, KF_AES_KEY)
+    try:
+        wait_for(lambda: sum(len(received(kf_state, c)) for c in customers) >= 12, timeout=60)
+        assert say(kf_state, "重启之后", customers[0]) == 200  # the stored cursor: only this is new
+        wait_for(lambda: len(received(kf_state, customers[0])) == 3, timeout=30)
+        time.sleep(1.0)
+    finally:
+        log = second.stop()
+    assert answered_before < 12, "the kill came too late to test anything"
+    for customer, asked in questions.items():
+        expected = [answer(q) for q in asked] + (
+            [answer("重启之后")] if customer == customers[0] else []
+        )
+        assert received(kf_state, customer) == expected, log
