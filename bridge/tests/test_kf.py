@@ -7,10 +7,12 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import requests
 from conftest import AppSecrets, BridgeProcess, dify_state, wait_for
+from test_chat_page import chromium
 
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
@@ -514,3 +516,19 @@ def test_kill9_mid_burst_neither_loses_nor_replays(
             [answer("重启之后")] if customer == customers[0] else []
         )
         assert received(kf_state, customer) == expected, log
+
+
+# --- the chat page ----------------------------------------------------------------------------
+
+
+def test_chat_page_chats_as_a_kf_customer(
+    bridge: Bridge, kf_wecom: ServerThread, kf_state: KfDoubleState, tmp_path: Path
+) -> None:
+    query = urlencode(
+        {"user": CUSTOMER, "text": "发票怎么开？", "kf": "1", "once": "1", "wait": "2"}
+    )
+    result = chromium(tmp_path, f"{kf_wecom.url}/_double/chat?{query}", "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '<body data-state="done">' in result.stdout
+    assert f'<div class="bubble">{answer("发票怎么开？")}</div>' in result.stdout
+    assert received(kf_state) == [answer("发票怎么开？")]  # pulled and sent through kf/send_msg
