@@ -532,3 +532,12 @@ def test_chat_page_chats_as_a_kf_customer(
     assert '<body data-state="done">' in result.stdout
     assert f'<div class="bubble">{answer("发票怎么开？")}</div>' in result.stdout
     assert received(kf_state) == [answer("发票怎么开？")]  # pulled and sent through kf/send_msg
+
+
+def test_a_session_state_wecom_will_not_tell_does_not_stall_the_account(
+    bridge: Bridge, kf_state: KfDoubleState
+) -> None:
+    kf_state.fail_next("service_state", 95000)  # a permanent refusal of service_state/get
+    assert say(kf_state, "状态查不到") == 200
+    wait_for(lambda: received(kf_state))
+    assert received(kf_state) == [answer("状态查不到")]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from wecom_bridge.channels.kf import customer_line, parse_customer_line
 from wecom_bridge.config import KfConfig
-from wecom_bridge.errors import WeComApiError
+from wecom_bridge.errors import WeComApiError, WeComConfigError
 from wecom_bridge.jobs.kinds import (
     ChatJob,
     JobSpec,
@@ -203,8 +203,24 @@ class KfJobs:
         if user in page.handed_over:
             return False  # asked for a human earlier in this pull
         if user not in page.states:
-            page.states[user] = self.client.service_state(message.open_kfid, user)
+            page.states[user] = self._state(message.open_kfid, user)
         return page.states[user].bot_may_answer
+
+    def _state(self, open_kfid: str, user: str) -> ServiceState:
+        """The session's state; when WeCom refuses to tell (a permanent error), the bot answers
+        and send_msg has the last word: a stuck pull would hold back the whole account."""
+        try:
+            return self.client.service_state(open_kfid, user)
+        except WeComConfigError:
+            raise
+        except WeComApiError as exc:
+            if exc.retryable:
+                raise
+            log.warning(
+                "kf session state unknown; answering",
+                extra={"open_kfid": open_kfid, "event": "kf_state_unknown", "errcode": exc.errcode},
+            )
+            return ServiceState.NEW
 
     # --- hand-over and welcome ------------------------------------------------------------------
 
