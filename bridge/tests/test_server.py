@@ -1,4 +1,4 @@
-"""The production server (`wecom-bridge serve`, gunicorn gthread): connections that are open
+"""The production server (`wecom-bridge serve`, granian): connections that are open
 but silent do not hold the threads callbacks need; the job process gives way to them."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_silent_connections_do_not_hold_the_web_threads(bridge_env: dict[str, st
             sock.close()
         bridge.stop()
     assert answer.status_code == 200
-    # Each silent connection held a thread for 5 s before the fix (gthread's data wait).
+    # On gunicorn gthread each silent connection held a thread for 5 s (its data wait).
     assert waited < 2.5, f"/healthz waited {waited:.1f} s behind silent connections"
 
 
