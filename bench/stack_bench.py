@@ -76,7 +76,7 @@ def dify_control(path: str, payload: dict) -> None:
 
 
 def bridge_rss_mib() -> float:
-    """Resident memory of every process in the bridge container (granian, web workers, job process)."""
+    """Resident memory of every process in the bridge container (granian, web workers, jobs)."""
     out = in_server("docker top wecom-bridge -o pid,rss")  # docker top needs the pid column
     return sum(int(line.split()[1]) for line in out.splitlines()[1:]) / 1024
 
