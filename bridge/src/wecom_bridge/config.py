@@ -88,6 +88,10 @@ class BridgeConfig:
     log_level: str = "INFO"
     # Bearer token of the send API (POST /api/v1/messages); None: the API is disabled (404).
     api_token: str | None = field(default=None, repr=False)
+    # postgresql://… : the store is PostgreSQL, shared by every bridge pointed at it; None:
+    # SQLite in data_dir. Not in repr: the URL may carry the password.
+    database_url: str | None = field(default=None, repr=False)
+    db_pool_size: int = 8  # PostgreSQL connections per process
 
 
 # --- small validated readers ------------------------------------------------------------------
@@ -264,6 +268,21 @@ def _api_token(env: Mapping[str, str]) -> str | None:
     return value
 
 
+def _database_url(env: Mapping[str, str]) -> str | None:
+    value = env.get("BRIDGE_DATABASE_URL", "").strip()
+    if not value:
+        return None
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("postgresql", "postgres"):
+        # The scheme only: the rest may hold a password.
+        raise ConfigError(
+            "BRIDGE_DATABASE_URL",
+            f"must be a postgresql:// URL (got scheme {scheme or 'none'!r}); unset it for SQLite "
+            "in BRIDGE_DATA_DIR",
+        )
+    return value
+
+
 def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppConfig:
     corp_id = _required(env, "WECOM_CORP_ID")
     agent_id = _required(env, "WECOM_AGENT_ID")
@@ -429,4 +448,6 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         api_token=_api_token(env),
+        database_url=_database_url(env),
+        db_pool_size=_int(env, "BRIDGE_DB_POOL_SIZE", 8, 2),
     )

@@ -1,10 +1,14 @@
-"""The durable store: SQLite in WAL mode, the only state shared by callbacks and workers.
+"""The durable store: the only state shared by callbacks and workers.
+
+`Store` is the interface; two implementations behave the same (one test suite runs against
+both): `SqliteStore` here, SQLite in WAL mode in the data dir (the embedded default, one host),
+and `PostgresStore` (jobs.postgres_store: several bridges on several hosts share one queue).
 
 Holds inbound jobs with status, dedupe keys, per-user Dify conversation ids and cached access
 tokens. Every method is one short transaction; a failure to write raises StoreUnavailableError
-so the callback can answer non-200 and WeCom redelivers. New work (callbacks, send requests) is
-also refused while the data directory's free space is below a floor: what is already accepted
-keeps the rest to finish with, and a full disk never half-stores a message.
+so the callback can answer non-200 and WeCom redelivers. On SQLite, new work (callbacks, send
+requests) is also refused while the data directory's free space is below a floor: what is
+already accepted keeps the rest to finish with, and a full disk never half-stores a message.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 
@@ -190,7 +195,64 @@ class FreeSpaceFloor:
             )
 
 
-class Store:
+class Store(Protocol):
+    """What the bridge asks of its store, whichever database holds it."""
+
+    # --- intake (callbacks, send API) ---
+    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None: ...
+    def accept_many(self, arrivals: Sequence[Arrival]) -> list[int | None]: ...
+    def enqueue(self, app: str, job: NewJob) -> int: ...
+    def enqueue_once(
+        self, app: str, job: NewJob, key: str, fingerprint: str
+    ) -> tuple[int, bool]: ...
+    def yield_turn(self, max_wait: float = TURN_WAIT_SECONDS) -> None: ...
+
+    # --- workers ---
+    def claim(self, owner: str, lease_seconds: float) -> Job | None: ...
+    def renew_leases(
+        self, owner: str, lease_seconds: float, job_ids: Sequence[int] | None = None
+    ) -> None: ...
+    def heartbeat(self, owner: str) -> None: ...
+    def live_workers(self, max_age: float) -> int: ...
+    def requeue_expired(self) -> int: ...
+    def release_owned(self, owner: str) -> None: ...
+    def save_parts(self, job_id: int, parts: list[str], result: dict[str, object]) -> None: ...
+    def note_result(self, job_id: int, key: str, value: object) -> None: ...
+    def mark_part_sent(
+        self,
+        job_id: int,
+        parts_sent: int,
+        msgid: str = "",
+        invalid: Mapping[str, str] | None = None,
+    ) -> None: ...
+    def finish(self, job_id: int, *, error: str | None = None) -> None: ...
+    def fail(self, job_id: int, error: str, errcode: int | None = None) -> None: ...
+    def retry_later(self, job_id: int, delay: float, error: str, errcode: int | None) -> None: ...
+    def retry_after_error(self, job_id: int, delay: float, error: str) -> int: ...
+    def get_job(self, job_id: int) -> Job | None: ...
+    def jobs(self, status: str | None = None) -> list[Job]: ...
+    def queue_depth(self) -> int: ...
+    def next_available_in(self) -> float | None: ...
+
+    # --- conversations and tokens (the TokenCache of wecom.WeComClient) ---
+    def get_conversation(self, corp: str, agent: str, user: str) -> str: ...
+    def set_conversation(self, corp: str, agent: str, user: str, conversation_id: str) -> None: ...
+    def forget_conversation(self, corp: str, agent: str, user: str) -> None: ...
+    def get_token(self, key: str) -> tuple[str, float] | None: ...
+    def put_token(self, key: str, token: str, expires_at: float) -> None: ...
+    def drop_token(self, key: str, token: str) -> None: ...
+    def refresh_lock(self, key: str) -> AbstractContextManager[None]: ...
+
+    # --- maintenance ---
+    def sweep(self, dedupe_ttl: float, job_retention: float) -> tuple[int, int]: ...
+    def check_open(self) -> None: ...
+    def probe_write(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """The Store in one SQLite file in the data dir (WAL, synced commits for callbacks)."""
+
     def __init__(
         self,
         data_dir: Path,
@@ -655,9 +717,14 @@ class Store:
                 (key, token, expires_at),
             )
 
-    def drop_token(self, key: str) -> None:
+    def drop_token(self, key: str, token: str) -> None:
+        """Forget `token`, unless another process already replaced it."""
         with self._tx() as db:
-            db.execute("DELETE FROM tokens WHERE key=?", (key,))
+            db.execute("DELETE FROM tokens WHERE key=? AND token=?", (key, token))
+
+    def refresh_lock(self, key: str) -> AbstractContextManager[None]:
+        """One host: the client's own thread lock already makes one refresh at a time."""
+        return nullcontext()
 
     # --- maintenance ----------------------------------------------------------------------
 
@@ -675,6 +742,10 @@ class Store:
                 (now - job_retention,),
             ).rowcount
         return keys, jobs
+
+    def close(self) -> None:
+        """Closes this thread's connection (others close with their threads)."""
+        self._drop_conn()
 
     def check_open(self) -> None:
         """Raises StoreUnavailableError now if the store cannot be used (for CLIs, which should

@@ -12,7 +12,8 @@ wecom-bridge serve ── gunicorn master ──┬── web worker(s)   HTTP: 
 ```
 
 The two sides share nothing but the data directory: the store (the durable queue and its
-dedupe keys), the wake-up socket (a best-effort poke: a lost one only delays a job until the
+dedupe keys; or PostgreSQL, BRIDGE_DATABASE_URL, shared with other bridges, whose NOTIFY then
+replaces the socket), the wake-up socket (a best-effort poke: a lost one only delays a job until the
 workers' next poll, 1 s) and the metrics exchange. So answering Dify never competes with
 acknowledging WeCom for one interpreter lock, and either side can die and restart alone: the
 master restarts a dead web worker, the supervisor thread a dead job process (with backoff), and
@@ -39,6 +40,7 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from wecom_bridge.config import BridgeConfig
+from wecom_bridge.jobs.backends import job_notifications
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
@@ -174,7 +176,9 @@ def run_job_process(
     """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
     metrics = Metrics()
     pool = build_pool(config, metrics)
-    listener = WakeupListener(config.data_dir, pool.notify)
+    listener = job_notifications(config, pool.notify) or WakeupListener(
+        config.data_dir, pool.notify
+    )
     exchange = MetricsExchange(config.data_dir, "jobs")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
