@@ -44,6 +44,7 @@ JOBS_CHANNEL = "wecom_bridge_jobs"
 # Advisory lock keys (one 64-bit space per database): the migrations', and the token refresh's
 # derived from the token's cache key.
 MIGRATION_LOCK = 0x7765_636F_6D00_0001
+RECONNECT_SECONDS = 4.0
 _TOKEN_LOCK_SQL = "hashtextextended('wecom-bridge token ' || %s, 0)"  # noqa: S105 - a lock key
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -190,8 +191,9 @@ class PostgresStore:
             open=False,
             timeout=busy_timeout,
             check=ConnectionPool.check_connection,
-            # A server that is down for long must not make the pool give up for good.
-            reconnect_timeout=365 * 86400.0,
+            # Reconnecting backs off exponentially until this; then the attempt ends and the
+            # next call starts a fresh one: a server back after a long outage is used at once.
+            reconnect_timeout=RECONNECT_SECONDS,
             kwargs={
                 "autocommit": True,
                 "application_name": name,
