@@ -268,7 +268,8 @@ def _api_token(env: Mapping[str, str]) -> str | None:
     return value
 
 
-def _database_url(env: Mapping[str, str]) -> str | None:
+def database_url(env: Mapping[str, str]) -> str | None:
+    """BRIDGE_DATABASE_URL, checked (None: unset, SQLite)."""
     value = env.get("BRIDGE_DATABASE_URL", "").strip()
     if not value:
         return None
@@ -448,6 +449,6 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         api_token=_api_token(env),
-        database_url=_database_url(env),
+        database_url=database_url(env),
         db_pool_size=_int(env, "BRIDGE_DB_POOL_SIZE", 8, 2),
     )

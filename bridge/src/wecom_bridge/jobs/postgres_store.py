@@ -36,7 +36,15 @@ from psycopg_pool import ConnectionPool
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 from wecom_bridge.jobs.pacing import DEFAULT_LIMITS
-from wecom_bridge.jobs.store import INVALID_KEYS, TURN_WAIT_SECONDS, Arrival, Job, NewJob
+from wecom_bridge.jobs.store import (
+    INVALID_KEYS,
+    TURN_WAIT_SECONDS,
+    Arrival,
+    Job,
+    JobRecord,
+    NewJob,
+    StoreSnapshot,
+)
 
 log = logging.getLogger("wecom_bridge.store")
 
@@ -98,6 +106,16 @@ CREATE TABLE probe (id integer PRIMARY KEY CHECK (id = 1), at double precision N
 CREATE TABLE worker_heartbeats (owner text PRIMARY KEY, at double precision NOT NULL);
 CREATE TABLE send_bookings (key text NOT NULL, at double precision NOT NULL);
 CREATE INDEX send_bookings_key ON send_bookings (key, at);
+""",
+    ),
+    (
+        2,
+        "jobs copied from a SQLite store (migrate-store), so a second run copies none twice",
+        """
+CREATE TABLE store_imports (
+    source text NOT NULL, source_job_id bigint NOT NULL, job_id bigint NOT NULL,
+    PRIMARY KEY (source, source_job_id)
+);
 """,
     ),
 )
@@ -571,6 +589,97 @@ class PostgresStore:
                     "INSERT INTO send_bookings (key, at) VALUES (%s, %s)", [(k, at) for k in keys]
                 )
         return at - now
+
+    # --- moving up from SQLite -------------------------------------------------------------
+
+    def import_snapshot(self, snapshot: StoreSnapshot, source: str) -> dict[str, int]:
+        """Copy another store's content in one transaction; returns what was new, by kind.
+        Safe to repeat: jobs already copied from `source` are skipped, keys and conversations
+        merge (the later conversation and the later-expiring token win). A job that was
+        running is queued again: its worker was the old bridge's."""
+        counts = dict.fromkeys(("jobs", "dedupe", "send_keys", "conversations", "tokens"), 0)
+        with self._tx() as db:
+            db.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('import ' || %s, 0))", (source,)
+            )
+            ids = dict(
+                db.execute(
+                    "SELECT source_job_id, job_id FROM store_imports WHERE source = %s", (source,)
+                ).fetchall()
+            )
+            for record in snapshot.jobs:
+                if record.job.id not in ids:
+                    ids[record.job.id] = self._import_job(db, record, source)
+                    counts["jobs"] += 1
+            counts["dedupe"] = self._insert_new(
+                db, "dedupe (app, key, seen_at) VALUES (%s, %s, %s)", snapshot.dedupe
+            )
+            counts["send_keys"] = self._insert_new(
+                db,
+                "send_keys (key, fingerprint, job_id, seen_at) VALUES (%s, %s, %s, %s)",
+                [(k, f, ids[j], at) for k, f, j, at in snapshot.send_keys if j in ids],
+            )
+            counts["conversations"] = self._insert_new(
+                db,
+                "conversations (corp, agent, member, conversation_id, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (corp, agent, member) DO UPDATE SET"
+                " conversation_id = excluded.conversation_id, updated_at = excluded.updated_at"
+                " WHERE excluded.updated_at > conversations.updated_at",
+                snapshot.conversations,
+            )
+            counts["tokens"] = self._insert_new(
+                db,
+                "tokens (key, token, expires_at) VALUES (%s, %s, %s) ON CONFLICT (key) DO UPDATE"
+                " SET token = excluded.token, expires_at = excluded.expires_at"
+                " WHERE excluded.expires_at > tokens.expires_at",
+                snapshot.tokens,
+            )
+            self._notify(db, counts["jobs"])
+        return counts
+
+    @staticmethod
+    def _import_job(db: psycopg.Connection[Any], record: JobRecord, source: str) -> int:
+        job = record.job
+        status = "queued" if job.status == "running" else job.status
+        row = db.execute(
+            "INSERT INTO jobs (app, member, kind, payload, status, attempts, available_at, parts,"
+            " parts_sent, result, error, errcode, received_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                job.app,
+                job.user,
+                job.kind,
+                Jsonb(job.payload),
+                status,
+                job.attempts,
+                record.available_at,
+                Jsonb(job.parts) if job.parts is not None else None,
+                job.parts_sent,
+                Jsonb(job.result) if job.result is not None else None,
+                job.error,
+                job.errcode,
+                job.received_at,
+                record.updated_at,
+            ),
+        ).fetchone()
+        assert row is not None  # noqa: S101 - INSERT … RETURNING returns its row
+        db.execute(
+            "INSERT INTO store_imports (source, source_job_id, job_id) VALUES (%s, %s, %s)",
+            (source, job.id, row[0]),
+        )
+        return int(row[0])
+
+    @staticmethod
+    def _insert_new(
+        db: psycopg.Connection[Any], insert: str, rows: Sequence[Sequence[object]]
+    ) -> int:
+        """INSERT INTO `insert` for each row; returns how many rows changed anything."""
+        if " ON CONFLICT " not in insert:
+            insert += " ON CONFLICT DO NOTHING"
+        changed = 0
+        for row in rows:
+            changed += db.execute(f"INSERT INTO {insert}", row).rowcount
+        return changed
 
     # --- maintenance ----------------------------------------------------------------------
 

@@ -122,6 +122,27 @@ class Job:
     errcode: int | None = None
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """A job with its scheduling times, as `migrate-store` copies it."""
+
+    job: Job
+    available_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """Everything a store holds that must move with it to another (`migrate-store`): the jobs
+    with their progress, dedupe and idempotency keys, conversations and access tokens."""
+
+    jobs: list[JobRecord]
+    dedupe: list[tuple[str, str, float]]  # app, key, seen_at
+    send_keys: list[tuple[str, str, int, float]]  # key, fingerprint, job id, seen_at
+    conversations: list[tuple[str, str, str, str, float]]  # corp, agent, user, id, updated_at
+    tokens: list[tuple[str, str, float]]  # key, token, expires_at
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -742,6 +763,33 @@ class SqliteStore:
                 (now - job_retention,),
             ).rowcount
         return keys, jobs
+
+    def export_snapshot(self) -> StoreSnapshot:
+        """All of it as of one moment (a read transaction: safe while the bridge runs)."""
+        try:
+            db = self._conn()
+            db.execute("BEGIN")
+            try:
+                jobs = [
+                    JobRecord(_job(r), r["available_at"], r["updated_at"])
+                    for r in db.execute("SELECT * FROM jobs ORDER BY id")
+                ]
+                tables = [
+                    [tuple(r) for r in db.execute(f"SELECT {columns} FROM {table}")]  # noqa: S608
+                    for table, columns in (
+                        ("dedupe", "app, key, seen_at"),
+                        ("send_keys", "key, fingerprint, job_id, seen_at"),
+                        ("conversations", "corp, agent, user, conversation_id, updated_at"),
+                        ("tokens", "key, token, expires_at"),
+                    )
+                ]
+            finally:
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._drop_conn()
+            raise StoreUnavailableError(f"read failed: {exc}") from exc
+        dedupe, send_keys, conversations, tokens = tables
+        return StoreSnapshot(jobs, dedupe, send_keys, conversations, tokens)
 
     def close(self) -> None:
         """Closes this thread's connection (others close with their threads)."""
