@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from pg import PostgresUnavailable, ThrowawayPostgres
 
 from wecom_bridge.channels.base import Reply, Target
 from wecom_bridge.config import AppConfig, Replies, load_config
@@ -25,6 +24,7 @@ from wecom_bridge.jobs.store import SqliteStore, Store
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.dify_double import create_dify_double
+from wecom_bridge.testing.postgres import PostgresUnavailable, ThrowawayPostgres
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import create_wecom_double
 from wecom_bridge.wecom.crypto import WeComCrypto

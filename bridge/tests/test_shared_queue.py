@@ -17,7 +17,6 @@ import psycopg
 import pytest
 import requests
 from conftest import AppSecrets, BridgeProcess, FakeClock, dify_state, wait_for, wecom_state
-from pg import ThrowawayPostgres
 
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import StoreUnavailableError
@@ -32,6 +31,7 @@ from wecom_bridge.jobs.postgres_store import (
 from wecom_bridge.jobs.store import NewJob
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.callbacks import CallbackClient
+from wecom_bridge.testing.postgres import ThrowawayPostgres
 from wecom_bridge.testing.redelivery import (
     Deliverer,
     WeComRetry,
