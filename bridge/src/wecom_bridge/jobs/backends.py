@@ -58,10 +58,12 @@ def poll_seconds(config: BridgeConfig) -> float:
 
 
 def job_notifications(
-    config: BridgeConfig, on_wake: Callable[[int], None]
+    config: BridgeConfig,
+    on_wake: Callable[[int], None],
+    until: Callable[[], bool] = lambda: False,
 ) -> JobNotifications | None:
     """The PostgreSQL wake-ups for a job side (None on SQLite: the web side pokes it through
-    the data dir's socket, service.processes)."""
+    the data dir's socket, service.processes); it ends once `until()` is true."""
     if not config.database_url:
         return None
-    return JobNotifications(config.database_url, on_wake)
+    return JobNotifications(config.database_url, on_wake, until=until)

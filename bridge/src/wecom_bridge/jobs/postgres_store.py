@@ -731,11 +731,18 @@ class JobNotifications:
     server goes away, and wakes the workers once after each (re)connect for what it missed."""
 
     def __init__(
-        self, url: str, on_wake: Callable[[int], None], *, retry_seconds: float = 1.0
+        self,
+        url: str,
+        on_wake: Callable[[int], None],
+        *,
+        retry_seconds: float = 1.0,
+        until: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`until`: checked every second; once true the listener ends (its workers stopped)."""
         self._url = url
         self._on_wake = on_wake
         self._retry = retry_seconds
+        self._until = until
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bridge-listen", daemon=True)
         self.listening = threading.Event()  # set while LISTEN is active (tests wait on it)
@@ -747,8 +754,13 @@ class JobNotifications:
         self._stopping.set()
         self._thread.join(5)
 
+    def _stopped(self) -> bool:
+        if self._until():
+            self._stopping.set()
+        return self._stopping.is_set()
+
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stopped():
             try:
                 self._listen()
             except psycopg.Error as exc:
@@ -763,6 +775,6 @@ class JobNotifications:
             conn.execute(f"LISTEN {JOBS_CHANNEL}")
             self.listening.set()
             self._on_wake(1)
-            while not self._stopping.is_set():
+            while not self._stopped():
                 for note in conn.notifies(timeout=1.0):
                     self._on_wake(int(note.payload) if note.payload.isdigit() else 1)

@@ -185,7 +185,8 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     register_ops(flask_app, Ops(store, metrics, _workers_alive(store, pool), others))
     if pool:
         pool.start()
-        listener = job_notifications(config, pool.notify)  # other bridges' jobs too
+        # Other bridges' jobs too; the listener ends with the pool.
+        listener = job_notifications(config, pool.notify, until=lambda: not pool.alive())
         if listener is not None:
             listener.start()
     log.info(
