@@ -15,6 +15,7 @@ from wecom_bridge.jobs.store import SqliteStore, Store
 # them on every bridge, so the poll is only a safety net and many bridges do not hammer it.
 POLL_SECONDS_SQLITE = 1.0
 POLL_SECONDS_POSTGRES = 5.0
+JOB_SIDE_POOL_MAX = 16
 
 
 class Role(enum.Enum):
@@ -28,8 +29,10 @@ class Role(enum.Enum):
 def open_store(config: BridgeConfig, role: Role) -> Store:
     if config.database_url:
         pool_size = config.db_pool_size
-        if role is Role.JOBS:  # every worker, housekeeping and a token refresh at once
-            pool_size = max(pool_size, config.job_workers + 3)
+        if role is Role.JOBS:
+            # Workers hold a connection only for their short writes (they mostly wait on Dify):
+            # a few dozen threads share a bounded pool, leaving the server room for more bridges.
+            pool_size = max(pool_size, min(config.job_workers, JOB_SIDE_POOL_MAX) + 3)
         return PostgresStore(
             config.database_url,
             pool_size=2 if role is Role.TOOL else pool_size,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -332,11 +332,14 @@ class PostgresStore:
 
     # --- workers --------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> Job | None:
+    def claim(
+        self, owner: str, lease_seconds: float, *, skip_apps: Collection[str] = ()
+    ) -> Job | None:
         """The oldest runnable job no other claim holds (SKIP LOCKED: never waits on another
         bridge's claim). A member's later job stays out while an older one is queued or
         running, as this statement's snapshot sees it, which is the safe side: a job being
-        claimed right now is still 'queued' in it."""
+        claimed right now is still 'queued' in it. `skip_apps`: apps at their concurrency
+        limit in this bridge."""
         now = self._clock()
         with self._tx() as db:
             row = db.execute(
@@ -345,10 +348,11 @@ class PostgresStore:
                     attempts = attempts + 1, updated_at = %s
                 WHERE id = (
                     SELECT j.id FROM jobs j WHERE {_RUNNABLE} AND j.available_at <= %s
+                      AND j.app <> ALL(%s)
                     ORDER BY j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED)
                 RETURNING {_JOB_COLUMNS}
                 """,  # noqa: S608 - constant fragments only
-                (owner, now + lease_seconds, now, now),
+                (owner, now + lease_seconds, now, now, list(skip_apps)),
             ).fetchone()
         return _job(row) if row is not None else None
 
@@ -499,8 +503,11 @@ class PostgresStore:
         rows = self._read("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
         return int(rows[0][0])
 
-    def next_available_in(self) -> float | None:
-        rows = self._read(f"SELECT min(j.available_at) FROM jobs j WHERE {_RUNNABLE}")  # noqa: S608
+    def next_available_in(self, *, skip_apps: Collection[str] = ()) -> float | None:
+        rows = self._read(
+            f"SELECT min(j.available_at) FROM jobs j WHERE {_RUNNABLE} AND j.app <> ALL(%s)",  # noqa: S608
+            (list(skip_apps),),
+        )
         earliest = rows[0][0]
         return None if earliest is None else max(0.0, earliest - self._clock())
 

@@ -83,6 +83,7 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         store,
         processor,
         size=config.job_workers,
+        app_limits={app.name: app.dify.max_concurrency for app in config.apps if app.dify},
         heartbeat_seconds=HEARTBEAT_SECONDS,
         poll_seconds=poll_seconds(config),
         dedupe_ttl=config.dedupe_ttl_seconds,
