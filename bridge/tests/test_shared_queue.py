@@ -214,6 +214,22 @@ def test_one_token_refresh_for_all_bridges(
         store.close()
 
 
+def test_the_exclusive_role_moves_when_its_holders_connection_dies(postgres_url: str) -> None:
+    """The AI bot's long connection: the bridge holding it loses its database session (host
+    gone, network cut) and the next bridge to try takes over; the old holder sees it lost it."""
+    holder = PostgresStore(postgres_url).exclusive("aibot")
+    waiting = PostgresStore(postgres_url).exclusive("aibot")
+    assert holder.try_acquire() and not waiting.try_acquire()
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'wecom-bridge-lead' AND datname = current_database()"
+        )
+    assert not holder.held()
+    assert waiting.try_acquire() and waiting.held()
+    waiting.release()
+
+
 def test_send_pacing_is_shared_by_all_bridges(postgres_url: str) -> None:
     clock = FakeClock()
     pacers = [SharedSendPacing(PostgresStore(postgres_url, clock=clock)) for _ in range(2)]

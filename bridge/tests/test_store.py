@@ -3,6 +3,8 @@ group commit, run against both backends (SQLite, and a real PostgreSQL server); 
 SQLite has (its write lock, the free-space floor)."""
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -274,3 +276,42 @@ def test_group_commit_waits_a_bounded_time(tmp_path: Path) -> None:
     finally:
         blocker.execute("ROLLBACK")
     assert time.monotonic() - started < 2.0
+
+
+def test_an_exclusive_role_has_one_holder_at_a_time(store_backend: StoreBackend) -> None:
+    """E.g. the AI bot's long connection: one bridge holds it, another takes it over."""
+    first, second = store_backend().exclusive("aibot"), store_backend().exclusive("aibot")
+    assert first.try_acquire() and first.held()
+    assert first.try_acquire()  # already held: still the holder
+    assert not second.try_acquire() and not second.held()
+    other = store_backend().exclusive("another-role")
+    assert other.try_acquire()  # one holder per name
+    first.release()
+    assert not first.held()
+    assert second.try_acquire() and second.held()
+    second.release()
+    other.release()
+
+
+def test_an_exclusive_role_is_free_once_its_holder_process_died(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\n"
+            "from wecom_bridge.jobs.store import SqliteStore\n"
+            "lock = SqliteStore(pathlib.Path(sys.argv[1])).exclusive('aibot')\n"
+            "assert lock.try_acquire()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    mine = SqliteStore(tmp_path).exclusive("aibot")
+    assert not mine.try_acquire()
+    holder.kill()
+    holder.wait(10)
+    assert mine.try_acquire()
+    mine.release()

@@ -565,6 +565,9 @@ class PostgresStore:
             finally:
                 conn.execute(f"SELECT pg_advisory_unlock({_TOKEN_LOCK_SQL})", (key,))
 
+    def exclusive(self, name: str) -> SessionExclusive:
+        return SessionExclusive(self._url, name)
+
     # --- send pacing across bridges -------------------------------------------------------
 
     def book_sends(self, keys: Iterable[str], limits: tuple[tuple[int, float], ...]) -> float:
@@ -715,6 +718,52 @@ class PostgresStore:
                 " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 (self._clock(),),
             )
+
+
+class SessionExclusive:
+    """Exclusive through a session advisory lock on a connection of its own, outside the pool:
+    held while that connection lives, so a bridge that dies (or loses the server) loses it and
+    another bridge's next try_acquire() takes over."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self._url = url
+        self._name = name
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def try_acquire(self) -> bool:
+        if self.held():
+            return True
+        try:
+            conn = psycopg.connect(
+                self._url, autocommit=True, connect_timeout=5, application_name="wecom-bridge-lead"
+            )
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended('exclusive ' || %s, 0))",
+                (self._name,),
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise StoreUnavailableError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        if row is None or not row[0]:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    def held(self) -> bool:
+        """Asks the server: the connection (and with it the lock) may have gone."""
+        if self._conn is None:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # the session's advisory lock goes with it
+            self._conn = None
 
 
 class SharedSendPacing:

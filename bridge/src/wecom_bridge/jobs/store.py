@@ -14,6 +14,7 @@ already accepted keeps the rest to finish with, and a full disk never half-store
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -223,6 +224,17 @@ class FreeSpaceFloor:
             )
 
 
+class Exclusive(Protocol):
+    """A role only one holder may have at a time across every process sharing the store (e.g.
+    the one bridge that holds the AI bot's long connection). Whoever holds it must check
+    `held()` now and then: a holder whose process or connection died has lost it, and another
+    one's `try_acquire()` then succeeds."""
+
+    def try_acquire(self) -> bool: ...
+    def held(self) -> bool: ...
+    def release(self) -> None: ...
+
+
 class Store(Protocol):
     """What the bridge asks of its store, whichever database holds it."""
 
@@ -272,12 +284,45 @@ class Store(Protocol):
     def put_token(self, key: str, token: str, expires_at: float) -> None: ...
     def drop_token(self, key: str, token: str) -> None: ...
     def refresh_lock(self, key: str) -> AbstractContextManager[None]: ...
+    def exclusive(self, name: str) -> Exclusive: ...
 
     # --- maintenance ---
     def sweep(self, dedupe_ttl: float, job_retention: float) -> tuple[int, int]: ...
     def check_open(self) -> None: ...
     def probe_write(self) -> None: ...
     def close(self) -> None: ...
+
+
+class FileExclusive:
+    """Exclusive through flock(2) on an open file (per open file, so two holders in one process
+    exclude each other too)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot open {self._path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
 
 
 class SqliteStore:
@@ -762,6 +807,11 @@ class SqliteStore:
     def refresh_lock(self, key: str) -> AbstractContextManager[None]:
         """One host: the client's own thread lock already makes one refresh at a time."""
         return nullcontext()
+
+    def exclusive(self, name: str) -> Exclusive:
+        """An flock on a file in the data dir: one holder among this host's processes; the
+        kernel releases it when the holder dies."""
+        return FileExclusive(self.path.parent / f"exclusive-{name}.lock")
 
     # --- maintenance ----------------------------------------------------------------------
 
