@@ -68,7 +68,12 @@ class ThrowawayPostgres:
 
     def _run(self, *args: str) -> None:
         done = subprocess.run(  # noqa: S603 - fixed binaries, arguments of our own
-            [*self._as_user, *args], capture_output=True, text=True, timeout=120, check=False
+            [*self._as_user, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=self.root,  # the caller's directory may be closed to the postgres user (/root)
         )
         if done.returncode != 0:
             raise PostgresUnavailable(f"{args[0]} failed: {done.stdout}{done.stderr}")
