@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from flask import Flask
 
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
-from wecom_bridge.config import BridgeConfig
+from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
@@ -25,6 +25,7 @@ from wecom_bridge.jobs.intake import GroupCommitter
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
+from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
 from wecom_bridge.service.processes import (
     HEARTBEAT_SECONDS,
@@ -198,3 +199,11 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
         },
     )
     return flask_app
+
+
+def web_app() -> Flask:
+    """What each web worker of `serve` runs: the configuration is read again from the
+    environment `serve` was started with (and checked there already)."""
+    config = load_config()
+    setup_logging(config.log_format, config.log_level, background=True)
+    return create_app(config, in_process_workers=False)
