@@ -74,11 +74,18 @@ def messages(crypto, tag: str, count: int):
     )
 
 
-def deliverer(concurrency: int = 16) -> Deliverer:
-    # The edge's certificate is self-signed (selfsigned mode): what is tested here is the balancing.
+@pytest.fixture(scope="module")
+def edge_certificate(tmp_path_factory) -> str:
+    """The edge's self-signed certificate (selfsigned mode), trusted for these requests only."""
+    path = tmp_path_factory.mktemp("edge") / "edge.crt"
+    path.write_text(on("edge", f"cat /etc/nginx/tls/{DOMAIN}.crt") + "\n")
+    return str(path)
+
+
+def deliverer(ca_file: str, concurrency: int = 16) -> Deliverer:
     return Deliverer(
         f"https://{ADDRESS['edge']}/wxcomapp",
-        verify=False,
+        verify=ca_file,
         hostname=DOMAIN,
         concurrency=concurrency,
     )
@@ -166,9 +173,9 @@ def test_the_generated_password_is_root_only_and_never_in_a_command_line():
 # --- faults -------------------------------------------------------------------------------------
 
 
-def test_a_burst_is_spread_over_both_bridges(crypto):
+def test_a_burst_is_spread_over_both_bridges(crypto, edge_certificate):
     before = {n: metric(n, "wecom_bridge_callbacks_total") for n in BRIDGE_HOSTS}
-    outcomes = deliverer().deliver_all(messages(crypto, "spread", 80))
+    outcomes = deliverer(edge_certificate).deliver_all(messages(crypto, "spread", 80))
     counts = finish("burst over two bridges", outcomes)
     assert_exactly_once(counts, 80)
     for name in BRIDGE_HOSTS:
@@ -177,23 +184,27 @@ def test_a_burst_is_spread_over_both_bridges(crypto):
         )
 
 
-def test_kill9_of_one_bridge_container_mid_burst(crypto):
+def test_kill9_of_one_bridge_container_mid_burst(crypto, edge_certificate):
     dify_delay(3)  # answers take a while: the kill finds jobs in the killed bridge's hands
     kill = strike_after(
         3, lambda: (on("bridge1", "docker kill --signal KILL wecom-bridge"), dify_delay(0))
     )
-    outcomes = deliverer().deliver_all(messages(crypto, "kill9", 100), spread=BURST_SECONDS)
+    outcomes = deliverer(edge_certificate).deliver_all(
+        messages(crypto, "kill9", 100), spread=BURST_SECONDS
+    )
     kill.join()
     counts = finish("kill -9 of one bridge container", outcomes)
     on("bridge1", "docker start wecom-bridge")
     assert_exactly_once(counts, 100)
 
 
-def test_docker_stop_of_a_whole_bridge_host_mid_burst(crypto):
+def test_docker_stop_of_a_whole_bridge_host_mid_burst(crypto, edge_certificate):
     dify_delay(1)
     stop = strike_after(3, lambda: docker("stop", "bridge2"))
     try:
-        outcomes = deliverer().deliver_all(messages(crypto, "hoststop", 100), spread=BURST_SECONDS)
+        outcomes = deliverer(edge_certificate).deliver_all(
+            messages(crypto, "hoststop", 100), spread=BURST_SECONDS
+        )
         stop.join()
         dify_delay(0)
         counts = finish("docker stop of a bridge host", outcomes)
@@ -203,10 +214,12 @@ def test_docker_stop_of_a_whole_bridge_host_mid_burst(crypto):
     wait_until(lambda: ready("bridge2"), 180, 1.0, "bridge2 back after its host restarted")
 
 
-def test_postgresql_restart_mid_burst(crypto):
+def test_postgresql_restart_mid_burst(crypto, edge_certificate):
     dify_delay(0.5)
     restart = strike_after(3, lambda: on("pg", "systemctl restart postgresql"))
-    outcomes = deliverer().deliver_all(messages(crypto, "pgrestart", 100), spread=BURST_SECONDS)
+    outcomes = deliverer(edge_certificate).deliver_all(
+        messages(crypto, "pgrestart", 100), spread=BURST_SECONDS
+    )
     restart.join()
     dify_delay(0)
     counts = finish("PostgreSQL restart mid-burst", outcomes)
