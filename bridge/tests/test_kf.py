@@ -16,9 +16,8 @@ from test_chat_page import chromium
 
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
-from wecom_bridge.errors import ConfigError, StoreUnavailableError
-from wecom_bridge.jobs.kinds import ChatJob, new_job
-from wecom_bridge.jobs.store import Arrival, Store
+from wecom_bridge.errors import ConfigError
+from wecom_bridge.jobs.store import Store
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.callbacks import build_callback, build_url_verification
 from wecom_bridge.testing.dify_double import create_dify_double
@@ -311,18 +310,6 @@ def test_sync_failure_retries_the_pull_without_losing_messages(
     assert received(kf_state) == [answer("系统繁忙时的问题")]
 
 
-def test_a_page_and_its_cursor_are_stored_together_or_not_at_all(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    job = new_job(f"kf:{DEFAULT_ACCOUNT}:{CUSTOMER}", ChatJob(query="问"))
-    arrival = Arrival("kf", "kf:msg1", job)
-    with pytest.raises(StoreUnavailableError):  # the cursor write fails inside the transaction
-        store.accept_pulled("kf", DEFAULT_ACCOUNT, None, [arrival])  # type: ignore[arg-type]
-    assert store.jobs() == [] and store.kf_cursor("kf", DEFAULT_ACCOUNT) is None
-    assert store.accept_pulled("kf", DEFAULT_ACCOUNT, "c1", [arrival])[0]
-    assert store.accept_pulled("kf", DEFAULT_ACCOUNT, "c2", [arrival]) == [None]  # dedupe
-    assert store.kf_cursor("kf", DEFAULT_ACCOUNT) == "c2" and len(store.jobs()) == 1
-
-
 # --- answers, windows, welcome --------------------------------------------------------------------
 
 
@@ -541,3 +528,18 @@ def test_a_session_state_wecom_will_not_tell_does_not_stall_the_account(
     assert say(kf_state, "状态查不到") == 200
     wait_for(lambda: received(kf_state))
     assert received(kf_state) == [answer("状态查不到")]
+
+
+def test_burst_answered_on_the_postgresql_store(
+    kf_env: dict[str, str], kf_state: KfDoubleState, postgres_url: str
+) -> None:
+    bridge = Bridge({**kf_env, "BRIDGE_DATABASE_URL": postgres_url}, kf_state).start()
+    try:
+        questions = [f"共享存储{n}" for n in range(5)]
+        tokens = [kf_state.customer_says(CUSTOMER, q)[1] for q in questions]
+        assert [kf_state.signal(None, t) for t in tokens] == [200] * 5
+        wait_for(lambda: len(received(kf_state)) == 5)
+        assert received(kf_state) == [answer(q) for q in questions]
+        assert bridge.store.kf_cursor("kf", DEFAULT_ACCOUNT)
+    finally:
+        bridge.stop()

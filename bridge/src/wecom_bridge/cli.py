@@ -1,5 +1,5 @@
 """Command line: `wecom-bridge serve | work | check-config | send | doctor | simulate |
-wecom-double | dify-double`."""
+migrate-store | wecom-double | dify-double`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from wecom_bridge import __version__
 from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.logs import setup_logging
+from wecom_bridge.tools.migrate_store import add_migrate_store_parser
 from wecom_bridge.tools.send import add_send_parser
 from wecom_bridge.tools.simulate import add_simulate_parser
 
@@ -62,7 +63,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"微信客服: callback path {kf.callback_path}, start {kf.start}, hand-over words "
             f"{'|'.join(kf.handover_words) or '(none)'}"
         )
-    print(f"WeCom API {config.wecom_api_base}; data {config.data_dir}; listen {config.listen}")
+    store = (
+        "PostgreSQL (BRIDGE_DATABASE_URL)"
+        if config.database_url
+        else f"SQLite in {config.data_dir}"
+    )
+    print(f"WeCom API {config.wecom_api_base}; store {store}; listen {config.listen}")
     print(f"send API: {'on' if config.api_token else 'off (BRIDGE_API_TOKEN not set)'}")
     print("configuration OK")
     return 0
@@ -177,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_send_parser(sub)
     add_doctor_parser(sub)
     add_simulate_parser(sub)
+    add_migrate_store_parser(sub)
     for name, port in (("wecom", 9001), ("dify", 9002)):
         double = sub.add_parser(f"{name}-double", help=f"run the {name} test double")
         double.add_argument("--listen", default=f"127.0.0.1:{port}", help="host:port")

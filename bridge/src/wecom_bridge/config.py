@@ -134,6 +134,10 @@ class BridgeConfig:
     log_level: str = "INFO"
     # Bearer token of the send API (POST /api/v1/messages); None: the API is disabled (404).
     api_token: str | None = field(default=None, repr=False)
+    # postgresql://… : the store is PostgreSQL, shared by every bridge pointed at it; None:
+    # SQLite in data_dir. Not in repr: the URL may carry the password.
+    database_url: str | None = field(default=None, repr=False)
+    db_pool_size: int = 8  # PostgreSQL connections per process
     kf: KfConfig | None = None  # None: the 微信客服 channel is off
 
 
@@ -314,6 +318,22 @@ def _api_token(env: Mapping[str, str]) -> str | None:
             "BRIDGE_API_TOKEN",
             f"must be at least {API_TOKEN_MIN_LENGTH} characters without spaces "
             f"(got {len(value)}); e.g. `openssl rand -hex 32`",
+        )
+    return value
+
+
+def database_url(env: Mapping[str, str]) -> str | None:
+    """BRIDGE_DATABASE_URL, checked (None: unset, SQLite)."""
+    value = env.get("BRIDGE_DATABASE_URL", "").strip()
+    if not value:
+        return None
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("postgresql", "postgres"):
+        # The scheme only: the rest may hold a password.
+        raise ConfigError(
+            "BRIDGE_DATABASE_URL",
+            f"must be a postgresql:// URL (got scheme {scheme or 'none'!r}); unset it for SQLite "
+            "in BRIDGE_DATA_DIR",
         )
     return value
 
@@ -520,4 +540,6 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         api_token=_api_token(env),
+        database_url=database_url(env),
+        db_pool_size=_int(env, "BRIDGE_DB_POOL_SIZE", 8, 2),
     )

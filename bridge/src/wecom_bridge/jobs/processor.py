@@ -36,7 +36,7 @@ from wecom_bridge.jobs.kinds import (
     decode,
     target_of,
 )
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter, send_paced
+from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Job, Store
 from wecom_bridge.metrics import Metrics
@@ -81,7 +81,7 @@ class JobProcessor:
         apps: dict[str, AppRuntime],
         metrics: Metrics,
         *,
-        limiter: SlidingWindowLimiter | None = None,
+        limiter: Pacer | None = None,
         send_max_age: float = 3600.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
@@ -91,7 +91,7 @@ class JobProcessor:
         self.store = store
         self.apps = apps
         self.metrics = metrics
-        self.limiter = limiter or SlidingWindowLimiter()
+        self.limiter: Pacer = limiter or SlidingWindowLimiter()
         self.send_max_age = send_max_age
         self._sleep = sleep
         self._clock = clock

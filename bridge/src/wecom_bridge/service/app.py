@@ -21,9 +21,9 @@ from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
 from wecom_bridge.config import BridgeConfig, KfConfig, load_config
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, StoreUnavailableError
+from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
 from wecom_bridge.jobs.intake import GroupCommitter
 from wecom_bridge.jobs.kf import KfJobs
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
@@ -100,12 +100,7 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
     """The job side: its own store connection, the processor and the worker threads."""
     # Worker progress commits without fsync: it survives a crash of the process, and the next
     # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
-    store = Store(
-        config.data_dir,
-        busy_timeout=config.db_busy_timeout,
-        durable_commits=False,
-        takes_turns=True,
-    )
+    store = open_store(config, Role.JOBS)
     apps = build_apps(config, store, metrics)
     kf_jobs = None
     if config.kf is not None:
@@ -114,7 +109,7 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         store,
         apps,
         metrics,
-        limiter=SlidingWindowLimiter(),
+        limiter=open_pacer(store),
         send_max_age=config.send_max_age_seconds,
         channel_handlers=kf_jobs.handlers() if kf_jobs else None,
     )
@@ -128,6 +123,7 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
             if runtime.config.dify
         },
         heartbeat_seconds=HEARTBEAT_SECONDS,
+        poll_seconds=poll_seconds(config),
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
     )
@@ -182,14 +178,22 @@ def _workers_alive(store: Store, pool: WorkerPool | None) -> Callable[[], bool]:
     return lambda: store.live_workers(3 * HEARTBEAT_SECONDS) > 0
 
 
+def _wake_job_side(config: BridgeConfig, pool: WorkerPool | None) -> Callable[..., None]:
+    """What the web side calls after storing jobs. On PostgreSQL the commit's NOTIFY already
+    wakes every bridge's job side (a separate `work` process listens for it)."""
+    if pool is not None:
+        return pool.notify
+    if config.database_url:
+        return lambda jobs=1: None
+    return WakeupSender(config.data_dir).send
+
+
 def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flask:
-    store = Store(
-        config.data_dir, busy_timeout=config.db_busy_timeout, min_free_bytes=config.min_free_bytes
-    )
+    store = open_store(config, Role.WEB)
     metrics = Metrics()
     metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
     pool = build_pool(config, metrics) if in_process_workers else None
-    notify = pool.notify if pool else WakeupSender(config.data_dir).send
+    notify = _wake_job_side(config, pool)
     # In `serve`, the processes share their counters through the data dir (service.processes).
     others: Callable[[], list[Snapshot]] = list
     if pool is None:
@@ -237,6 +241,10 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     register_ops(flask_app, Ops(store, metrics, _workers_alive(store, pool), others))
     if pool:
         pool.start()
+        # Other bridges' jobs too; the listener ends with the pool.
+        listener = job_notifications(config, pool.notify, until=lambda: not pool.alive())
+        if listener is not None:
+            listener.start()
     log.info(
         "bridge ready to serve",
         extra={
