@@ -92,7 +92,6 @@ class Stack:
         }
         wait_http(f"http://127.0.0.1:{self.wecom_port}/_double/stats")
         wait_http(f"http://127.0.0.1:{self.dify_port}/health")
-        self.bridge_env = bridge_env
         self.bridge = self._spawn(["serve"], bridge_env, log=bridge_log)
         self.procs.append(self.bridge)
         wait_http(f"http://127.0.0.1:{self.bridge_port}/readyz")
