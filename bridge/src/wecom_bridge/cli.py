@@ -39,10 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_work(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
-    from wecom_bridge.service.app import build_job_process_pool
+    from wecom_bridge.service.app import build_job_process_side
     from wecom_bridge.service.processes import run_job_process
 
-    run_job_process(config, build_job_process_pool)
+    run_job_process(config, build_job_process_side)
     return 0
 
 

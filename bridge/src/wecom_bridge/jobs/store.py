@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
+-- The AI bot's long connections: which process holds each one (a lease: one holder per bot, as
+-- WeCom keeps only the newest connection) and how it is doing, for /readyz.
+CREATE TABLE IF NOT EXISTS links (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL
+);
 """
 
 INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
@@ -115,6 +121,18 @@ class Job:
     result: dict[str, object] | None = None
     error: str | None = None
     errcode: int | None = None
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    """One long connection as its holder last reported it."""
+
+    name: str
+    owner: str
+    state: str
+    detail: str
+    lease_until: float
+    updated_at: float
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -617,6 +635,46 @@ class Store:
         )
         earliest = rows[0][0]
         return None if earliest is None else max(0.0, earliest - self._clock())
+
+    # --- long connections (the AI bot) ------------------------------------------------------
+
+    def hold_link(self, name: str, owner: str, lease_seconds: float) -> bool:
+        """Take or renew the lease on connection `name`; False while another owner holds it."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO links (name, owner, lease_until, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner=excluded.owner,"
+                " lease_until=excluded.lease_until"
+                " WHERE links.owner = excluded.owner OR links.lease_until < ?",
+                (name, owner, now + lease_seconds, now, now),
+            )
+            row = db.execute("SELECT owner FROM links WHERE name=?", (name,)).fetchone()
+        return row is not None and row["owner"] == owner
+
+    def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None:
+        """The holder's report (a process that does not hold the lease changes nothing)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE links SET state=?, detail=?, updated_at=? WHERE name=? AND owner=?",
+                (state, detail, self._clock(), name, owner),
+            )
+
+    def release_link(self, name: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE links SET lease_until=0, state='stopped', updated_at=?"
+                " WHERE name=? AND owner=?",
+                (self._clock(), name, owner),
+            )
+
+    def link_states(self) -> list[LinkStatus]:
+        return [
+            LinkStatus(
+                r["name"], r["owner"], r["state"], r["detail"], r["lease_until"], r["updated_at"]
+            )
+            for r in self._read("SELECT * FROM links ORDER BY name")
+        ]
 
     # --- conversations and tokens ---------------------------------------------------------
 

@@ -31,9 +31,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
@@ -168,24 +169,53 @@ def publish_metrics_in_background(exchange: MetricsExchange, metrics: Metrics) -
 # --- the job process ----------------------------------------------------------------------------
 
 
+class Link(Protocol):
+    """A connection the job process holds (the AI bot's long connection)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobSide:
+    """What the job process runs: the workers and the long connections that feed them."""
+
+    pool: WorkerPool
+    links: Sequence[Link] = ()
+
+    def start(self) -> None:
+        self.pool.start()
+        for link in self.links:
+            link.start()
+
+    def stop(self) -> None:
+        for link in self.links:  # first: a successor process can take the connection over
+            link.stop()
+        self.pool.stop()
+
+
 def run_job_process(
-    config: BridgeConfig, build_pool: Callable[[BridgeConfig, Metrics], WorkerPool]
+    config: BridgeConfig, build_side: Callable[[BridgeConfig, Metrics], JobSide]
 ) -> None:
-    """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
+    """The `work` command: the worker pool (and the AI bots' long connections) in the
+    foreground until SIGTERM/SIGINT. Exactly one such process runs per `serve`, so one holds
+    each bot's connection however many web workers there are."""
     metrics = Metrics()
-    pool = build_pool(config, metrics)
+    side = build_side(config, metrics)
+    pool = side.pool
     listener = WakeupListener(config.data_dir, pool.notify)
     exchange = MetricsExchange(config.data_dir, "jobs")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    pool.start()
+    side.start()
     listener.start()
     log.info("job workers started", extra={"workers": config.job_workers})
     while not stop.wait(METRICS_PUBLISH_SECONDS):
         exchange.publish(metrics)
     listener.close()
-    pool.stop()
+    side.stop()
     log.info("job workers stopped")
 
 
