@@ -4,6 +4,8 @@ double (a real WebSocket server) and the Dify double (real HTTP, streaming SSE).
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import requests
 from conftest import AppSecrets, BridgeProcess, dify_state, wait_for
 
+from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.service.app import create_app
@@ -407,3 +410,30 @@ def test_kill_9_mid_answer_still_answers_exactly_once(tmp_path, aibot, dify_doub
         assert len(asked) == 1
     finally:
         bridge.stop()
+
+
+# --- operator tools -------------------------------------------------------------------------
+
+
+def _doctor(monkeypatch, capsys, env: dict[str, str], *args: str) -> dict[str, dict[str, str]]:
+    for name in list(os.environ):
+        if name.startswith(("WECOM_", "DIFY_", "BRIDGE_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    main(["doctor", "--json", "--timeout", "3", *args])
+    return {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+
+
+def test_doctor_checks_the_subscription_and_nothing_of_an_edge(
+    monkeypatch, capsys, tmp_path, aibot, dify_double, secrets
+):
+    env = aibot_env(tmp_path, aibot, dify_double, secrets)
+    results = _doctor(monkeypatch, capsys, env)
+    assert results["aibot-subscribe"]["status"] == "PASS"
+    assert results["dify"]["status"] == "PASS"
+    assert "dns" not in results and "callback" not in results and "gettoken" not in results
+    wrong = _doctor(monkeypatch, capsys, {**env, "WECOM_AIBOT_SECRET": "nope"})
+    assert wrong["aibot-subscribe"]["status"] == "FAIL"
+    assert "errcode 40001" in wrong["aibot-subscribe"]["detail"]
+    assert "nope" not in json.dumps(wrong)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from urllib.parse import urlsplit
 
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
 from wecom_bridge.config import AppConfig, load_apps, pick_app, wecom_api_base
 from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import (
@@ -27,6 +29,8 @@ from wecom_bridge.errors import (
     WeComConfigError,
 )
 from wecom_bridge.tools.probe import Fetched, ProbeError, Prober, split_host_port
+from wecom_bridge.wecom.aibot_frames import AibotFrameError
+from wecom_bridge.wecom.aibot_ws import probe_subscription
 from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
 from wecom_bridge.wecom.crypto import WeComCrypto, build_url_verification
 from wecom_bridge.wecom.errcodes import hint_for
@@ -112,6 +116,20 @@ class Doctor:
         return f"https://{self.options.domain}{app.callback_path}"
 
     def run(self) -> list[CheckResult]:
+        checks: list[Callable[[Doctor], CheckResult]] = self._checks()
+        for check in checks:
+            result = check(self)
+            self.results[result.name] = result
+        return list(self.results.values())
+
+    def _checks(self) -> list[Callable[[Doctor], CheckResult]]:
+        try:
+            aibot = self.app().aibot
+        except ConfigError:
+            aibot = None  # the checks below report the configuration error
+        if aibot is not None and aibot.mode == "ws":
+            # No domain, certificate, callback or trusted IP: the bridge connects out.
+            return [check_aibot_subscription, check_dify, check_dify_inputs, check_bridge_ready]
         checks: list[Callable[[Doctor], CheckResult]] = [check_dns]
         codes = self.options.verify_codes or ("",)
         checks += [functools.partial(check_verify_file, code=code) for code in codes]
@@ -124,10 +142,7 @@ class Doctor:
             check_dify_inputs,
         ]
         checks.append(check_bridge_ready)
-        for check in checks:
-            result = check(self)
-            self.results[result.name] = result
-        return list(self.results.values())
+        return checks
 
 
 def _domain(doctor: Doctor, name: str) -> tuple[str, int] | CheckResult:
@@ -600,6 +615,41 @@ def check_bridge_ready(doctor: Doctor) -> CheckResult:
         "db not writable: disk full or permissions of BRIDGE_DATA_DIR; workers false: the job "
         "process died (see the bridge's logs); a deep queue: Dify or WeCom too slow",
     )
+
+
+def check_aibot_subscription(doctor: Doctor) -> CheckResult:
+    """The AI bot's long connection: does WeCom accept the bot id and secret?"""
+    name = "aibot-subscribe"
+    try:
+        app = doctor.app()
+    except ConfigError as exc:
+        return _not_loaded(name, exc, "set WECOM_AIBOT_BOT_ID and WECOM_AIBOT_SECRET")
+    assert app.aibot is not None  # noqa: S101 - chosen for AI bots in ws mode
+    if doctor.options.bridge_url:
+        # Subscribing here would take the bot over from the running bridge.
+        return skipped(
+            name,
+            "the running bridge holds the connection: bridge-ready shows its subscription",
+            "run doctor without --bridge-url before the bridge starts to test the secret itself",
+        )
+    url = app.aibot.ws_url
+    try:
+        answer = probe_subscription(url, app.aibot.bot_id, app.aibot.secret, doctor.prober.timeout)
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI, AibotFrameError) as exc:
+        return failed(
+            name,
+            f"{url}: {type(exc).__name__}: {exc}",
+            "the server must reach it outbound on 443 (a proxy? a firewall?); "
+            "WECOM_AIBOT_WS_URL names it",
+        )
+    if answer.errcode:
+        return failed(
+            name,
+            f"{url}: WeCom refused the subscription: errcode {answer.errcode} {answer.errmsg}",
+            "copy Bot ID and Secret again from the bot's API settings (API 模式: 长连接) into "
+            "WECOM_AIBOT_BOT_ID / WECOM_AIBOT_SECRET",
+        )
+    return passed(name, f"{url}: subscribed as bot {app.aibot.bot_id}")
 
 
 # --- output ------------------------------------------------------------------------------------

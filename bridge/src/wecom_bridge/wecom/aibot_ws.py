@@ -309,3 +309,19 @@ class AibotConnection:
                 )
         with contextlib.suppress(Exception):
             self._on_state(state, detail)
+
+
+def probe_subscription(url: str, bot_id: str, secret: str, timeout: float = 10.0) -> Frame:
+    """Connect, subscribe once and return WeCom's answer (for `doctor`). Note: a subscription
+    takes the bot over from whichever connection held it."""
+    with connect(url, open_timeout=timeout, close_timeout=2) as ws:
+        request = frames.subscribe(bot_id, secret)
+        ws.send(request.to_json())
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer to aibot_subscribe")
+            frame = frames.parse_frame(ws.recv(timeout=left))
+            if frame.req_id == request.req_id:
+                return frame
