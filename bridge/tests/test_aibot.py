@@ -6,13 +6,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import AppSecrets, BridgeProcess, dify_state, wait_for
+from conftest import AppSecrets, BridgeProcess, dify_state, free_port, wait_for
 
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
@@ -31,13 +33,13 @@ def aibot() -> Iterator[AibotDouble]:
         yield double
 
 
-def aibot_env(tmp_path: Path, aibot: AibotDouble, dify: ServerThread, secrets: AppSecrets):
+def aibot_env(tmp_path: Path, ws_url: str, dify: ServerThread, secrets: AppSecrets):
     """An AI-bot-only deployment: not one variable of the self-built app."""
     return {
         "WECOM_AIBOT_MODE": "ws",
         "WECOM_AIBOT_BOT_ID": BOT_ID,
         "WECOM_AIBOT_SECRET": BOT_SECRET,
-        "WECOM_AIBOT_WS_URL": aibot.url,
+        "WECOM_AIBOT_WS_URL": ws_url,
         "WECOM_AIBOT_STREAM_INTERVAL": "0.2",
         "DIFY_API_BASE": f"{dify.url}/v1",
         "DIFY_API_KEY": secrets.dify_key,
@@ -70,7 +72,7 @@ def start_bridge(tmp_path, aibot, dify_double, secrets) -> Iterator:
     started: list[Bridge] = []
 
     def start(**extra: str) -> Bridge:
-        bridge = Bridge({**aibot_env(tmp_path, aibot, dify_double, secrets), **extra})
+        bridge = Bridge({**aibot_env(tmp_path, aibot.url, dify_double, secrets), **extra})
         started.append(bridge)
         return bridge
 
@@ -210,7 +212,7 @@ def test_a_silent_dify_gets_keep_alive_updates_so_the_stream_does_not_expire(
 ):
     with AibotDouble(BOT_ID, BOT_SECRET, stream_idle_expiry=1.5) as aibot:
         env = {
-            **aibot_env(tmp_path, aibot, dify_double, secrets),
+            **aibot_env(tmp_path, aibot.url, dify_double, secrets),
             "WECOM_AIBOT_KEEPALIVE_SECONDS": "1",
         }
         dify_state(dify_double).set_delay(4.0)  # thinking, only pings
@@ -233,7 +235,7 @@ def test_without_keep_alive_the_double_expires_the_stream_and_the_answer_is_a_ne
     answers once when the stream is gone."""
     with AibotDouble(BOT_ID, BOT_SECRET, stream_idle_expiry=1.0) as aibot:
         env = {
-            **aibot_env(tmp_path, aibot, dify_double, secrets),
+            **aibot_env(tmp_path, aibot.url, dify_double, secrets),
             "WECOM_AIBOT_KEEPALIVE_SECONDS": "30",
         }
         dify_state(dify_double).set_delay(2.5)
@@ -394,7 +396,7 @@ def test_kill_9_mid_answer_still_answers_exactly_once(tmp_path, aibot, dify_doub
     answer = "完整的答案。" * 100
     state.set_answer(answer)
     state.set_pace(chunk_chars=10, chunk_interval=0.1)  # about 6 s of streaming
-    env = aibot_env(tmp_path, aibot, dify_double, secrets)
+    env = aibot_env(tmp_path, aibot.url, dify_double, secrets)
     bridge = BridgeProcess(env).start()
     try:
         aibot.wait_connected()
@@ -428,7 +430,7 @@ def _doctor(monkeypatch, capsys, env: dict[str, str], *args: str) -> dict[str, d
 def test_doctor_checks_the_subscription_and_nothing_of_an_edge(
     monkeypatch, capsys, tmp_path, aibot, dify_double, secrets
 ):
-    env = aibot_env(tmp_path, aibot, dify_double, secrets)
+    env = aibot_env(tmp_path, aibot.url, dify_double, secrets)
     results = _doctor(monkeypatch, capsys, env)
     assert results["aibot-subscribe"]["status"] == "PASS"
     assert results["dify"]["status"] == "PASS"
@@ -437,3 +439,55 @@ def test_doctor_checks_the_subscription_and_nothing_of_an_edge(
     assert wrong["aibot-subscribe"]["status"] == "FAIL"
     assert "errcode 40001" in wrong["aibot-subscribe"]["detail"]
     assert "nope" not in json.dumps(wrong)
+
+
+def test_the_simulator_plays_the_member_through_the_double_process(
+    tmp_path, dify_double, secrets, capsys
+):
+    """`aibot-double` as its own process (as molecule and the demo run it), the bridge
+    connected to it, `simulate-aibot` printing the stream as it arrives."""
+    ws_port, control_port = free_port(), free_port()
+    env = {**os.environ, "WECOM_AIBOT_BOT_ID": BOT_ID, "WECOM_AIBOT_SECRET": BOT_SECRET}
+    double = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wecom_bridge",
+            "aibot-double",
+            "--listen",
+            f"127.0.0.1:{ws_port}",
+            "--control",
+            f"127.0.0.1:{control_port}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    control = f"http://127.0.0.1:{control_port}"
+    try:
+        wait_for(lambda: _answers(f"{control}/control/status"))
+        state = dify_state(dify_double)
+        state.set_answer("第一句。第二句。第三句。" * 10)
+        state.set_pace(chunk_chars=6, chunk_interval=0.05)
+        bridge = Bridge(aibot_env(tmp_path, f"ws://127.0.0.1:{ws_port}", dify_double, secrets))
+        try:
+            wait_for(
+                lambda: requests.get(f"{control}/control/status", timeout=2).json()["connected"]
+            )
+            code = main(["simulate-aibot", "年假？", "--control", control, "--group", "grp9"])
+            out = capsys.readouterr().out
+            assert code == 0
+            assert "update:" in out and "finished: " + "第一句。第二句。第三句。" * 10 in out
+            assert "group grp9" in out
+        finally:
+            bridge.stop()
+    finally:
+        double.terminate()
+        double.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
