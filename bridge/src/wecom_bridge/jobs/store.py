@@ -83,6 +83,15 @@ CREATE TABLE IF NOT EXISTS links (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL,
     state TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL
 );
+-- The AI bot's webhook streams: what WeCom's stream-refresh callbacks are answered with (the job
+-- side writes the text as Dify writes it, the web side reads it), and whether the message's
+-- one-time response_url was used.
+CREATE TABLE IF NOT EXISTS streams (
+    app TEXT NOT NULL, stream_id TEXT NOT NULL, content TEXT NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0, response_url_used INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL, PRIMARY KEY (app, stream_id)
+);
+CREATE INDEX IF NOT EXISTS streams_updated ON streams (updated_at);
 """
 
 INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
@@ -121,6 +130,13 @@ class Job:
     result: dict[str, object] | None = None
     error: str | None = None
     errcode: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    content: str
+    finished: bool
+    response_url_used: bool
 
 
 @dataclass(frozen=True)
@@ -676,6 +692,44 @@ class Store:
             for r in self._read("SELECT * FROM links ORDER BY name")
         ]
 
+    # --- webhook streams (the AI bot) ------------------------------------------------------
+
+    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None:
+        """The stream's text so far (a finished stream is not changed again)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO streams (app, stream_id, content, finished, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (app, stream_id) DO UPDATE SET"
+                " content=excluded.content, finished=excluded.finished,"
+                " updated_at=excluded.updated_at WHERE streams.finished = 0",
+                (app, stream_id, content, int(finished), self._clock()),
+            )
+
+    def get_stream(self, app: str, stream_id: str) -> StreamProgress | None:
+        rows = self._read(
+            "SELECT content, finished, response_url_used FROM streams WHERE app=? AND stream_id=?",
+            (app, stream_id),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return StreamProgress(row[0], bool(row[1]), bool(row[2]))
+
+    def use_response_url(self, app: str, stream_id: str) -> bool:
+        """Claim the message's one response_url call; False when it was used before."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO streams (app, stream_id, content, updated_at) VALUES (?, ?, '', ?)"
+                " ON CONFLICT (app, stream_id) DO NOTHING",
+                (app, stream_id, self._clock()),
+            )
+            cur = db.execute(
+                "UPDATE streams SET response_url_used=1 WHERE app=? AND stream_id=?"
+                " AND response_url_used=0",
+                (app, stream_id),
+            )
+            return cur.rowcount == 1
+
     # --- conversations and tokens ---------------------------------------------------------
 
     def get_conversation(self, corp: str, agent: str, user: str) -> str:
@@ -732,6 +786,7 @@ class Store:
                 "DELETE FROM jobs WHERE status IN ('done', 'failed') AND updated_at < ?",
                 (now - job_retention,),
             ).rowcount
+            db.execute("DELETE FROM streams WHERE updated_at < ?", (now - dedupe_ttl,))
         return keys, jobs
 
     def check_open(self) -> None:

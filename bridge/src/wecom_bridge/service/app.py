@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from flask import Flask
 
 from wecom_bridge.channels.aibot import AibotOutbound
+from wecom_bridge.channels.aibot_webhook import AibotWebhookInbound, AibotWebhookOutbound
 from wecom_bridge.channels.base import Outbound
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
 from wecom_bridge.config import AppConfig, BridgeConfig
@@ -37,7 +38,8 @@ from wecom_bridge.service.processes import (
     WakeupSender,
     publish_metrics_in_background,
 )
-from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, IntakeTally
+from wecom_bridge.web.aibot_callbacks import AibotWebhookEndpoint
+from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, Endpoint, IntakeTally
 from wecom_bridge.web.ops import Ops, register_ops
 from wecom_bridge.web.send_api import SendApi, register_send_api
 from wecom_bridge.wecom.api import WeComClient
@@ -77,6 +79,8 @@ def _outbound(
     metrics: Metrics,
     links: dict[str, AibotLink],
 ) -> Outbound:
+    if app.aibot is not None and app.aibot.mode == "webhook":
+        return AibotWebhookOutbound(app, store, metrics)
     if app.aibot is not None:
         return AibotOutbound(app, links[app.name].connection, metrics)
     wecom = WeComClient(
@@ -222,7 +226,7 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     acceptor = GroupCommitter(store, on_stored=notify)
     tally = IntakeTally()
     tally.start()
-    endpoints = [
+    endpoints: list[Endpoint] = [
         CallbackEndpoint(
             app=app.name,
             inbound=WeComAppInbound(app),
@@ -234,6 +238,18 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
         )
         for app in config.apps
         if app.aibot is None
+    ]
+    endpoints += [
+        AibotWebhookEndpoint(
+            app=app,
+            inbound=AibotWebhookInbound(app),
+            acceptor=acceptor,
+            board=store,
+            metrics=metrics,
+            max_body_bytes=config.max_body_bytes,
+        )
+        for app in config.apps
+        if app.aibot is not None and app.aibot.mode == "webhook"
     ]
     flask_app.wsgi_app = CallbackRouter(endpoints, flask_app.wsgi_app)  # type: ignore[method-assign]
     if config.api_token:

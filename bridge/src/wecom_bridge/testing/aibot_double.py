@@ -440,3 +440,167 @@ def serve_aibot_double(bot_id: str, secret: str, listen: str, control: str) -> N
     double = AibotDouble(bot_id, secret, host=host, port=port).start()
     print(json.dumps({"ws": double.url, "control": control}), flush=True)
     serve_forever(control_app(double), control)
+
+
+# --- webhook mode -------------------------------------------------------------------------------
+
+
+@dataclass
+class WebhookExchange:
+    """One message sent to the bridge's webhook and what WeCom saw of its answer."""
+
+    msgid: str
+    status: int
+    first: dict[str, Any] | None  # the decrypted passive reply
+    updates: list[StreamUpdate] = field(default_factory=list)  # from the refreshes
+    late: list[str] = field(default_factory=list)  # what came through response_url
+
+    @property
+    def finished(self) -> str | None:
+        last = self.updates[-1] if self.updates else None
+        return last.content if last is not None and last.finish else None
+
+
+class AibotWebhookSender:
+    """WeCom's side of the webhook mode: encrypted JSON callbacks (ReceiveId empty) to the
+    bridge, stream-refresh callbacks until the stream is finished or `window` (6 min) has
+    passed, and the one-time response_url (a call beyond the first is refused)."""
+
+    def __init__(
+        self,
+        callback_url: str,
+        token: str,
+        encoding_aes_key: str,
+        *,
+        refresh_interval: float = 1.0,
+        window: float = STREAM_MAX_AGE,
+    ) -> None:
+        from wecom_bridge.testing.server import ServerThread
+        from wecom_bridge.wecom.crypto import WeComCrypto
+
+        self.callback_url = callback_url
+        self.crypto = WeComCrypto(token, encoding_aes_key, "")
+        self.refresh_interval = refresh_interval
+        self.window = window
+        self.lock = threading.Lock()
+        self.late: dict[str, list[str]] = {}  # response_url posts, by msgid
+        self._used: set[str] = set()
+        self._server = ServerThread(self._response_url_app()).start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> AibotWebhookSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def handshake(self, echostr: str = "hello-aibot") -> tuple[int, str]:
+        import requests
+
+        from wecom_bridge.wecom.crypto import build_url_verification
+
+        params = build_url_verification(self.crypto, echostr)
+        response = requests.get(self.callback_url, params=params, timeout=5)
+        return response.status_code, response.text
+
+    def post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """One encrypted callback; (HTTP status, the decrypted reply or None)."""
+        import requests
+
+        timestamp, nonce = str(int(time.time())), uuid.uuid4().hex[:10]
+        encrypt = self.crypto.encrypt(json.dumps(body, ensure_ascii=False).encode())
+        params = {
+            "msg_signature": self.crypto.sign(timestamp, nonce, encrypt),
+            "timestamp": timestamp,
+            "nonce": nonce,
+        }
+        response = requests.post(
+            self.callback_url, params=params, json={"encrypt": encrypt}, timeout=5
+        )
+        if response.status_code != 200 or not response.content:
+            return response.status_code, None
+        sealed = response.json()
+        expected = self.crypto.sign(sealed["timestamp"], sealed["nonce"], sealed["encrypt"])
+        if sealed.get("msgsignature") != expected:
+            raise AssertionError("the passive reply's msgsignature is wrong")
+        return 200, json.loads(self.crypto.decrypt(sealed["encrypt"]))
+
+    def message(
+        self, userid: str, text: str, *, chatid: str = "", msgid: str | None = None
+    ) -> dict[str, Any]:
+        msgid = msgid or uuid.uuid4().hex
+        body: dict[str, Any] = {
+            "msgid": msgid,
+            "aibotid": "webhook-bot",
+            "chattype": "group" if chatid else "single",
+            "from": {"userid": userid},
+            "response_url": f"{self._server.url}/response/{msgid}",
+            "msgtype": "text",
+            "text": {"content": text},
+        }
+        if chatid:
+            body["chatid"] = chatid
+        return body
+
+    def ask(
+        self,
+        userid: str,
+        text: str,
+        *,
+        chatid: str = "",
+        msgid: str | None = None,
+        wait: float = 30.0,
+    ) -> WebhookExchange:
+        """Send a text message and refresh its stream as WeCom does; returns when finished,
+        when the window is over, or after `wait` seconds."""
+        body = self.message(userid, text, chatid=chatid, msgid=msgid)
+        status, first = self.post(body)
+        exchange = WebhookExchange(str(body["msgid"]), status, first)
+        stream = (first or {}).get("stream") if (first or {}).get("msgtype") == "stream" else None
+        if not isinstance(stream, dict):
+            return exchange
+        started = time.time()
+        exchange.updates.append(
+            StreamUpdate(started, str(stream.get("content", "")), bool(stream.get("finish")))
+        )
+        while not exchange.finished and time.time() - started < min(self.window, wait):
+            time.sleep(self.refresh_interval)
+            refresh = {
+                "msgid": uuid.uuid4().hex,
+                "aibotid": "webhook-bot",
+                "chattype": body["chattype"],
+                "from": {"userid": userid},
+                "msgtype": "stream",
+                "stream": {"id": stream["id"]},
+            }
+            _, reply = self.post(refresh)
+            got = (reply or {}).get("stream") or {}
+            exchange.updates.append(
+                StreamUpdate(time.time(), str(got.get("content", "")), bool(got.get("finish")))
+            )
+        exchange.late = self.late_for(exchange.msgid)
+        return exchange
+
+    def late_for(self, msgid: str) -> list[str]:
+        with self.lock:
+            return list(self.late.get(msgid, []))
+
+    def _response_url_app(self) -> Any:
+        from flask import Flask, Response, jsonify, request
+
+        app = Flask("aibot_response_url")
+
+        @app.post("/response/<msgid>")
+        def respond(msgid: str) -> Response:
+            data = request.get_json(force=True, silent=True) or {}
+            with self.lock:
+                if msgid in self._used:  # WeCom takes a response_url once
+                    return jsonify({"errcode": ERR_BAD_PARAM, "errmsg": "response_url used"})
+                self._used.add(msgid)
+                markdown = data.get("markdown") or {}
+                self.late.setdefault(msgid, []).append(str(markdown.get("content", "")))
+            return jsonify({"errcode": 0, "errmsg": "ok"})
+
+        return app
