@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-
 from conftest import dify_state, wait_for
+
 from wecom_bridge.channels.aibot_webhook import AibotWebhookOutbound
 from wecom_bridge.channels.base import Reply
 from wecom_bridge.config import load_config
