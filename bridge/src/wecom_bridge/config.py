@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from wecom_bridge.dify.client import APP_MODES, DifySettings
+from wecom_bridge.dify.client import APP_MODES, DEFAULT_MAX_CONCURRENCY, DifySettings
 from wecom_bridge.errors import ConfigError, MissingSettingError
 from wecom_bridge.wecom.api import DEFAULT_API_BASE
 from wecom_bridge.wecom.crypto import parse_encoding_aes_key
@@ -37,6 +37,8 @@ DEFAULT_AIBOT_CALLBACK_PATH = "/wxcomaibot"
 # Whose Dify conversation a group-chat message continues: the member's own in that group, or
 # one shared by the whole group.
 GROUP_CONVERSATIONS = ("member", "group")
+# Jobs mostly wait on Dify (5-30 s for a real model): a wide pool of waiting threads is cheap.
+DEFAULT_JOB_WORKERS = 64
 # Paths the bridge serves itself; a callback path may not take them.
 OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/api")
 
@@ -108,7 +110,7 @@ class BridgeConfig:
     listen: str = "127.0.0.1:8000"
     web_workers: int = 1
     web_threads: int = 16
-    job_workers: int = 4
+    job_workers: int = DEFAULT_JOB_WORKERS
     max_body_bytes: int = 64 * 1024
     dedupe_ttl_seconds: float = 48 * 3600
     job_retention_seconds: float = 7 * 24 * 3600
@@ -267,6 +269,7 @@ def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySetting
         inputs=_json_object(get, f"{prefix}INPUTS"),
         recover_seconds=_float(get, f"{prefix}RECOVER_SECONDS", 120.0),
         strip_reasoning=_bool(get, f"{prefix}STRIP_REASONING", True),
+        max_concurrency=_int(get, f"{prefix}MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, 1),
     )
 
 
@@ -546,7 +549,7 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         listen=_listen(env.get("BRIDGE_LISTEN", "").strip() or "127.0.0.1:8000", "BRIDGE_LISTEN"),
         web_workers=_int(env, "BRIDGE_WEB_WORKERS", 1, 1),
         web_threads=_int(env, "BRIDGE_WEB_THREADS", 16, 1),
-        job_workers=_int(env, "BRIDGE_JOB_WORKERS", 4, 1),
+        job_workers=_int(env, "BRIDGE_JOB_WORKERS", DEFAULT_JOB_WORKERS, 1),
         max_body_bytes=_int(env, "BRIDGE_MAX_BODY_BYTES", 64 * 1024, 1024),
         dedupe_ttl_seconds=_float(env, "BRIDGE_DEDUPE_TTL_HOURS", 48.0, 1.0) * 3600,
         job_retention_seconds=_float(env, "BRIDGE_JOB_RETENTION_DAYS", 7.0, 0.0) * 86400,

@@ -48,6 +48,8 @@ TRANSIENT_STREAM_CODE = "completion_request_error"
 RECOVER_STEP_MAX = 15.0
 # How long the app's input form (GET /parameters) is trusted before it is read again.
 PARAMETERS_TTL = 300.0
+# Jobs of one Dify app running at once: what protects Dify from the bridge's whole pool.
+DEFAULT_MAX_CONCURRENCY = 64
 
 # Reasoning models' thinking: <think>…</think> (an unclosed one runs to the end), and the
 # <details><summary>Thinking...</summary>…</details> block some Dify releases render it as.
@@ -76,6 +78,7 @@ class DifySettings:
     inputs: Mapping[str, object] = field(default_factory=dict)  # static inputs, every message
     recover_seconds: float = 120.0  # how long a broken stream's answer is looked for
     strip_reasoning: bool = True  # remove <think>…</think> from what members receive
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY  # this app's jobs running at once, at most
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +176,13 @@ _DISK_ERRORS = {
     sqlite3.SQLITE_FULL,
     sqlite3.SQLITE_CANTOPEN,
 }
+
+
+def _not_in(column: str, values: Collection[str]) -> str:
+    """An `AND column NOT IN (?, …)` clause for `values` (empty: no clause)."""
+    if not values:
+        return ""
+    return f" AND {column} NOT IN ({', '.join('?' * len(values))})"
 
 
 def _is_disk_error(exc: sqlite3.Error) -> bool:
@@ -457,21 +464,25 @@ class Store:
 
     # --- workers --------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> Job | None:
+    def claim(
+        self, owner: str, lease_seconds: float, *, skip_apps: Collection[str] = ()
+    ) -> Job | None:
         """Take the oldest runnable job whose user has nothing older queued or in flight,
-        so each user's messages are answered in order while users run concurrently."""
+        so each user's messages are answered in order while users run concurrently.
+        `skip_apps`: apps that may not start another job now (at their concurrency limit)."""
         now = self._clock()
+        skip = _not_in("j.app", skip_apps)
         with self._tx() as db:
             row = db.execute(
-                """
+                f"""
                 SELECT j.* FROM jobs j
-                WHERE j.status = 'queued' AND j.available_at <= ?
+                WHERE j.status = 'queued' AND j.available_at <= ?{skip}
                   AND NOT EXISTS (
                     SELECT 1 FROM jobs o WHERE o.app = j.app AND o.user = j.user
                       AND o.status IN ('queued', 'running') AND o.id < j.id)
                 ORDER BY j.id LIMIT 1
-                """,
-                (now,),
+                """,  # noqa: S608 - `skip` holds only placeholders
+                (now, *skip_apps),
             ).fetchone()
             if row is None:
                 return None
@@ -641,13 +652,16 @@ class Store:
         rows = self._read("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
         return int(rows[0][0])
 
-    def next_available_in(self) -> float | None:
+    def next_available_in(self, *, skip_apps: Collection[str] = ()) -> float | None:
         """Seconds until the earliest job at the head of its user's line becomes runnable
         (None: nothing can become runnable without another job finishing first)."""
+        skip = _not_in("j.app", skip_apps)
         rows = self._read(
-            "SELECT min(j.available_at) FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS ("
+            f"SELECT min(j.available_at) FROM jobs j WHERE j.status = 'queued'{skip}"  # noqa: S608 - placeholders only
+            " AND NOT EXISTS ("
             " SELECT 1 FROM jobs o WHERE o.app = j.app AND o.user = j.user"
-            " AND o.status IN ('queued', 'running') AND o.id < j.id)"
+            " AND o.status IN ('queued', 'running') AND o.id < j.id)",
+            tuple(skip_apps),
         )
         earliest = rows[0][0]
         return None if earliest is None else max(0.0, earliest - self._clock())

@@ -1,7 +1,15 @@
-"""Worker threads: claim jobs in per-member order and hand each to the processor.
+"""Job workers: one dispatcher claims jobs in per-member order, a pool of threads runs them.
 
-Workers wake at once when a new job is stored (`notify`, from the same process or through the
-wake-up socket of the process model) and otherwise poll, so jobs stored by another process or
+Most of a job's time is spent waiting on Dify (5–30 s for a real model) and on WeCom, so
+threads that only wait are cheap and the default pool is wide (64). Claims go through one
+dispatcher thread instead of every worker polling: an idle pool costs one claim per poll
+interval, not one per worker, and claims never race each other for the store's write lock.
+
+The dispatcher claims only while a worker is free and skips the apps that already have as
+many jobs running as their limit allows (`app_limits`: what protects a Dify app from the
+whole pool at once), so a busy app never holds back another app's members. It wakes at once
+when a new job is stored (`notify`, in this process or through the process model's wake-up
+socket) or a running one finishes, and otherwise polls, so jobs stored by another process or
 left by a dead one are picked up too.
 """
 
@@ -9,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 
 from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.jobs.processor import MAX_JOB_RETRY_DELAY, JobProcessor
@@ -22,21 +32,43 @@ log = logging.getLogger("wecom_bridge.workers")
 
 # Unexpected errors a job may meet before it is given up (the member then gets the fallback).
 MAX_INTERNAL_ERRORS = 5
+DEFAULT_WORKERS = 64
+
+
+class AppSlots:
+    """How many jobs of each app are running, against each app's limit (none: the pool's)."""
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        self._limits = dict(limits)
+        self._running: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def full(self) -> frozenset[str]:
+        """The apps that may not start another job now."""
+        with self._lock:
+            return frozenset(
+                app for app, limit in self._limits.items() if self._running[app] >= limit
+            )
+
+    def start(self, app: str) -> None:
+        with self._lock:
+            self._running[app] += 1
+
+    def finish(self, app: str) -> None:
+        with self._lock:
+            self._running[app] -= 1
 
 
 class WorkerPool:
-    """A bounded pool of worker threads plus one housekeeping thread.
-
-    Workers wake at once when a callback stores a job (notify) and otherwise poll, so jobs
-    stored by another process or left by a dead one are picked up too.
-    """
+    """A dispatcher, `size` worker threads and one housekeeping thread."""
 
     def __init__(
         self,
         store: Store,
         processor: JobProcessor,
         *,
-        size: int = 4,
+        size: int = DEFAULT_WORKERS,
+        app_limits: Mapping[str, int] | None = None,
         lease_seconds: float = 15.0,
         heartbeat_seconds: float = 5.0,
         poll_seconds: float = 1.0,
@@ -56,8 +88,11 @@ class WorkerPool:
         self.job_retention = job_retention
         self.max_internal_errors = max_internal_errors
         self.error_retry_base = error_retry_base
-        self._wake = threading.Condition()
-        self._pending_wakeups = 0
+        self.app_slots = AppSlots(app_limits or {})
+        # Free workers: the dispatcher takes one before it claims, a worker gives it back.
+        self._free = threading.Semaphore(size)
+        self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._wake = threading.Event()
         # The jobs the workers have in hand: only their leases are renewed.
         self._in_hand: set[int] = set()
         self._in_hand_lock = threading.Lock()
@@ -72,6 +107,7 @@ class WorkerPool:
             log.error("store unavailable at start", extra={"error": str(exc)})
         for n in range(self.size):
             self._spawn(self._work, f"bridge-worker-{n}")
+        self._spawn(self._dispatch, "bridge-dispatcher")
         self._spawn(self._housekeep, "bridge-housekeeping")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -80,43 +116,78 @@ class WorkerPool:
         self._threads.append(thread)
 
     def notify(self, jobs: int = 1) -> None:
-        """`jobs` new jobs: wake as many idle workers (at most all of them). More would only
-        queue for the write lock the callbacks' commits need."""
-        wake = max(1, min(jobs, self.size))
-        with self._wake:
-            self._pending_wakeups = min(self.size, self._pending_wakeups + wake)
-            self._wake.notify(wake)
+        """New jobs were stored (how many does not matter: the dispatcher claims until the
+        queue or the free workers run out)."""
+        self._wake.set()
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
-        with self._wake:
-            self._wake.notify_all()
+        self._wake.set()
+        for _ in range(self.size):
+            self._handoff.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         try:
             self.store.release_owned(self.owner)
         except StoreUnavailableError:
             log.warning("could not release jobs on shutdown; their leases will expire")
 
-    def _work(self) -> None:
+    # --- the dispatcher -------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
         while not self._stopping.is_set():
-            try:
-                job = self.store.claim(self.owner, self.lease_seconds)
-            except StoreUnavailableError as exc:
-                log.error("store unavailable, worker waits", extra={"error": str(exc)})
-                self._stopping.wait(self.poll_seconds)
+            if not self._free.acquire(timeout=self.poll_seconds):
                 continue
+            job = self._claim()
             if job is None:
+                self._free.release()
                 self._idle()
                 continue
-            self._run_job(job)
+            self.app_slots.start(job.app)
+            with self._in_hand_lock:
+                self._in_hand.add(job.id)
+            self._handoff.put(job)
+
+    def _claim(self) -> Job | None:
+        try:
+            return self.store.claim(self.owner, self.lease_seconds, skip_apps=self.app_slots.full())
+        except StoreUnavailableError as exc:
+            log.error("store unavailable, dispatcher waits", extra={"error": str(exc)})
+            self._stopping.wait(self.poll_seconds)
+            return None
+
+    def _idle(self) -> None:
+        """Nothing to claim: wait for a notify, a finished job, or the next retry time."""
+        try:
+            next_in = self.store.next_available_in(skip_apps=self.app_slots.full())
+        except StoreUnavailableError:
+            next_in = None
+        timeout = self.poll_seconds if next_in is None else min(self.poll_seconds, next_in)
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    # --- the workers ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._handoff.get()
+            if job is None:
+                return
+            try:
+                self._run_job(job)
+            finally:
+                with self._in_hand_lock:
+                    self._in_hand.discard(job.id)
+                self._free.release()
+                # A finished job may let its member's next message, or a full app, go on.
+                self.app_slots.finish(job.app)
+                self._wake.set()
 
     def _run_job(self, job: Job) -> None:
-        with self._in_hand_lock:
-            self._in_hand.add(job.id)
         try:
             self.processor.process(job)
         except StoreUnavailableError as exc:
@@ -128,9 +199,6 @@ class WorkerPool:
         except Exception as exc:
             log.exception("unexpected error processing job", extra={"job_id": job.id})
             self._after_error(job, exc)
-        finally:
-            with self._in_hand_lock:
-                self._in_hand.discard(job.id)
 
     def _after_error(self, job: Job, exc: Exception) -> None:
         """Retry a job that failed unexpectedly, but only so often: a job that always fails
@@ -141,16 +209,7 @@ class WorkerPool:
             if self.store.retry_after_error(job.id, delay, error) >= self.max_internal_errors:
                 self.processor.give_up(job, error)
 
-    def _idle(self) -> None:
-        try:
-            next_in = self.store.next_available_in()
-        except StoreUnavailableError:
-            next_in = None
-        timeout = self.poll_seconds if next_in is None else min(self.poll_seconds, next_in)
-        with self._wake:
-            if self._pending_wakeups == 0:
-                self._wake.wait(timeout)
-            self._pending_wakeups = max(0, self._pending_wakeups - 1)
+    # --- housekeeping ---------------------------------------------------------------------
 
     def _housekeep(self) -> None:
         last_sweep = 0.0

@@ -141,6 +141,7 @@ def build_pool(
         store,
         processor,
         size=config.job_workers,
+        app_limits={app.name: app.dify.max_concurrency for app in config.apps if app.dify},
         heartbeat_seconds=HEARTBEAT_SECONDS,
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
