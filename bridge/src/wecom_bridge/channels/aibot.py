@@ -171,9 +171,10 @@ class StreamPump:
                     return
                 text = self._progress.text
                 self._progress.changed = False
-            last_sent = self._clock()
             if not self._send(text):
                 return
+            # From the ack, not the send: a slow ack must not bunch the next update up.
+            last_sent = self._clock()
 
     def _send(self, text: str) -> bool:
         """One update; False when the stream can no longer be updated."""
