@@ -49,6 +49,17 @@ class LinkState(StrEnum):
     STOPPED = "stopped"
 
 
+_FAILURES = frozenset({LinkState.AUTH_FAILED, LinkState.TAKEN_OVER, LinkState.DISCONNECTED})
+_LOG_LEVELS = {
+    LinkState.CONNECTING: logging.INFO,
+    LinkState.SUBSCRIBED: logging.INFO,
+    LinkState.STANDBY: logging.INFO,
+    LinkState.STOPPED: logging.INFO,
+    LinkState.AUTH_FAILED: logging.ERROR,
+    LinkState.TAKEN_OVER: logging.ERROR,
+}
+
+
 class NotSubscribedError(WeComApiError):
     """No subscribed connection right now: the frame was not sent (retry later)."""
 
@@ -291,23 +302,16 @@ class AibotConnection:
             pending.done.set()  # no ack: request() reports it as retryable
 
     def _set_state(self, state: LinkState, detail: str) -> None:
+        """Record the state; log each change (and every repeated failure: each is news)."""
         changed = state != self._state
         self._state = state
-        if changed or state not in (LinkState.CONNECTING, LinkState.STANDBY):
-            level = (
-                logging.INFO
-                if state in (LinkState.SUBSCRIBED, LinkState.STOPPED)
-                else (logging.WARNING)
+        if changed or state in _FAILURES:
+            log.log(
+                _LOG_LEVELS.get(state, logging.WARNING),
+                f"AI bot long connection: {state}" + (f": {detail}" if detail else ""),
+                extra={"event": "aibot_state", "state": str(state)},
             )
-            if state in (LinkState.AUTH_FAILED, LinkState.TAKEN_OVER):
-                level = logging.ERROR
-            if changed or level >= logging.WARNING:
-                log.log(
-                    level,
-                    f"AI bot long connection: {state}" + (f": {detail}" if detail else ""),
-                    extra={"event": "aibot_state", "state": str(state)},
-                )
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a report that fails must not stop the link
             self._on_state(state, detail)
 
 
