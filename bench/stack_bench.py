@@ -23,6 +23,7 @@ import os
 import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -76,7 +77,7 @@ def dify_control(path: str, payload: dict) -> None:
 
 
 def bridge_rss_mib() -> float:
-    """Resident memory of every process in the bridge container (gunicorn, workers, job process)."""
+    """Resident memory of every process in the bridge container (granian, its workers, jobs)."""
     out = in_server("docker top wecom-bridge -o pid,rss")  # docker top needs the pid column
     return sum(int(line.split()[1]) for line in out.splitlines()[1:]) / 1024
 
@@ -91,6 +92,7 @@ class WrkResult:
     seconds: float
     p50_ms: float
     p99_ms: float
+    p999_ms: float
     max_ms: float
     errors: int
     refused: int  # non-2xx answers (counted in `requests` by wrk)
@@ -116,6 +118,7 @@ def wrk(url: str, concurrency: int, duration: int, requests_file: str | None = N
         seconds=data["duration_us"] / 1e6,
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
+        p999_ms=data["p999_us"] / 1000,
         max_ms=data["max_us"] / 1000,
         errors=errors + data["timeouts"],
         refused=data["non_2xx"],
@@ -134,6 +137,26 @@ def write_requests(tag: str, count: int) -> tuple[str, list[str]]:
     sh("docker", "cp", handle.name, f"{SERVER}:{remote}")
     os.unlink(handle.name)
     return remote, [m.user for m in messages]
+
+
+class CpuHogs:
+    """`count` processes that only burn CPU, while the runs inside last (another job on the box)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Self:
+        loop = [sys.executable, "-c", "while True: pass"]
+        self.procs = [subprocess.Popen(loop) for _ in range(self.count)]
+        if self.count:
+            print(f"({self.count} busy-loop processes compete for the CPU)")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
 class RssSampler:
@@ -182,7 +205,8 @@ def ack_benchmark(address: str, concurrency: int, duration: int, expected_rate: 
     print(
         f"| {concurrency} | {ceiling.rate:,.0f} | {ceiling.p50_ms:.1f} / {ceiling.p99_ms:.1f} / "
         f"{ceiling.max_ms:.0f} | {bridge.rate:,.0f} | {bridge.p50_ms:.1f} / {bridge.p99_ms:.1f} / "
-        f"{bridge.max_ms:.0f} | {bridge.rate / ceiling.rate:.1%} | {bridge.errors} | "
+        f"{bridge.p999_ms:.0f} / {bridge.max_ms:.0f} | {bridge.rate / ceiling.rate:.1%} | "
+        f"{bridge.errors} | "
         f"{acked} / {answered} / {duplicates} | {drain:.0f} s | {rss.peak:.0f} MiB |",
         flush=True,
     )
@@ -272,6 +296,10 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--dify-delay-ms", type=int, default=50)
     parser.add_argument(
+        "--cpu-hogs", type=int, default=0,
+        help="busy-loop processes on the box during the runs (a contended machine)",
+    )  # fmt: skip
+    parser.add_argument(
         "--provisioning",
         action="store_true",
         help="also time site.yml (destroys the server)",
@@ -285,12 +313,13 @@ def main() -> None:
     print(f"cpus={os.cpu_count()} server={address}; bridge idle rss={bridge_rss_mib():.0f} MiB")
     print(
         "| senders | ceiling req/s | ceiling p50 / p99 / max ms | bridge req/s "
-        "| bridge p50 / p99 / max ms | bridge/ceiling | errors | acked / answered / duplicates "
-        "| drain | peak RSS |"
+        "| bridge p50 / p99 / p99.9 / max ms | bridge/ceiling | errors "
+        "| acked / answered / duplicates | drain | peak RSS |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for concurrency in args.concurrency:
-        ack_benchmark(address, concurrency, args.duration, args.expected_rate)
+    with CpuHogs(args.cpu_hogs):
+        for concurrency in args.concurrency:
+            ack_benchmark(address, concurrency, args.duration, args.expected_rate)
     added_latency(address, args.latency_samples, args.dify_delay_ms / 1000, ca_file)
     print(f"bridge rss after the runs={bridge_rss_mib():.0f} MiB")
 

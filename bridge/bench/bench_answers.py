@@ -64,13 +64,14 @@ def burst(members: int, dify_delay: float, workers: int | None) -> None:
         started = ask_all(stack, members, "burst")
         sent = wait_answers(stack, members, timeout=members * dify_delay + 60)
         last = max(m["received_at"] for m in sent) - started if sent else float("nan")
-        rss = stack.rss_mib()
+        rss, pss = stack.rss_mib(), stack.pss_mib()
     finally:
         stack.close()
     label = "default" if workers is None else str(workers)
     print(
         f"burst  members={members} dify={dify_delay:g}s workers={label:<8} "
-        f"answered={len(sent)}  last answer after {last:6.1f} s  rss={rss:.0f} MiB"
+        f"answered={len(sent)}  last answer after {last:6.1f} s  "
+        f"rss={rss:.0f} MiB pss={pss:.0f} MiB"
     )
 
 

@@ -92,6 +92,7 @@ class Stack:
         }
         wait_http(f"http://127.0.0.1:{self.wecom_port}/_double/stats")
         wait_http(f"http://127.0.0.1:{self.dify_port}/health")
+        self.bridge_env = bridge_env
         self.bridge = self._spawn(["serve"], bridge_env, log=bridge_log)
         self.procs.append(self.bridge)
         wait_http(f"http://127.0.0.1:{self.bridge_port}/readyz")
@@ -109,22 +110,32 @@ class Stack:
             stderr=stderr,
         )
 
-    def rss_mib(self) -> float:
-        """Resident memory of the bridge: gunicorn master plus its workers."""
-        pids = [self.bridge.pid]
+    def _pids(self) -> list[int]:
+        """The bridge's processes: the server's main process and its children."""
         out = subprocess.run(
             ["ps", "-o", "pid=", "--ppid", str(self.bridge.pid)],
             capture_output=True,
             text=True,
             check=False,
         ).stdout
-        pids += [int(p) for p in out.split()]
+        return [self.bridge.pid, *(int(p) for p in out.split())]
+
+    def _memory_kib(self, field: str, source: str) -> float:
         total_kib = 0
-        for pid in pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+        for pid in self._pids():
+            for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+                if line.startswith(field):
                     total_kib += int(line.split()[1])
         return total_kib / 1024
+
+    def rss_mib(self) -> float:
+        """Resident memory summed over the bridge's processes (pages they share count twice)."""
+        return self._memory_kib("VmRSS:", "status")
+
+    def pss_mib(self) -> float:
+        """Proportional set size summed: each shared page counted once, what the container's
+        memory accounting sees."""
+        return self._memory_kib("Pss:", "smaps_rollup")
 
     def sent(self) -> list[dict]:
         url = f"http://127.0.0.1:{self.wecom_port}/_double/messages"
@@ -233,7 +244,7 @@ def ack_run(stack: Stack, concurrency: int, count: int, rate: float) -> None:
         f"throughput={count / elapsed:6.0f} req/s  "
         f"p50={pct(latencies, 0.50):6.1f} ms  p99={pct(latencies, 0.99):6.1f} ms  "
         f"max={max(latencies) * 1000:6.1f} ms  non-200={len(errors)}  "
-        f"rss={stack.rss_mib():.0f} MiB"
+        f"rss={stack.rss_mib():.0f} MiB pss={stack.pss_mib():.0f} MiB"
     )
     deadline = time.monotonic() + 120
     while stack.queue_depth() and time.monotonic() < deadline:  # let the answers drain

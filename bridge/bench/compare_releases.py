@@ -86,6 +86,7 @@ def measure(target: Stack | Floor, concurrency: int, count: int, tag: str) -> di
     }
     if isinstance(target, Stack):
         result["rss"] = target.rss_mib()
+        result["pss"] = target.pss_mib()
         deadline = time.monotonic() + 120
         while target.queue_depth() and time.monotonic() < deadline:  # drain before the next run
             time.sleep(0.5)
@@ -104,7 +105,7 @@ def run_stack(src: Path | None, args: argparse.Namespace, tag: str) -> dict[str,
 
 
 def line(name: str, r: dict[str, float]) -> str:
-    rss = f"  rss={r['rss']:.0f} MiB" if "rss" in r else ""
+    rss = f"  rss={r['rss']:.0f} MiB pss={r['pss']:.0f} MiB" if "rss" in r else ""
     return (
         f"{name:<6} throughput={r['throughput']:6.0f} req/s  p50={r['p50']:6.1f} ms  "
         f"p99={r['p99']:6.1f} ms  max={r['max']:6.1f} ms  non-200={r['non200']:.0f}{rss}"
@@ -145,7 +146,10 @@ def main() -> None:
             f"floor={med('floor', key):7.1f}  new/old={med('new', key) / med('old', key):5.2f}  "
             f"new/floor={med('new', key) / med('floor', key):5.2f}"
         )
-    print(f"  rss (new, under load) {med('new', 'rss'):.0f} MiB")
+    print(
+        f"  memory (new, under load) rss={med('new', 'rss'):.0f} MiB "
+        f"pss={med('new', 'pss'):.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def callbacks(bridge: ServerThread, secrets: AppSecrets) -> CallbackClient:
 
 
 class BridgeProcess:
-    """`wecom-bridge serve` (gunicorn) as a separate process group that can be killed -9."""
+    """`wecom-bridge serve` (granian) as a separate process group that can be killed -9."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()

@@ -4,7 +4,6 @@ simulate-aibot | wecom-double | dify-double | aibot-double`."""
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -30,10 +29,9 @@ def _load_or_exit() -> BridgeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
-    from wecom_bridge.service.app import create_app
     from wecom_bridge.service.processes import run_server
 
-    run_server(config, functools.partial(create_app, in_process_workers=False))
+    run_server(config)
     return 0
 
 

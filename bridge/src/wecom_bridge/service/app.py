@@ -20,7 +20,7 @@ from wecom_bridge.channels.aibot import AibotOutbound
 from wecom_bridge.channels.aibot_webhook import AibotWebhookInbound, AibotWebhookOutbound
 from wecom_bridge.channels.base import Outbound
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
-from wecom_bridge.config import AppConfig, BridgeConfig
+from wecom_bridge.config import AppConfig, BridgeConfig, load_config
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.intake import GroupCommitter
@@ -28,6 +28,7 @@ from wecom_bridge.jobs.pacing import SlidingWindowLimiter
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
+from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
 from wecom_bridge.service.aibot import AibotLink, link_name
 from wecom_bridge.service.processes import (
@@ -274,3 +275,11 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
         },
     )
     return flask_app
+
+
+def web_app() -> Flask:
+    """What each web worker of `serve` runs: the configuration is read again from the
+    environment `serve` was started with (and checked there already)."""
+    config = load_config()
+    setup_logging(config.log_format, config.log_level, background=True)
+    return create_app(config, in_process_workers=False)

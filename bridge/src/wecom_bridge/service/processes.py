@@ -2,32 +2,29 @@
 they wake each other.
 
 ```
-wecom-bridge serve ── gunicorn master ──┬── web worker(s)   HTTP: callbacks, send API, ops
-                                         │      │  store: SQLite in BRIDGE_DATA_DIR (synced commits)
-                                         │      │  wake.sock ──▶ "jobs were stored"
-                                         │      ▼
-                                         └── job process (`wecom-bridge work`, supervised)
-                                                workers ─▶ Dify ─▶ WeCom; heartbeats in the store
+wecom-bridge serve ── granian main ──┬── web worker(s)   HTTP: callbacks, send API, ops
+                                     │      │  store: SQLite in BRIDGE_DATA_DIR (synced commits)
+                                     │      │  wake.sock ──▶ "jobs were stored"
+                                     │      ▼
+                                     └── job process (`wecom-bridge work`, supervised)
+                                            dispatcher ─▶ workers ─▶ Dify ─▶ WeCom; heartbeats
                        metrics.d/<role>-<pid>.json: every process's counters, merged by /metrics
 ```
 
 The two sides share nothing but the data directory: the store (the durable queue and its
 dedupe keys), the wake-up socket (a best-effort poke: a lost one only delays a job until the
 workers' next poll, 1 s) and the metrics exchange. So answering Dify never competes with
-acknowledging WeCom for one interpreter lock, and either side can die and restart alone: the
-master restarts a dead web worker, the supervisor thread a dead job process (with backoff), and
-jobs a dead job process held are taken up again when their leases run out.
+acknowledging WeCom for one interpreter lock, and either side can die and restart alone:
+granian's main process restarts a dead web worker, the supervisor thread a dead job process
+(with backoff), and jobs a dead job process held are taken up again when their leases run out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -39,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from flask import Flask
-from gunicorn.app.base import BaseApplication
-from gunicorn.workers import gthread
+from granian.constants import HTTPModes, Interfaces
+from granian.log import LogLevels
+from granian.server.mp import MPServer
 
-from wecom_bridge.config import BridgeConfig
+from wecom_bridge.config import BridgeConfig, parse_listen
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
@@ -173,6 +170,11 @@ def publish_metrics_in_background(exchange: MetricsExchange, metrics: Metrics) -
 # --- the job process ----------------------------------------------------------------------------
 
 
+# When the box is short of CPU, the acknowledgements (WeCom's 5 s) come before the answers,
+# which wait on Dify for seconds anyway; the job process runs at this niceness.
+JOB_PROCESS_NICENESS = 5
+
+
 class Link(Protocol):
     """A connection the job process holds (the AI bot's long connection)."""
 
@@ -205,6 +207,7 @@ def run_job_process(
     """The `work` command: the worker pool (and the AI bots' long connections) in the
     foreground until SIGTERM/SIGINT. Exactly one such process runs per `serve`, so one holds
     each bot's connection however many web workers there are."""
+    os.nice(JOB_PROCESS_NICENESS)
     metrics = Metrics()
     side = build_side(config, metrics)
     pool = side.pool
@@ -224,7 +227,7 @@ def run_job_process(
 
 
 class JobProcessSupervisor:
-    """Runs `python -m wecom_bridge work` and restarts it when it dies (from gunicorn's master)."""
+    """Runs `python -m wecom_bridge work` and restarts it when it dies (from the main process)."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
@@ -264,77 +267,65 @@ class JobProcessSupervisor:
 
 # --- the HTTP side ------------------------------------------------------------------------------
 
-
-class CallbackWorker(gthread.ThreadWorker):  # type: ignore[misc]
-    """gunicorn's gthread worker, except that a new connection waits on the poller, not in a
-    thread, until its first request arrives.
-
-    gthread hands each new connection to a thread that waits up to 5 s for the request: a
-    few connections opened but not yet sending held every thread, and the callbacks on the
-    other connections waited up to a second (the p99 of the paced benchmark, 200 senders).
-    Here a new connection goes where gthread itself parks a silent one (its pending
-    connections: closed after the keep-alive timeout if nothing comes) and gets a thread
-    when it becomes readable.
-    """
-
-    def accept(self, listener: socket.socket) -> None:
-        try:
-            client_sock, client_addr = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        self.nr_conns += 1
-        conn = gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname())
-        conn.set_timeout()
-        self.pending_conns.append(conn)
-        when_readable = functools.partial(self.on_pending_socket_readable, conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, when_readable)
+# Where granian's workers find the app: a factory that reads the same environment `serve` did.
+WEB_APP_FACTORY = "wecom_bridge.service.app:web_app"
+# How long a stopping web worker may finish the requests it has (then it is killed).
+GRACEFUL_SECONDS = 10
+# granian's own lines go through the bridge's handlers (its format, its level, stderr).
+_GRANIAN_LOGGING: dict[str, Any] = {
+    "loggers": {
+        "_granian": {"handlers": [], "propagate": True},
+        "granian.access": {"handlers": [], "propagate": True, "level": "WARNING"},
+    },
+}
 
 
-class BridgeServer(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
-    """gunicorn (gthread) serving the app factory, with the job process supervised from its
-    master."""
+class _KnownThreadCount(logging.Filter):
+    """granian warns at every start when a worker has more threads than 2 x cores + 1. The
+    bridge's threads mostly wait for the group commit's fsync, not for the CPU: that many is
+    intended (BRIDGE_WEB_THREADS), and a warning nobody should act on teaches to ignore them."""
 
-    def __init__(self, config: BridgeConfig, app_factory: Callable[[BridgeConfig], Flask]) -> None:
-        self.bridge_config = config
-        self.app_factory = app_factory
-        self.jobs = JobProcessSupervisor()
-        super().__init__()
-
-    def load_config(self) -> None:
-        config = self.bridge_config
-        options = {
-            "bind": config.listen,
-            "workers": config.web_workers,
-            "threads": config.web_threads,
-            "worker_class": CallbackWorker,
-            # WeCom gives up after 5 s; nothing a callback does should come near this.
-            "timeout": 30,
-            "graceful_timeout": 10,
-            "keepalive": 5,
-            "accesslog": None,
-            "errorlog": "-",
-            "when_ready": lambda server: self.jobs.start(),
-            "post_fork": lambda server, worker: self._in_each_web_worker(),
-            "on_exit": lambda server: self.jobs.stop(),
-        }
-        for key, value in options.items():
-            self.cfg.set(key, value)
-
-    def _in_each_web_worker(self) -> None:
-        config = self.bridge_config
-        # The master's log writer thread is not forked: each web worker starts its own.
-        setup_logging(config.log_format, config.log_level, background=True)
-
-    def load(self) -> Any:
-        return self.app_factory(self.bridge_config)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Configuration allows spawning up to")
 
 
-def run_server(config: BridgeConfig, app_factory: Callable[[BridgeConfig], Flask]) -> None:
-    """The `serve` command: the HTTP side in gunicorn, the job side as a supervised process."""
+def build_web_server(config: BridgeConfig) -> MPServer:
+    """granian: HTTP/1.1 parsed and connections kept in Rust, outside the interpreter lock; each
+    worker process calls the WSGI app from `web_threads` threads. A connection that is open but
+    silent holds no thread (gunicorn gthread's did, for up to 5 s: the 1 s p99 of the paced
+    benchmark), and the acknowledgement path does about twice the callbacks per second."""
+    host, port = parse_listen(config.listen, "BRIDGE_LISTEN")
+    # Worker processes (not threads of one interpreter): the CPython the image ships has a GIL.
+    return MPServer(
+        WEB_APP_FACTORY,
+        factory=True,
+        interface=Interfaces.WSGI,
+        address=host,
+        port=port,
+        workers=config.web_workers,
+        blocking_threads=config.web_threads,
+        http=HTTPModes.http1,
+        websockets=False,
+        respawn_failed_workers=True,
+        workers_kill_timeout=GRACEFUL_SECONDS,
+        log_level=LogLevels.info,
+        log_dictconfig=_GRANIAN_LOGGING,
+        log_access=False,
+    )
+
+
+def run_server(config: BridgeConfig) -> None:
+    """The `serve` command: the HTTP side in granian's workers, the job side as a process
+    supervised from granian's main process; SIGTERM stops both gracefully."""
     # An unusable data dir is reported by the store (503, /readyz), not fatal here.
     with contextlib.suppress(OSError):
         config.data_dir.mkdir(parents=True, exist_ok=True)
     MetricsExchange(config.data_dir, "web").reset()
-    BridgeServer(config, app_factory).run()
+    logging.getLogger("_granian").addFilter(_KnownThreadCount())
+    server = build_web_server(config)
+    # granian configured logging for itself; the bridge's own set-up comes back on top.
+    setup_logging(config.log_format, config.log_level, background=True)
+    jobs = JobProcessSupervisor()
+    server.on_startup(jobs.start)
+    server.on_shutdown(jobs.stop)
+    server.serve()
