@@ -4,6 +4,8 @@ in-process on a real HTTP server, the Dify double streaming."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -13,6 +15,7 @@ from conftest import dify_state, wait_for
 
 from wecom_bridge.channels.aibot_webhook import AibotWebhookOutbound
 from wecom_bridge.channels.base import Reply
+from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.jobs.store import Store
@@ -128,3 +131,19 @@ def test_an_answer_that_outlives_the_window_goes_through_response_url_exactly_on
 def test_a_webhook_only_deployment_serves_no_self_built_app_path(bridge, wecom):
     assert requests.get(f"{bridge.url}/wxcomapp", timeout=5).status_code == 404
     assert wecom.handshake()[0] == 200
+
+
+def test_doctor_checks_the_webhook_bots_signed_handshake(bridge, env, monkeypatch, capsys):
+    for name in list(os.environ):
+        if name.startswith(("WECOM_", "DIFY_", "BRIDGE_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    main(["doctor", "--json", "--timeout", "3", "--callback-url", f"{bridge.url}/wxcomaibot"])
+    results = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert results["callback"]["status"] == "PASS", results["callback"]
+    assert "wecom-gettoken" not in results and "trusted-ip" not in results
+    monkeypatch.setenv("WECOM_AIBOT_TOKEN", "OtherToken9")
+    main(["doctor", "--json", "--timeout", "3", "--callback-url", f"{bridge.url}/wxcomaibot"])
+    wrong = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert wrong["callback"]["status"] == "FAIL"

@@ -130,6 +130,16 @@ class Doctor:
         if aibot is not None and aibot.mode == "ws":
             # No domain, certificate, callback or trusted IP: the bridge connects out.
             return [check_aibot_subscription, check_dify, check_dify_inputs, check_bridge_ready]
+        if aibot is not None:
+            # A webhook bot: the callback URL and its certificate, no WW_verify, gettoken or 可信IP.
+            return [
+                check_dns,
+                check_tls,
+                check_callback,
+                check_dify,
+                check_dify_inputs,
+                check_bridge_ready,
+            ]
         checks: list[Callable[[Doctor], CheckResult]] = [check_dns]
         codes = self.options.verify_codes or ("",)
         checks += [functools.partial(check_verify_file, code=code) for code in codes]
@@ -325,6 +335,13 @@ def _callback_app(doctor: Doctor, name: str) -> AppConfig | CheckResult:
         )
 
 
+def _callback_crypto(app: AppConfig) -> WeComCrypto:
+    """The handshake's keys: the self-built app's, or an AI bot's (whose ReceiveId is empty)."""
+    if app.aibot is not None:
+        return WeComCrypto(app.aibot.token, app.aibot.encoding_aes_key, "")
+    return WeComCrypto(app.token, app.encoding_aes_key, app.corp_id)
+
+
 def _handshake(
     doctor: Doctor, url: str, crypto: WeComCrypto, plaintext: str, *, garbled: bool = False
 ) -> Fetched:
@@ -344,7 +361,7 @@ def check_callback(doctor: Doctor) -> CheckResult:
     if isinstance(app, CheckResult):
         return app
     url = doctor.callback_url(app) or ""
-    crypto = WeComCrypto(app.token, app.encoding_aes_key, app.corp_id)
+    crypto = _callback_crypto(app)
     plaintext = str(10**18 + secrets.randbelow(9 * 10**18))
     try:
         got = _handshake(doctor, url, crypto, plaintext)
