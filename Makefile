@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test test-stages prerequisites lint unit images collection molecule molecule-default molecule-dify molecule-aibot venv demo demo-down bench
+.PHONY: test test-stages prerequisites lint unit images collection molecule molecule-default molecule-dify molecule-multihost molecule-aibot venv demo demo-down bench
 
 # The host's own prerequisites (Docker engine, debootstrap, python3-venv, Chromium), installed when
 # missing and the engine started when it is not running: see scripts/host-prerequisites.
@@ -53,7 +53,7 @@ images: venv
 collection: venv
 	scripts/build-collection
 
-molecule: molecule-default molecule-dify molecule-aibot
+molecule: molecule-default molecule-dify molecule-multihost molecule-aibot
 
 molecule-default: venv images collection
 	molecule test -s default
@@ -65,6 +65,10 @@ molecule-aibot: venv images collection
 # roles/dify's install -> upgrade -> refused downgrade -> restore, on the Dify stand-in release.
 molecule-dify: venv images collection
 	molecule test -s dify-upgrade
+
+# Several servers: an edge, two bridge hosts sharing a PostgreSQL host, WeCom and Dify outside; faults mid-burst.
+molecule-multihost: venv images collection
+	molecule test -s multihost
 
 # The README's main-job command: the whole stack on a local server container, plus a sample conversation.
 demo: prerequisites venv

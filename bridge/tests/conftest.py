@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,12 @@ import requests
 
 from wecom_bridge.channels.base import Reply, Target
 from wecom_bridge.config import AppConfig, Replies, load_config
+from wecom_bridge.jobs.postgres_store import PostgresStore
+from wecom_bridge.jobs.store import SqliteStore, Store
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.dify_double import create_dify_double
+from wecom_bridge.testing.postgres import PostgresUnavailable, ThrowawayPostgres
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import create_wecom_double
 from wecom_bridge.wecom.crypto import WeComCrypto
@@ -64,6 +68,65 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- the two store backends -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[ThrowawayPostgres]:
+    """A real PostgreSQL server for the session (Debian's package; scripts/host-prerequisites
+    installs it). It is part of the suite: when it cannot start, the tests that need it fail.
+    BRIDGE_TEST_POSTGRES=off skips them on a developer machine without it, never under CI."""
+    if os.environ.get("BRIDGE_TEST_POSTGRES") == "off" and os.environ.get("CI") != "true":
+        pytest.skip("BRIDGE_TEST_POSTGRES=off: the PostgreSQL store is not tested")
+    server = ThrowawayPostgres()
+    try:
+        server.init().start()
+    except PostgresUnavailable as exc:
+        server.destroy()
+        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: ThrowawayPostgres) -> str:
+    """A fresh, empty database of its own for each test."""
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@dataclass
+class StoreBackend:
+    """Opens stores of one backend on one database (several: like several processes)."""
+
+    name: str
+    open: Callable[..., Store]
+    env: dict[str, str]  # what points the bridge's configuration at this database
+    opened: list[Store] = field(default_factory=list)
+
+    def __call__(self, **options: object) -> Store:
+        store = self.open(**options)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
+    """The shared store suite runs once per backend."""
+    if request.param == "sqlite":
+        data = tmp_path / "store"
+        backend = StoreBackend(
+            "sqlite", lambda **o: SqliteStore(data, **o), {"BRIDGE_DATA_DIR": str(data)}
+        )
+    else:
+        url = request.getfixturevalue("postgres_url")
+        backend = StoreBackend(
+            "postgresql", lambda **o: PostgresStore(url, **o), {"BRIDGE_DATABASE_URL": url}
+        )
+    yield backend
+    for store in backend.opened:
+        store.close()
 
 
 @pytest.fixture

@@ -383,11 +383,34 @@ def test_two_job_sides_on_one_store_hold_one_connection(start_bridge, aibot):
     time.sleep(2)
     assert aibot.subscriptions == 1  # the second stands by instead of kicking the first off
     for link in first.runtime.links:
-        link.stop()  # releases the lease
+        link.stop()  # frees the role
     wait_for(lambda: aibot.subscriptions == 2 and aibot.connected, timeout=15)
     msgid = aibot.deliver_text("zhangsan", "接手后的问题")
     assert finished(aibot, msgid).startswith("Dify double answer")
     assert second.runtime.links[0].connection.state == "subscribed"
+
+
+def test_two_bridges_on_one_postgresql_hold_one_connection_and_share_its_state(
+    start_bridge, aibot, postgres_url, tmp_path
+):
+    """Two hosts (data dirs of their own) on one PostgreSQL store: Store.exclusive lets one
+    connect; the other's /readyz still sees the holder's report, and it takes over once the
+    holder stops."""
+    first = start_bridge(BRIDGE_DATABASE_URL=postgres_url, BRIDGE_DATA_DIR=str(tmp_path / "a"))
+    aibot.wait_connected()
+    second = start_bridge(BRIDGE_DATABASE_URL=postgres_url, BRIDGE_DATA_DIR=str(tmp_path / "b"))
+    wait_for(lambda: second.runtime.links[0].connection.state == "standby")
+    _, body = wait_for(lambda: (r := second.readyz())[0] == 200 and r)
+    assert body["aibot"] == {f"aibot:{BOT_ID}": "subscribed"}  # the first one's report
+    assert aibot.subscriptions == 1
+    for link in first.runtime.links:
+        link.stop()  # frees the role
+    wait_for(lambda: aibot.subscriptions == 2 and aibot.connected, timeout=15)
+    msgid = aibot.deliver_text("zhangsan", "另一台主机接手")
+    assert finished(aibot, msgid).startswith("Dify double answer")
+    assert second.runtime.links[0].connection.state == "subscribed"
+    # The first bridge's workers still run, but leave the bot's jobs to the connection's holder.
+    assert [j.attempts for j in second.runtime.store.jobs() if j.kind == "chat"] == [1]
 
 
 def test_kill_9_mid_answer_still_answers_exactly_once(tmp_path, aibot, dify_double, secrets):

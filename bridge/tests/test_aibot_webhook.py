@@ -18,7 +18,7 @@ from wecom_bridge.channels.base import Reply
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import WeComApiError
-from wecom_bridge.jobs.store import Store
+from wecom_bridge.jobs.store import SqliteStore
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.aibot_double import AibotWebhookSender
@@ -111,7 +111,7 @@ def test_beyond_20480_bytes_the_rest_comes_through_response_url_once(wecom, dify
 
 def test_an_answer_that_outlives_the_window_goes_through_response_url_exactly_once(tmp_path, env):
     (app,) = load_config(env).apps
-    store = Store(tmp_path / "store")
+    store = SqliteStore(tmp_path / "store")
     with AibotWebhookSender("http://127.0.0.1:1/unused", TOKEN, AES_KEY) as wecom:
         body = wecom.message("zhaoliu", "慢问题")
         context = {

@@ -17,7 +17,7 @@ from conftest import RecordingChannel, plain_app, wait_for
 from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.jobs.kinds import NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import TURNS_DIR, Store
+from wecom_bridge.jobs.store import TURNS_DIR, SqliteStore
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.metrics import Metrics
 
@@ -36,7 +36,7 @@ def test_part_sent_write_outlasting_the_busy_timeout_is_retried_not_resent(
     tmp_path: Path, caplog
 ) -> None:
     caplog.set_level(logging.INFO)
-    store = Store(tmp_path, busy_timeout=0.1, takes_turns=True)
+    store = SqliteStore(tmp_path, busy_timeout=0.1, takes_turns=True)
     job_id = store.enqueue("default", new_job("zhao", NoticeJob("一条通知")))
     job = store.claim("w1", 15)
     assert job is not None and job.id == job_id
@@ -64,8 +64,8 @@ def test_part_sent_write_outlasting_the_busy_timeout_is_retried_not_resent(
 
 
 def test_job_writer_announces_its_turn_while_it_waits(tmp_path: Path) -> None:
-    job_side = Store(tmp_path, busy_timeout=2.0, takes_turns=True)
-    web_side = Store(tmp_path)
+    job_side = SqliteStore(tmp_path, busy_timeout=2.0, takes_turns=True)
+    web_side = SqliteStore(tmp_path)
     job_id = job_side.enqueue("default", new_job("li", NoticeJob("x")))
     assert not web_side.writers_waiting()
     locked = threading.Event()
@@ -86,7 +86,7 @@ def test_job_writer_announces_its_turn_while_it_waits(tmp_path: Path) -> None:
 
 
 def test_stale_turn_marks_are_ignored_and_the_wait_is_bounded(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     turns = tmp_path / TURNS_DIR
     turns.mkdir()
     mark = turns / "12345-1"
@@ -103,7 +103,7 @@ def test_job_dropped_after_a_store_error_is_resumed_not_stuck(tmp_path: Path) ->
     """A store error in the middle of a job leaves it to its lease; the pool must stop renewing
     that lease (it used to renew every lease of a live worker, so the job stayed `running` for
     ever and its member was never answered: 2 of 20,000 in the load test)."""
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
 
     class FlakyOnce(RecordingChannel):
         failed = False

@@ -22,7 +22,7 @@ from wecom_bridge.jobs.kinds import (
     new_job,
 )
 from wecom_bridge.jobs.routing import route
-from wecom_bridge.jobs.store import NewJob, Store
+from wecom_bridge.jobs.store import NewJob, SqliteStore
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.server import ServerThread
 
@@ -103,7 +103,7 @@ def test_an_unreadable_job_fails_alone_and_the_member_is_not_blocked(
 ) -> None:
     """A job of a kind (or shape) this release cannot read is failed, never retried, and the
     member's later messages are answered."""
-    store = Store(Path(bridge_env["BRIDGE_DATA_DIR"]))
+    store = SqliteStore(Path(bridge_env["BRIDGE_DATA_DIR"]))
     broken = store.enqueue("default", NewJob("telepathy", "wangwu", {"v": 9}))
     bad_chat = store.enqueue("default", NewJob("chat", "wangwu", {"v": 1, "query": 7}))
     fine = store.enqueue("default", new_job("wangwu", ChatJob("还在吗")))

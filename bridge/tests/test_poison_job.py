@@ -10,7 +10,7 @@ from conftest import RecordingChannel, plain_app, wait_for
 from wecom_bridge.channels.base import Target
 from wecom_bridge.jobs.kinds import NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import Store
+from wecom_bridge.jobs.store import SqliteStore
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
@@ -34,7 +34,7 @@ class BrokenChannel(RecordingChannel):
 def test_poison_job_is_given_up_and_the_member_is_answered_again(tmp_path: Path) -> None:
     app = plain_app(fallback_reply=FALLBACK)
     channel = BrokenChannel(breaks_on="poison")
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     processor = JobProcessor(
         store, {"default": AppRuntime(app, None, channel)}, Metrics(), sleep=lambda _: None
     )

@@ -13,7 +13,7 @@ from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.jobs.kinds import ChatJob, NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import Job, Store
+from wecom_bridge.jobs.store import Job, SqliteStore, Store
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.wecom.messages import SendResult
@@ -31,7 +31,7 @@ def claimed(store: Store, user: str, spec) -> Job:
 def test_resume_with_stored_parts_does_not_ask_dify_again(
     tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
 ) -> None:
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
     channel = RecordingChannel()
     processor = JobProcessor(store, {"default": AppRuntime(plain_app(), dify, channel)}, Metrics())
@@ -44,7 +44,7 @@ def test_resume_with_stored_parts_does_not_ask_dify_again(
 
 
 def test_resume_with_some_parts_sent_sends_only_the_rest(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     channel = RecordingChannel()
     processor = JobProcessor(store, {"default": AppRuntime(plain_app(), None, channel)}, Metrics())
     job = claimed(store, "li", NoticeJob("一二三"))
@@ -66,7 +66,7 @@ class FailingChannel(RecordingChannel):
 def test_send_failures_retry_until_the_max_age(tmp_path: Path, age: float, status: str) -> None:
     """BRIDGE_SEND_MAX_AGE_MINUTES (send_max_age): a job that could not be sent is retried
     with backoff while it is younger, and failed once it is older."""
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     job = claimed(store, "wang", NoticeJob("通知"))
     processor = JobProcessor(
         store,
@@ -82,7 +82,7 @@ def test_send_failures_retry_until_the_max_age(tmp_path: Path, age: float, statu
 
 
 def test_poison_job_is_given_up_with_the_fallback(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     channel = RecordingChannel()
     processor = JobProcessor(
         store,
@@ -97,7 +97,7 @@ def test_poison_job_is_given_up_with_the_fallback(tmp_path: Path) -> None:
 
 
 def test_job_of_an_app_removed_from_the_configuration_fails_alone(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     channel = RecordingChannel()
     metrics = Metrics()
     processor = JobProcessor(store, {"default": AppRuntime(plain_app(), None, channel)}, metrics)
@@ -118,7 +118,7 @@ def test_job_resumed_after_dify_accepted_fetches_the_answer_instead_of_asking(
 ) -> None:
     """The worker died while Dify was answering: the ids of the accepted message were kept on
     the job, so the resumed job reads the answer back and the question is not POSTed again."""
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
     channel = RecordingChannel()
     processor = JobProcessor(store, {"default": AppRuntime(plain_app(), dify, channel)}, Metrics())
@@ -136,7 +136,7 @@ def test_job_resumed_after_dify_accepted_fetches_the_answer_instead_of_asking(
 def test_chat_job_keeps_the_ids_of_the_message_dify_accepted(
     tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
 ) -> None:
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
     processor = JobProcessor(
         store, {"default": AppRuntime(plain_app(), dify, RecordingChannel())}, Metrics()

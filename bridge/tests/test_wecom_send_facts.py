@@ -20,7 +20,7 @@ from wecom_bridge.channels.wecom_app import WeComAppOutbound
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.jobs.kinds import ChatJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import Store
+from wecom_bridge.jobs.store import SqliteStore
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import WeComDoubleState, create_wecom_double
@@ -130,7 +130,7 @@ def test_frequency_limit_is_not_retried_within_seconds(wecom, clock) -> None:
 
 def test_job_waits_out_a_frequency_block(wecom, clock, tmp_path) -> None:
     app = dataclasses.replace(plain_app(), corp_id=CORP_ID, agent_id=AGENT_ID)
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     outbound = WeComAppOutbound(app, client_for(wecom, clock))
     processor = JobProcessor(store, {"default": AppRuntime(app, None, outbound)}, Metrics())
     store.enqueue("default", new_job("alice", ChatJob("问题")))

@@ -1,6 +1,6 @@
 """The worker pool: a wide pool runs many members at once, each app within its limit, each
 member in order, and an idle pool does not poll the store once per worker (real store and
-processor; the channel is the only stand-in, so the test can hold sends open)."""
+processor, on both backends; the channel is the only stand-in, so the test can hold sends open)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from conftest import RecordingChannel, plain_app, wait_for
+from conftest import RecordingChannel, StoreBackend, plain_app, wait_for
 
 from wecom_bridge.channels.base import Target
 from wecom_bridge.jobs.kinds import NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import Job, Store
+from wecom_bridge.jobs.store import Job, SqliteStore, Store
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
@@ -38,7 +38,7 @@ class HeldChannel(RecordingChannel):
         return super().send_part(target, text)
 
 
-class CountingStore(Store):
+class CountingStore(SqliteStore):
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir)
         self.claims = 0
@@ -53,8 +53,8 @@ def _processor(store: Store, channel: RecordingChannel, *apps: str) -> JobProces
     return JobProcessor(store, runtimes, Metrics(), sleep=lambda _: None)
 
 
-def test_a_wide_pool_runs_that_many_members_at_once(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_wide_pool_runs_that_many_members_at_once(store_backend: StoreBackend) -> None:
+    store = store_backend()
     channel = HeldChannel()
     pool = WorkerPool(store, _processor(store, channel, "a"), size=24, poll_seconds=0.05)
     for n in range(40):
@@ -69,8 +69,8 @@ def test_a_wide_pool_runs_that_many_members_at_once(tmp_path: Path) -> None:
         pool.stop()
 
 
-def test_an_app_at_its_limit_does_not_hold_back_another_app(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_an_app_at_its_limit_does_not_hold_back_another_app(store_backend: StoreBackend) -> None:
+    store = store_backend()
     channel = HeldChannel()
     processor = _processor(store, channel, "a", "b")
     pool = WorkerPool(store, processor, size=8, app_limits={"a": 3}, poll_seconds=0.05)
@@ -88,8 +88,8 @@ def test_an_app_at_its_limit_does_not_hold_back_another_app(tmp_path: Path) -> N
         pool.stop()
 
 
-def test_each_member_is_answered_in_order_by_a_wide_pool(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_each_member_is_answered_in_order_by_a_wide_pool(store_backend: StoreBackend) -> None:
+    store = store_backend()
     channel = RecordingChannel()
     pool = WorkerPool(store, _processor(store, channel, "a"), size=32, poll_seconds=0.05)
     for turn in range(5):
@@ -117,8 +117,10 @@ def test_an_idle_pool_claims_once_per_poll_not_once_per_worker(tmp_path: Path) -
     assert store.claims <= 30
 
 
-def test_a_notify_starts_a_new_job_without_waiting_for_the_poll(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_notify_starts_a_new_job_without_waiting_for_the_poll(
+    store_backend: StoreBackend,
+) -> None:
+    store = store_backend()
     channel = RecordingChannel()
     pool = WorkerPool(store, _processor(store, channel, "a"), size=4, poll_seconds=30)
     pool.start()

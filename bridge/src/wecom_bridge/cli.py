@@ -1,5 +1,5 @@
 """Command line: `wecom-bridge serve | work | check-config | send | doctor | simulate |
-simulate-aibot | wecom-double | dify-double | aibot-double`."""
+simulate-aibot | migrate-store | wecom-double | dify-double | aibot-double`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from wecom_bridge import __version__
 from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.logs import setup_logging
+from wecom_bridge.tools.migrate_store import add_migrate_store_parser
 from wecom_bridge.tools.send import add_send_parser
 from wecom_bridge.tools.simulate import add_simulate_parser
 from wecom_bridge.tools.simulate_aibot import add_simulate_aibot_parser
@@ -65,7 +66,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"app {app.name}: corp {app.corp_id}, agent {app.agent_id}, callback path "
             f"{app.callback_path}, {dify}"
         )
-    print(f"WeCom API {config.wecom_api_base}; data {config.data_dir}; listen {config.listen}")
+    if config.kf is not None:
+        kf = config.kf
+        print(
+            f"微信客服: callback path {kf.callback_path}, start {kf.start}, hand-over words "
+            f"{'|'.join(kf.handover_words) or '(none)'}"
+        )
+    store = (
+        "PostgreSQL (BRIDGE_DATABASE_URL)"
+        if config.database_url
+        else f"SQLite in {config.data_dir}"
+    )
+    print(f"WeCom API {config.wecom_api_base}; store {store}; listen {config.listen}")
     print(f"send API: {'on' if config.api_token else 'off (BRIDGE_API_TOKEN not set)'}")
     print("configuration OK")
     return 0
@@ -91,6 +103,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         domain=args.domain,
         verify_codes=tuple(args.verify_code),
         callback_url=args.callback_url,
+        kf_callback_url=args.kf_callback_url,
         bridge_url=args.bridge_url,
         cert_days=args.cert_days,
         app=args.app,
@@ -119,6 +132,10 @@ def add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     doctor.add_argument(
         "--callback-url", help="default https://<domain><the app's callback path> (/wxcomapp)"
+    )
+    doctor.add_argument(
+        "--kf-callback-url",
+        help="微信客服 (when WECOM_KF_SECRET is set): default https://<domain>/wxcomkf",
     )
     doctor.add_argument("--bridge-url", help="the bridge's internal base URL, for /readyz")
     doctor.add_argument("--app", metavar="NAME", help="which app of BRIDGE_APPS_FILE to check")
@@ -199,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     aibot.add_argument("--listen", default="127.0.0.1:9300", help="the WebSocket host:port")
     aibot.add_argument("--control", default="127.0.0.1:9301", help="the control API host:port")
     aibot.set_defaults(func=cmd_aibot_double)
+    add_migrate_store_parser(sub)
     for name, port in (("wecom", 9001), ("dify", 9002)):
         double = sub.add_parser(f"{name}-double", help=f"run the {name} test double")
         double.add_argument("--listen", default=f"127.0.0.1:{port}", help="host:port")

@@ -102,6 +102,50 @@ class AppConfig:
         return self.aibot is None or self.aibot.mode == "webhook"
 
 
+DEFAULT_KF_CALLBACK_PATH = "/wxcomkf"
+DEFAULT_KF_HANDOVER_WORDS = ("人工", "转人工", "人工客服")
+DEFAULT_KF_HANDOVER_REPLY = "好的，正在为您转接人工客服，请稍候。"
+KF_STARTS = ("now", "history")
+# The conversation key's "agent" part for kf: conversations are per kf account and customer.
+KF_AGENT = "kf"
+
+
+@dataclass(frozen=True)
+class KfConfig:
+    """The 微信客服 (kf) channel: external WeChat customers, answered by the same Dify app.
+
+    Off unless WECOM_KF_SECRET is set; then its callback settings are required too."""
+
+    corp_id: str
+    secret: str = field(repr=False)
+    token: str = field(repr=False)
+    encoding_aes_key: str = field(repr=False)
+    callback_path: str = DEFAULT_KF_CALLBACK_PATH
+    dify: DifySettings | None = field(default=None, repr=False)
+    replies: Replies = Replies()
+    # Words that hand the customer to a human servicer (service_state/trans to the pool).
+    handover_words: tuple[str, ...] = DEFAULT_KF_HANDOVER_WORDS
+    handover_reply: str = DEFAULT_KF_HANDOVER_REPLY  # "" = hand over without a word
+    # "now": an empty store starts at the messages of the callback that woke it, not at
+    # WeCom's three days of history ("history").
+    start: str = "now"
+    name: str = "kf"  # the store's app name of kf jobs
+
+    def pipeline_app(self) -> AppConfig:
+        """The kf channel as the job pipeline sees an app (conversation keys, replies, Dify)."""
+        return AppConfig(
+            name=self.name,
+            corp_id=self.corp_id,
+            agent_id=KF_AGENT,
+            secret=self.secret,
+            token=self.token,
+            encoding_aes_key=self.encoding_aes_key,
+            callback_path=self.callback_path,
+            dify=self.dify,
+            replies=self.replies,
+        )
+
+
 @dataclass(frozen=True)
 class BridgeConfig:
     apps: tuple[AppConfig, ...]
@@ -124,6 +168,11 @@ class BridgeConfig:
     log_level: str = "INFO"
     # Bearer token of the send API (POST /api/v1/messages); None: the API is disabled (404).
     api_token: str | None = field(default=None, repr=False)
+    # postgresql://… : the store is PostgreSQL, shared by every bridge pointed at it; None:
+    # SQLite in data_dir. Not in repr: the URL may carry the password.
+    database_url: str | None = field(default=None, repr=False)
+    db_pool_size: int = 8  # PostgreSQL connections per process
+    kf: KfConfig | None = None  # None: the 微信客服 channel is off
 
 
 # --- small validated readers ------------------------------------------------------------------
@@ -191,12 +240,18 @@ def _listen(value: str, name: str) -> str:
 
 
 def check_app_secrets(prefix: str, corp_id: str, agent_id: str, token: str, aes_key: str) -> None:
-    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", corp_id):
-        raise ConfigError(
-            f"{prefix}CORP_ID", "must be the corp id from 我的企业 (letters and digits)"
-        )
+    check_corp_id(f"{prefix}CORP_ID", corp_id)
     if not agent_id.isdigit():
         raise ConfigError(f"{prefix}AGENT_ID", f"must be the numeric AgentId, got {agent_id!r}")
+    check_callback_secrets(prefix, token, aes_key)
+
+
+def check_corp_id(name: str, corp_id: str) -> None:
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", corp_id):
+        raise ConfigError(name, "must be the corp id from 我的企业 (letters and digits)")
+
+
+def check_callback_secrets(prefix: str, token: str, aes_key: str) -> None:
     if not _TOKEN_RE.match(token):
         raise ConfigError(
             f"{prefix}TOKEN", "must be 1-32 letters or digits (as the console generates)"
@@ -366,6 +421,22 @@ def aibot_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppC
     )
 
 
+def database_url(env: Mapping[str, str]) -> str | None:
+    """BRIDGE_DATABASE_URL, checked (None: unset, SQLite)."""
+    value = env.get("BRIDGE_DATABASE_URL", "").strip()
+    if not value:
+        return None
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("postgresql", "postgres"):
+        # The scheme only: the rest may hold a password.
+        raise ConfigError(
+            "BRIDGE_DATABASE_URL",
+            f"must be a postgresql:// URL (got scheme {scheme or 'none'!r}); unset it for SQLite "
+            "in BRIDGE_DATA_DIR",
+        )
+    return value
+
+
 def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppConfig:
     corp_id = _required(env, "WECOM_CORP_ID")
     agent_id = _required(env, "WECOM_AGENT_ID")
@@ -510,15 +581,53 @@ def load_apps(env: Mapping[str, str], *, require_dify: bool = True) -> tuple[App
         return apps_from_file(Path(apps_file), env, require_dify=require_dify)
     apps: list[AppConfig] = []
     with_aibot = bool(env.get("WECOM_AIBOT_MODE", "").strip())
-    # The self-built app is configured unless only an AI bot is: then none of its variables
-    # is required. With neither, the self-built app's first missing variable is named.
-    if not with_aibot or any(env.get(f"WECOM_{k}", "").strip() for k in ("CORP_ID", "AGENT_ID")):
+    with_kf = bool(env.get("WECOM_KF_SECRET", "").strip())
+    # The self-built app is configured unless only other channels are: then none of its
+    # variables is required (kf shares WECOM_CORP_ID only). With no channel at all, the
+    # self-built app's first missing variable is named.
+    given = {k: bool(env.get(f"WECOM_{k}", "").strip()) for k in ("CORP_ID", "AGENT_ID")}
+    if given["AGENT_ID"] or (given["CORP_ID"] and not with_kf) or not (with_aibot or with_kf):
         apps.append(app_from_env(env, require_dify=require_dify))
     if with_aibot:
         apps.append(aibot_from_env(env, require_dify=require_dify))
     if len(apps) == 2 and apps[0].callback_path == apps[1].callback_path:
         raise ConfigError("WECOM_AIBOT_CALLBACK_PATH", "must differ from BRIDGE_CALLBACK_PATH")
     return tuple(apps)
+
+
+def kf_from_env(
+    env: Mapping[str, str], apps: tuple[AppConfig, ...], *, require_dify: bool = True
+) -> KfConfig | None:
+    """The kf channel, when WECOM_KF_SECRET is set (none of its variables is required else)."""
+    secret = env.get("WECOM_KF_SECRET", "").strip()
+    if not secret:
+        return None
+    corp_id = _required(env, "WECOM_CORP_ID")
+    token = _required(env, "WECOM_KF_TOKEN")
+    aes_key = _required(env, "WECOM_KF_ENCODING_AES_KEY")
+    check_corp_id("WECOM_CORP_ID", corp_id)
+    check_callback_secrets("WECOM_KF_", token, aes_key)  # the kf callback's own
+    path = check_callback_path(
+        env.get("WECOM_KF_CALLBACK_PATH", "").strip() or DEFAULT_KF_CALLBACK_PATH,
+        "WECOM_KF_CALLBACK_PATH",
+    )
+    if path in {app.callback_path for app in apps}:
+        raise ConfigError("WECOM_KF_CALLBACK_PATH", f"{path} is an app's callback path already")
+    if any(app.name == "kf" for app in apps):
+        raise ConfigError("BRIDGE_APPS_FILE", "the app name 'kf' is the 微信客服 channel's")
+    replies = dataclasses.replace(_replies(env), welcome_text=env.get("WECOM_KF_WELCOME_TEXT", ""))
+    return KfConfig(
+        corp_id=corp_id,
+        secret=secret,
+        token=token,
+        encoding_aes_key=aes_key,
+        callback_path=path,
+        dify=_dify_settings(env) if require_dify else None,
+        replies=replies,
+        handover_words=_words(env.get("WECOM_KF_HANDOVER_WORDS"), DEFAULT_KF_HANDOVER_WORDS),
+        handover_reply=env.get("WECOM_KF_HANDOVER_REPLY", DEFAULT_KF_HANDOVER_REPLY),
+        start=_choice(env, "WECOM_KF_START", "now", KF_STARTS),
+    )
 
 
 def pick_app(apps: tuple[AppConfig, ...], name: str | None) -> AppConfig:
@@ -542,8 +651,10 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
     """The whole configuration. `require_dify=False` (the `send` CLI) skips the DIFY_* settings:
     they are neither required nor validated, and every app's `dify` is None."""
     env = os.environ if env is None else env
+    apps = load_apps(env, require_dify=require_dify)
     return BridgeConfig(
-        apps=load_apps(env, require_dify=require_dify),
+        apps=apps,
+        kf=kf_from_env(env, apps, require_dify=require_dify),
         wecom_api_base=wecom_api_base(env),
         data_dir=Path(env.get("BRIDGE_DATA_DIR", "").strip() or "/var/lib/wecom-bridge"),
         listen=_listen(env.get("BRIDGE_LISTEN", "").strip() or "127.0.0.1:8000", "BRIDGE_LISTEN"),
@@ -560,4 +671,6 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         log_format=_choice(env, "BRIDGE_LOG_FORMAT", "text", ("text", "json")),
         log_level=_choice(env, "BRIDGE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         api_token=_api_token(env),
+        database_url=database_url(env),
+        db_pool_size=_int(env, "BRIDGE_DB_POOL_SIZE", 8, 2),
     )

@@ -70,3 +70,17 @@ def test_doctor_names_a_wrong_token(edge, host):
     assert checks["callback"]["status"] == "FAIL"
     assert "token" in (checks["callback"]["detail"] + checks["callback"]["hint"]).lower()
     assert checks["tls"]["status"] == "PASS"
+
+
+def test_doctor_checks_the_kf_channel(edge, host):
+    kf = {
+        "WECOM_KF_SECRET": TEST_VARS["wecom_test_kf_secret"],
+        "WECOM_KF_TOKEN": TEST_VARS["wecom_test_kf_token"],
+        "WECOM_KF_ENCODING_AES_KEY": TEST_VARS["wecom_test_kf_encoding_aes_key"],
+    }
+    rc, checks = doctor(host, **kf)
+    assert checks["kf-callback"]["status"] == "PASS", checks["kf-callback"]
+    assert checks["kf-secret"]["status"] == "PASS", checks["kf-secret"]
+    rc, checks = doctor(host, **{**kf, "WECOM_KF_SECRET": "not-the-kf-secret"})
+    assert rc != 0 and checks["kf-secret"]["status"] == "FAIL"
+    assert "WECOM_KF_SECRET" in checks["kf-secret"]["hint"]

@@ -72,3 +72,11 @@ def test_bridge_check_config_stops_before_the_container_is_replaced(host):
         again, again_out = site({}, "--tags", "bridge")
         assert again.returncode == 0, again_out[-3000:]
     assert host.check_output(container) == before
+
+
+def test_kf_secret_without_the_kf_callback_settings_stops_the_preflight():
+    run, out = site({"wecom_bridge_kf_secret": SECRET, "wecom_bridge_kf_token": ""})
+    assert run.returncode != 0, out[-3000:]
+    assert "wecom_bridge_kf_token and wecom_bridge_kf_encoding_aes_key" in out, out[-3000:]
+    assert "PLAY [Docker]" not in out, out[-3000:]
+    assert SECRET not in out

@@ -30,7 +30,7 @@ WELCOME_EVENTS = frozenset({"enter_agent", "subscribe"})
 SIGNED_QUERY = ("msg_signature", "timestamp", "nonce")
 
 
-def _query(args: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+def signed_query(args: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
     values = {name: args.get(name, "") for name in names}
     missing = [name for name, value in values.items() if not value]
     if missing:
@@ -59,12 +59,12 @@ class WeComAppInbound:
 
     def handshake(self, args: Mapping[str, str]) -> str:
         """The URL verification: the decrypted echostr (raises CallbackError when forged)."""
-        q = _query(args, (*SIGNED_QUERY, "echostr"))
+        q = signed_query(args, (*SIGNED_QUERY, "echostr"))
         return self.crypto.verify_url(q["msg_signature"], q["timestamp"], q["nonce"], q["echostr"])
 
     def decode(self, args: Mapping[str, str], body: bytes) -> InboundMessage:
         """One callback POST as the pipeline's message (raises CallbackError when refused)."""
-        q = _query(args, SIGNED_QUERY)
+        q = signed_query(args, SIGNED_QUERY)
         envelope = parse_envelope(body)
         self.crypto.verify_signature(
             q["msg_signature"], q["timestamp"], q["nonce"], envelope.encrypt

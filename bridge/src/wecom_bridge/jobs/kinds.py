@@ -60,14 +60,44 @@ class SendJob:
     request: SendRequest
 
 
-JobSpec = ChatJob | ResetJob | NoticeJob | SendJob
+@dataclass(frozen=True)
+class KfPullJob:
+    """微信客服: pull what waits for one kf account (kf/sync_msg from the stored cursor)."""
+
+    KIND: ClassVar[str] = "kf_pull"
+    open_kfid: str  # "": every account the kf secret manages
+    token: str = ""  # the callback's one-time pull token (valid 10 minutes)
+
+
+@dataclass(frozen=True)
+class KfHandoverJob:
+    """微信客服: hand the customer's session to the human servicer pool."""
+
+    KIND: ClassVar[str] = "kf_handover"
+    msg_id: str = ""
+
+
+@dataclass(frozen=True)
+class KfWelcomeJob:
+    """微信客服: the welcome text, through send_msg_on_event with the event's code."""
+
+    KIND: ClassVar[str] = "kf_welcome"
+    welcome_code: str
+    text: str
+    msg_id: str = ""
+
+
+KfJobSpec = KfPullJob | KfHandoverJob | KfWelcomeJob
+JobSpec = ChatJob | ResetJob | NoticeJob | SendJob | KfJobSpec
 
 
 def target_of(spec: JobSpec, user: str) -> Target:
     """Where the job's text goes: a send request names its recipients, the rest answer `user`."""
     if isinstance(spec, SendJob):
         return spec.request
-    return Reply(user, spec.context)
+    if isinstance(spec, ChatJob | ResetJob | NoticeJob):
+        return Reply(user, spec.context)
+    return Reply(user)  # 微信客服's own kinds: the customer, with no channel context
 
 
 def encode(spec: JobSpec) -> tuple[str, dict[str, object]]:
@@ -77,11 +107,15 @@ def encode(spec: JobSpec) -> tuple[str, dict[str, object]]:
         fields = spec.request.payload()
     elif isinstance(spec, ChatJob):
         fields = {"query": spec.query, "msg_id": spec.msg_id}
-    elif isinstance(spec, ResetJob):
+    elif isinstance(spec, ResetJob | KfHandoverJob):
         fields = {"msg_id": spec.msg_id}
+    elif isinstance(spec, KfPullJob):
+        fields = {"open_kfid": spec.open_kfid, "token": spec.token}
+    elif isinstance(spec, KfWelcomeJob):
+        fields = {"welcome_code": spec.welcome_code, "text": spec.text, "msg_id": spec.msg_id}
     else:
         fields = {"text": spec.text, "msg_id": spec.msg_id, "msg_type": spec.msg_type}
-    if not isinstance(spec, SendJob) and spec.context:
+    if isinstance(spec, ChatJob | ResetJob | NoticeJob) and spec.context:
         fields["context"] = dict(spec.context)
     return spec.KIND, {VERSION_FIELD: PAYLOAD_VERSION, **fields}
 
@@ -143,11 +177,30 @@ def _send(fields: Mapping[str, object]) -> JobSpec:
     return SendJob(request)
 
 
+def _kf_pull(fields: Mapping[str, object]) -> JobSpec:
+    return KfPullJob(open_kfid=_text(fields, "open_kfid"), token=_text(fields, "token"))
+
+
+def _kf_handover(fields: Mapping[str, object]) -> JobSpec:
+    return KfHandoverJob(msg_id=_text(fields, "msg_id"))
+
+
+def _kf_welcome(fields: Mapping[str, object]) -> JobSpec:
+    return KfWelcomeJob(
+        welcome_code=_text(fields, "welcome_code", required=True),
+        text=_text(fields, "text", required=True),
+        msg_id=_text(fields, "msg_id"),
+    )
+
+
 _READERS = {
     ChatJob.KIND: _chat,
     ResetJob.KIND: _reset,
     NoticeJob.KIND: _notice,
     SendJob.KIND: _send,
+    KfPullJob.KIND: _kf_pull,
+    KfHandoverJob.KIND: _kf_handover,
+    KfWelcomeJob.KIND: _kf_welcome,
 }
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from wecom_bridge.channels.base import Outbound, Target
 from wecom_bridge.wecom.messages import SendResult
@@ -18,8 +19,15 @@ from wecom_bridge.wecom.messages import SendResult
 DEFAULT_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
 
 
+class Pacer(Protocol):
+    def reserve_all(self, keys: Iterable[str]) -> float:
+        """Book one send that counts for every key; return the seconds to wait before it."""
+        ...
+
+
 class SlidingWindowLimiter:
-    """At most `count` bookings per key in any `window` seconds, for every (count, window)."""
+    """At most `count` bookings per key in any `window` seconds, for every (count, window), in
+    this process (one bridge; several share jobs.postgres_store.SharedSendPacing)."""
 
     def __init__(
         self,
@@ -73,7 +81,7 @@ class SlidingWindowLimiter:
 
 def send_paced(
     outbound: Outbound,
-    limiter: SlidingWindowLimiter,
+    limiter: Pacer,
     target: Target,
     parts: Sequence[str],
     *,

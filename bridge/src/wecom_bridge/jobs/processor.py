@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from wecom_bridge.jobs.kinds import (
     decode,
     target_of,
 )
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter, send_paced
+from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Job, Store
 from wecom_bridge.metrics import Metrics
@@ -95,15 +95,17 @@ class JobProcessor:
         apps: dict[str, AppRuntime],
         metrics: Metrics,
         *,
-        limiter: SlidingWindowLimiter | None = None,
+        limiter: Pacer | None = None,
         send_max_age: float = 3600.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        channel_handlers: Mapping[type[JobSpec], Handler] | None = None,
     ) -> None:
+        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull)."""
         self.store = store
         self.apps = apps
         self.metrics = metrics
-        self.limiter = limiter or SlidingWindowLimiter()
+        self.limiter: Pacer = limiter or SlidingWindowLimiter()
         self.send_max_age = send_max_age
         self._sleep = sleep
         self._clock = clock
@@ -116,6 +118,7 @@ class JobProcessor:
             ResetJob: self._reset,
             NoticeJob: self._notice,
             SendJob: self._proactive,
+            **(channel_handlers or {}),
         }
 
     def process(self, job: Job) -> None:

@@ -1,24 +1,30 @@
-"""The durable store: SQLite in WAL mode, the only state shared by callbacks and workers.
+"""The durable store: the only state shared by callbacks and workers.
+
+`Store` is the interface; two implementations behave the same (one test suite runs against
+both): `SqliteStore` here, SQLite in WAL mode in the data dir (the embedded default, one host),
+and `PostgresStore` (jobs.postgres_store: several bridges on several hosts share one queue).
 
 Holds inbound jobs with status, dedupe keys, per-user Dify conversation ids and cached access
 tokens. Every method is one short transaction; a failure to write raises StoreUnavailableError
-so the callback can answer non-200 and WeCom redelivers. New work (callbacks, send requests) is
-also refused while the data directory's free space is below a floor: what is already accepted
-keeps the rest to finish with, and a full disk never half-stores a message.
+so the callback can answer non-200 and WeCom redelivers. On SQLite, new work (callbacks, send
+requests) is also refused while the data directory's free space is below a floor: what is
+already accepted keeps the rest to finish with, and a full disk never half-stores a message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 
@@ -77,11 +83,11 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
--- The AI bot's long connections: which process holds each one (a lease: one holder per bot, as
--- WeCom keeps only the newest connection) and how it is doing, for /readyz.
+-- The AI bot's long connections as their holders (Store.exclusive) last reported them, for
+-- /readyz; a holder reports again every few seconds, so a stale row means none holds it.
 CREATE TABLE IF NOT EXISTS links (
-    name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL,
+    updated_at REAL NOT NULL
 );
 -- The AI bot's webhook streams: what WeCom's stream-refresh callbacks are answered with (the job
 -- side writes the text as Dify writes it, the web side reads it), and whether the message's
@@ -92,6 +98,11 @@ CREATE TABLE IF NOT EXISTS streams (
     updated_at REAL NOT NULL, PRIMARY KEY (app, stream_id)
 );
 CREATE INDEX IF NOT EXISTS streams_updated ON streams (updated_at);
+-- 微信客服: where the last kf/sync_msg of each kf account stopped (its next_cursor).
+CREATE TABLE IF NOT EXISTS kf_cursors (
+    app TEXT NOT NULL, open_kfid TEXT NOT NULL, cursor TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (app, open_kfid)
+);
 """
 
 INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
@@ -134,6 +145,8 @@ class Job:
 
 @dataclass(frozen=True)
 class StreamProgress:
+    """An AI bot's webhook stream: its text so far, and whether its response_url was used."""
+
     content: str
     finished: bool
     response_url_used: bool
@@ -147,8 +160,28 @@ class LinkStatus:
     owner: str
     state: str
     detail: str
-    lease_until: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job with its scheduling times, as `migrate-store` copies it."""
+
+    job: Job
+    available_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """Everything a store holds that must move with it to another (`migrate-store`): the jobs
+    with their progress, dedupe and idempotency keys, conversations and access tokens."""
+
+    jobs: list[JobRecord]
+    dedupe: list[tuple[str, str, float]]  # app, key, seen_at
+    send_keys: list[tuple[str, str, int, float]]  # key, fingerprint, job id, seen_at
+    conversations: list[tuple[str, str, str, str, float]]  # corp, agent, user, id, updated_at
+    tokens: list[tuple[str, str, float]]  # key, token, expires_at
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -231,7 +264,123 @@ class FreeSpaceFloor:
             )
 
 
-class Store:
+class Exclusive(Protocol):
+    """A role only one holder may have at a time across every process sharing the store (e.g.
+    the one bridge that holds the AI bot's long connection). Whoever holds it must check
+    `held()` now and then: a holder whose process or connection died has lost it, and another
+    one's `try_acquire()` then succeeds."""
+
+    def try_acquire(self) -> bool: ...
+    def held(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+class Store(Protocol):
+    """What the bridge asks of its store, whichever database holds it."""
+
+    # --- intake (callbacks, send API) ---
+    def accept(self, app: str, dedupe_key: str, job: NewJob | None) -> int | None: ...
+    def accept_many(self, arrivals: Sequence[Arrival]) -> list[int | None]: ...
+    def enqueue(self, app: str, job: NewJob) -> int: ...
+    def enqueue_once(
+        self, app: str, job: NewJob, key: str, fingerprint: str
+    ) -> tuple[int, bool]: ...
+    def yield_turn(self, max_wait: float = TURN_WAIT_SECONDS) -> None: ...
+
+    # --- workers ---
+    def claim(
+        self, owner: str, lease_seconds: float, *, skip_apps: Collection[str] = ()
+    ) -> Job | None: ...
+    def renew_leases(
+        self, owner: str, lease_seconds: float, job_ids: Sequence[int] | None = None
+    ) -> None: ...
+    def heartbeat(self, owner: str) -> None: ...
+    def live_workers(self, max_age: float) -> int: ...
+    def requeue_expired(self) -> int: ...
+    def release_owned(self, owner: str) -> None: ...
+    def save_parts(self, job_id: int, parts: list[str], result: dict[str, object]) -> None: ...
+    def note_result(self, job_id: int, key: str, value: object) -> None: ...
+    def mark_part_sent(
+        self,
+        job_id: int,
+        parts_sent: int,
+        msgid: str = "",
+        invalid: Mapping[str, str] | None = None,
+    ) -> None: ...
+    def finish(self, job_id: int, *, error: str | None = None) -> None: ...
+    def fail(self, job_id: int, error: str, errcode: int | None = None) -> None: ...
+    def retry_later(self, job_id: int, delay: float, error: str, errcode: int | None) -> None: ...
+    def retry_after_error(self, job_id: int, delay: float, error: str) -> int: ...
+    def get_job(self, job_id: int) -> Job | None: ...
+    def jobs(self, status: str | None = None) -> list[Job]: ...
+    def queue_depth(self) -> int: ...
+    def next_available_in(self, *, skip_apps: Collection[str] = ()) -> float | None: ...
+
+    # --- the AI bot: its long connections' reports, its webhook streams ---
+    def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None: ...
+    def link_states(self) -> list[LinkStatus]: ...
+    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None: ...
+    def get_stream(self, app: str, stream_id: str) -> StreamProgress | None: ...
+    def use_response_url(self, app: str, stream_id: str) -> bool: ...
+
+    # --- 微信客服 pulls (jobs/kf.py) ---
+    def kf_cursor(self, app: str, open_kfid: str) -> str | None: ...
+    def accept_pulled(
+        self, app: str, open_kfid: str, cursor: str, arrivals: Sequence[Arrival]
+    ) -> list[int | None]: ...
+
+    # --- conversations and tokens (the TokenCache of wecom.WeComClient) ---
+    def get_conversation(self, corp: str, agent: str, user: str) -> str: ...
+    def set_conversation(self, corp: str, agent: str, user: str, conversation_id: str) -> None: ...
+    def forget_conversation(self, corp: str, agent: str, user: str) -> None: ...
+    def get_token(self, key: str) -> tuple[str, float] | None: ...
+    def put_token(self, key: str, token: str, expires_at: float) -> None: ...
+    def drop_token(self, key: str, token: str) -> None: ...
+    def refresh_lock(self, key: str) -> AbstractContextManager[None]: ...
+    def exclusive(self, name: str) -> Exclusive: ...
+
+    # --- maintenance ---
+    def sweep(self, dedupe_ttl: float, job_retention: float) -> tuple[int, int]: ...
+    def check_open(self) -> None: ...
+    def probe_write(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileExclusive:
+    """Exclusive through flock(2) on an open file (per open file, so two holders in one process
+    exclude each other too)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot open {self._path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+
+class SqliteStore:
+    """The Store in one SQLite file in the data dir (WAL, synced commits for callbacks)."""
+
     def __init__(
         self,
         data_dir: Path,
@@ -672,41 +821,19 @@ class Store:
 
     # --- long connections (the AI bot) ------------------------------------------------------
 
-    def hold_link(self, name: str, owner: str, lease_seconds: float) -> bool:
-        """Take or renew the lease on connection `name`; False while another owner holds it."""
-        now = self._clock()
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO links (name, owner, lease_until, updated_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET owner=excluded.owner,"
-                " lease_until=excluded.lease_until"
-                " WHERE links.owner = excluded.owner OR links.lease_until < ?",
-                (name, owner, now + lease_seconds, now, now),
-            )
-            row = db.execute("SELECT owner FROM links WHERE name=?", (name,)).fetchone()
-        return row is not None and row["owner"] == owner
-
     def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None:
-        """The holder's report (a process that does not hold the lease changes nothing)."""
+        """The report of connection `name`'s holder (the caller holds `exclusive(name)`)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE links SET state=?, detail=?, updated_at=? WHERE name=? AND owner=?",
-                (state, detail, self._clock(), name, owner),
-            )
-
-    def release_link(self, name: str, owner: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE links SET lease_until=0, state='stopped', updated_at=?"
-                " WHERE name=? AND owner=?",
-                (self._clock(), name, owner),
+                "INSERT INTO links (name, owner, state, detail, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, state=excluded.state,"
+                " detail=excluded.detail, updated_at=excluded.updated_at",
+                (name, owner, state, detail, self._clock()),
             )
 
     def link_states(self) -> list[LinkStatus]:
         return [
-            LinkStatus(
-                r["name"], r["owner"], r["state"], r["detail"], r["lease_until"], r["updated_at"]
-            )
+            LinkStatus(r["name"], r["owner"], r["state"], r["detail"], r["updated_at"])
             for r in self._read("SELECT * FROM links ORDER BY name")
         ]
 
@@ -748,6 +875,33 @@ class Store:
             )
             return cur.rowcount == 1
 
+    # --- 微信客服 pulls ----------------------------------------------------------------------
+
+    def kf_cursor(self, app: str, open_kfid: str) -> str | None:
+        """The stored sync_msg cursor of a kf account; None: it was never pulled."""
+        rows = self._read(
+            "SELECT cursor FROM kf_cursors WHERE app=? AND open_kfid=?", (app, open_kfid)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def accept_pulled(
+        self, app: str, open_kfid: str, cursor: str, arrivals: Sequence[Arrival]
+    ) -> list[int | None]:
+        """Store one pulled page's messages (accept_many's dedupe and jobs) and advance the
+        account's cursor in the same transaction: a crash before it neither loses the page
+        (the cursor still points before it) nor, after it, pulls the page again."""
+        self.space.check()
+        now = self._clock()
+        with self._tx() as db:
+            results = [self._accept_one(db, arrival, now) for arrival in arrivals]
+            db.execute(
+                "INSERT INTO kf_cursors (app, open_kfid, cursor, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (app, open_kfid) DO UPDATE SET cursor=excluded.cursor,"
+                " updated_at=excluded.updated_at",
+                (app, open_kfid, cursor, now),
+            )
+        return results
+
     # --- conversations and tokens ---------------------------------------------------------
 
     def get_conversation(self, corp: str, agent: str, user: str) -> str:
@@ -785,9 +939,19 @@ class Store:
                 (key, token, expires_at),
             )
 
-    def drop_token(self, key: str) -> None:
+    def drop_token(self, key: str, token: str) -> None:
+        """Forget `token`, unless another process already replaced it."""
         with self._tx() as db:
-            db.execute("DELETE FROM tokens WHERE key=?", (key,))
+            db.execute("DELETE FROM tokens WHERE key=? AND token=?", (key, token))
+
+    def refresh_lock(self, key: str) -> AbstractContextManager[None]:
+        """One host: the client's own thread lock already makes one refresh at a time."""
+        return nullcontext()
+
+    def exclusive(self, name: str) -> Exclusive:
+        """An flock on a file in the data dir: one holder among this host's processes; the
+        kernel releases it when the holder dies."""
+        return FileExclusive(self.path.parent / f"exclusive-{name}.lock")
 
     # --- maintenance ----------------------------------------------------------------------
 
@@ -806,6 +970,37 @@ class Store:
             ).rowcount
             db.execute("DELETE FROM streams WHERE updated_at < ?", (now - dedupe_ttl,))
         return keys, jobs
+
+    def export_snapshot(self) -> StoreSnapshot:
+        """All of it as of one moment (a read transaction: safe while the bridge runs)."""
+        try:
+            db = self._conn()
+            db.execute("BEGIN")
+            try:
+                jobs = [
+                    JobRecord(_job(r), r["available_at"], r["updated_at"])
+                    for r in db.execute("SELECT * FROM jobs ORDER BY id")
+                ]
+                tables = [
+                    [tuple(r) for r in db.execute(f"SELECT {columns} FROM {table}")]  # noqa: S608
+                    for table, columns in (
+                        ("dedupe", "app, key, seen_at"),
+                        ("send_keys", "key, fingerprint, job_id, seen_at"),
+                        ("conversations", "corp, agent, user, conversation_id, updated_at"),
+                        ("tokens", "key, token, expires_at"),
+                    )
+                ]
+            finally:
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._drop_conn()
+            raise StoreUnavailableError(f"read failed: {exc}") from exc
+        dedupe, send_keys, conversations, tokens = tables
+        return StoreSnapshot(jobs, dedupe, send_keys, conversations, tokens)
+
+    def close(self) -> None:
+        """Closes this thread's connection (others close with their threads)."""
+        self._drop_conn()
 
     def check_open(self) -> None:
         """Raises StoreUnavailableError now if the store cannot be used (for CLIs, which should

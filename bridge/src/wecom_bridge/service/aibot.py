@@ -1,10 +1,11 @@
 """The AI bot's long connections, in the job process: one per bot, held by one process.
 
-Each bot's connection is leased in the store (`links`), so of all the processes that share the
-store exactly one connects; the others stand by and take over when the holder's lease runs out
-(it died) or is released (it stopped). What WeCom pushes is stored — deduplicated on its msgid,
-in a synced commit — before anything else happens to it; then the workers are woken and answer
-it through the bot's outbound, on the same connection.
+Each bot's connection is a `Store.exclusive` role, so of all the processes that share the store
+exactly one connects; the others stand by and take over once the holder died or stopped (the
+role is free again). The holder reports the connection's state to the store (`set_link_state`)
+on every change and every few seconds, for /readyz on any bridge. What WeCom pushes is stored
+— deduplicated on its msgid, in a synced commit — before anything else happens to it; then the
+workers are woken and answer it through the bot's outbound, on the same connection.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from wecom_bridge.wecom.aibot_ws import AibotConnection, LinkState
 
 log = logging.getLogger("wecom_bridge.aibot")
 
-LEASE_SECONDS = 20.0  # a dead holder's bot is taken over by another process after this
+# The holder checks it still holds the role, and reports the state again, this often; /readyz
+# takes a report older than web.ops.LINK_REPORT_MAX_AGE for "no process holds it".
+REPORT_SECONDS = 5.0
 STORE_RETRY_SECONDS = 0.2
 STORE_GIVE_UP_SECONDS = 60.0  # WeCom does not redeliver a pushed frame: keep trying a while
 
@@ -38,7 +41,7 @@ def link_name(app: AppConfig) -> str:
 
 
 class AibotLink:
-    """One bot's connection: the lease, the intake of pushed frames, the state report."""
+    """One bot's connection: its exclusive role, the intake of pushed frames, the state report."""
 
     def __init__(
         self,
@@ -46,7 +49,7 @@ class AibotLink:
         store: Store,
         metrics: Metrics,
         *,
-        lease_seconds: float = LEASE_SECONDS,
+        report_seconds: float = REPORT_SECONDS,
         heartbeat_seconds: float = 30.0,
         backoff_first: float = 1.0,
     ) -> None:
@@ -57,7 +60,11 @@ class AibotLink:
         self.metrics = metrics
         self.owner = uuid.uuid4().hex
         self.notify: Callable[[int], None] = lambda jobs: None  # set once the workers exist
-        self._lease_seconds = lease_seconds
+        self._report_seconds = report_seconds
+        self._role = store.exclusive(self.name)
+        self._role_lock = threading.Lock()  # the connection and report threads both use it
+        self._reported = (LinkState.STANDBY, "")
+        self.holding = False  # whether this process holds the role (workers read it often)
         self._stopping = threading.Event()
         self.connection = AibotConnection(
             app.aibot.ws_url,
@@ -72,38 +79,57 @@ class AibotLink:
 
     def start(self) -> None:
         self.connection.start()
-        threading.Thread(target=self._renew, name="aibot-lease", daemon=True).start()
+        threading.Thread(target=self._keep, name="aibot-role", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self.connection.stop()
-        try:
-            self.store.release_link(self.name, self.owner)
-        except StoreUnavailableError:
-            log.warning("could not release the AI bot's lease; it runs out by itself")
+        self.connection.stop()  # reports "stopped" while still holding the role
+        with self._role_lock:
+            self.holding = False
+            self._role.release()  # a successor process takes the connection over
 
     def _hold(self) -> bool:
+        """Whether this process holds (or now took) the bot's connection role."""
         try:
-            return self.store.hold_link(self.name, self.owner, self._lease_seconds)
+            with self._role_lock:
+                held = self._role.try_acquire()
         except StoreUnavailableError as exc:
             log.error("store unavailable: not connecting the AI bot", extra={"error": str(exc)})
-            return False
+            held = False
+        if held and not self.holding:
+            self.notify(1)  # the bot's waiting jobs are this process's to answer now
+        self.holding = held
+        return held
 
-    def _renew(self) -> None:
-        while not self._stopping.wait(self._lease_seconds / 4):
+    def _held(self) -> bool:
+        with self._role_lock:
+            self.holding = self._role.held()
+            return self.holding
+
+    def _keep(self) -> None:
+        """Drop the connection once the role is lost (e.g. PostgreSQL restarted: another
+        bridge may hold it now), and keep the state report fresh while holding it."""
+        while not self._stopping.wait(self._report_seconds):
             if self.connection.state == LinkState.STANDBY:
-                continue  # the connection thread asks for the lease itself
-            if not self._hold():
+                continue  # the connection thread asks for the role itself
+            if not self._held():
                 log.error(
-                    "AI bot: lost the connection's lease to another process; disconnecting",
-                    extra={"event": "aibot_lease_lost", "app": self.app.name},
+                    "AI bot: lost the connection's role to another process; disconnecting",
+                    extra={"event": "aibot_role_lost", "app": self.app.name},
                 )
                 self.connection.close()
+                continue
+            self._record(*self._reported)
 
     def _report(self, state: LinkState, detail: str) -> None:
         self.metrics.inc(
             "wecom_bridge_aibot_link_changes_total", {"app": self.app.name, "state": str(state)}
         )
+        self._reported = (state, detail)
+        if state != LinkState.STANDBY and self._held():  # a standby leaves the holder's alone
+            self._record(state, detail)
+
+    def _record(self, state: LinkState, detail: str) -> None:
         try:
             self.store.set_link_state(self.name, self.owner, str(state), detail)
         except StoreUnavailableError:

@@ -19,12 +19,14 @@ from flask import Flask
 from wecom_bridge.channels.aibot import AibotOutbound
 from wecom_bridge.channels.aibot_webhook import AibotWebhookInbound, AibotWebhookOutbound
 from wecom_bridge.channels.base import Outbound
+from wecom_bridge.channels.kf import KfInbound, KfOutbound
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
-from wecom_bridge.config import AppConfig, BridgeConfig, load_config
+from wecom_bridge.config import AppConfig, BridgeConfig, KfConfig, load_config
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, StoreUnavailableError
+from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
 from wecom_bridge.jobs.intake import GroupCommitter
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter
+from wecom_bridge.jobs.kf import KfJobs
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
@@ -41,9 +43,11 @@ from wecom_bridge.service.processes import (
 )
 from wecom_bridge.web.aibot_callbacks import AibotWebhookEndpoint
 from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, Endpoint, IntakeTally
+from wecom_bridge.web.kf_callback import KfCallbackEndpoint
 from wecom_bridge.web.ops import Ops, register_ops
 from wecom_bridge.web.send_api import SendApi, register_send_api
 from wecom_bridge.wecom.api import WeComClient
+from wecom_bridge.wecom.kf_api import KfClient
 
 log = logging.getLogger("wecom_bridge.app")
 
@@ -67,9 +71,7 @@ def build_links(config: BridgeConfig, metrics: Metrics) -> dict[str, AibotLink]:
     """A long connection per AI bot in ws mode; arrivals are stored with synced commits."""
     if not long_connection_apps(config):
         return {}
-    intake = Store(
-        config.data_dir, busy_timeout=config.db_busy_timeout, min_free_bytes=config.min_free_bytes
-    )
+    intake = open_store(config, Role.WEB)
     return {app.name: AibotLink(app, intake, metrics) for app in long_connection_apps(config)}
 
 
@@ -119,34 +121,68 @@ def build_job_side(config: BridgeConfig, metrics: Metrics) -> JobSide:
     return JobSide(pool, tuple(links.values()))
 
 
+def kf_client(config: BridgeConfig, kf: KfConfig, store: Store, metrics: Metrics) -> KfClient:
+    """The kf API with the 微信客服 secret's own access token."""
+    return KfClient(
+        WeComClient(
+            api_base=config.wecom_api_base,
+            corp_id=kf.corp_id,
+            secret=kf.secret,
+            token_cache=store,
+            metrics=metrics,
+            config_error_cooldown=config.config_error_cooldown,
+        )
+    )
+
+
+def build_kf(
+    config: BridgeConfig, kf: KfConfig, store: Store, metrics: Metrics
+) -> tuple[AppRuntime, KfJobs]:
+    """The kf channel as the pipeline runs it: its runtime and its job kinds' handlers."""
+    client = kf_client(config, kf, store, metrics)
+    dify = DifyClient(kf.dify, metrics=metrics) if kf.dify else None
+    runtime = AppRuntime(config=kf.pipeline_app(), dify=dify, outbound=KfOutbound(kf.name, client))
+    return runtime, KfJobs(store, kf, client)
+
+
 def build_pool(
     config: BridgeConfig, metrics: Metrics, links: dict[str, AibotLink] | None = None
 ) -> WorkerPool:
     """The job side: its own store connection, the processor and the worker threads."""
     # Worker progress commits without fsync: it survives a crash of the process, and the next
     # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
-    store = Store(
-        config.data_dir,
-        busy_timeout=config.db_busy_timeout,
-        durable_commits=False,
-        takes_turns=True,
-    )
+    store = open_store(config, Role.JOBS)
+    apps = build_apps(config, store, metrics, links)
+    kf_jobs = None
+    if config.kf is not None:
+        apps[config.kf.name], kf_jobs = build_kf(config, config.kf, store, metrics)
     processor = JobProcessor(
         store,
-        build_apps(config, store, metrics, links),
+        apps,
         metrics,
-        limiter=SlidingWindowLimiter(),
+        limiter=open_pacer(store),
         send_max_age=config.send_max_age_seconds,
+        channel_handlers=kf_jobs.handlers() if kf_jobs else None,
     )
-    return WorkerPool(
+    pool = WorkerPool(
         store,
         processor,
         size=config.job_workers,
-        app_limits={app.name: app.dify.max_concurrency for app in config.apps if app.dify},
+        app_limits={
+            name: runtime.config.dify.max_concurrency
+            for name, runtime in apps.items()
+            if runtime.config.dify
+        },
         heartbeat_seconds=HEARTBEAT_SECONDS,
+        poll_seconds=poll_seconds(config),
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
+        # A bot's answers go out on its long connection: only its holder runs its jobs.
+        held_elsewhere=lambda: {name for name, link in (links or {}).items() if not link.holding},
     )
+    if kf_jobs is not None:
+        kf_jobs.wake = pool.notify
+    return pool
 
 
 def build_job_process_side(config: BridgeConfig, metrics: Metrics) -> JobSide:
@@ -205,15 +241,23 @@ def _workers_alive(store: Store, pool: WorkerPool | None) -> Callable[[], bool]:
     return lambda: store.live_workers(3 * HEARTBEAT_SECONDS) > 0
 
 
+def _wake_job_side(config: BridgeConfig, pool: WorkerPool | None) -> Callable[..., None]:
+    """What the web side calls after storing jobs. On PostgreSQL the commit's NOTIFY already
+    wakes every bridge's job side (a separate `work` process listens for it)."""
+    if pool is not None:
+        return pool.notify
+    if config.database_url:
+        return lambda jobs=1: None
+    return WakeupSender(config.data_dir).send
+
+
 def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flask:
-    store = Store(
-        config.data_dir, busy_timeout=config.db_busy_timeout, min_free_bytes=config.min_free_bytes
-    )
+    store = open_store(config, Role.WEB)
     metrics = Metrics()
     metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
     side = build_job_side(config, metrics) if in_process_workers else None
     pool = side.pool if side else None
-    notify = pool.notify if pool else WakeupSender(config.data_dir).send
+    notify = _wake_job_side(config, pool)
     # In `serve`, the processes share their counters through the data dir (service.processes).
     others: Callable[[], list[Snapshot]] = list
     if pool is None:
@@ -253,6 +297,20 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
         for app in config.apps
         if app.aibot is not None and app.aibot.mode == "webhook"
     ]
+    if config.kf is not None:
+        inbound = KfInbound(config.kf)
+        endpoints.append(
+            KfCallbackEndpoint(
+                app=config.kf.name,
+                inbound=inbound,
+                replies=config.kf.replies,
+                acceptor=acceptor,
+                metrics=metrics,
+                max_body_bytes=config.max_body_bytes,
+                tally=tally,
+                kf=inbound,
+            )
+        )
     flask_app.wsgi_app = CallbackRouter(endpoints, flask_app.wsgi_app)  # type: ignore[method-assign]
     if config.api_token:
         api = SendApi(
@@ -266,10 +324,18 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     register_ops(flask_app, ops)
     if side:
         side.start()
+        running = side.pool
+        # Other bridges' jobs too; the listener ends with the pool.
+        listener = job_notifications(config, running.notify, until=lambda: not running.alive())
+        if listener is not None:
+            listener.start()
     log.info(
         "bridge ready to serve",
         extra={
-            "paths": ",".join(a.callback_path for a in config.apps if a.takes_callbacks),
+            "paths": ",".join(
+                [a.callback_path for a in config.apps if a.takes_callbacks]
+                + ([config.kf.callback_path] if config.kf else [])
+            ),
             "long_connections": ",".join(links) or "none",
             "send_api": "on" if config.api_token else "off (BRIDGE_API_TOKEN not set)",
         },

@@ -12,7 +12,8 @@ wecom-bridge serve ── granian main ──┬── web worker(s)   HTTP: cal
 ```
 
 The two sides share nothing but the data directory: the store (the durable queue and its
-dedupe keys), the wake-up socket (a best-effort poke: a lost one only delays a job until the
+dedupe keys; or PostgreSQL, BRIDGE_DATABASE_URL, shared with other bridges, whose NOTIFY then
+replaces the socket), the wake-up socket (a best-effort poke: a lost one only delays a job until the
 workers' next poll, 1 s) and the metrics exchange. So answering Dify never competes with
 acknowledging WeCom for one interpreter lock, and either side can die and restart alone:
 granian's main process restarts a dead web worker, the supervisor thread a dead job process
@@ -41,6 +42,7 @@ from granian.log import LogLevels
 from granian.server.mp import MPServer
 
 from wecom_bridge.config import BridgeConfig, parse_listen
+from wecom_bridge.jobs.backends import job_notifications
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
@@ -211,7 +213,9 @@ def run_job_process(
     metrics = Metrics()
     side = build_side(config, metrics)
     pool = side.pool
-    listener = WakeupListener(config.data_dir, pool.notify)
+    listener = job_notifications(config, pool.notify) or WakeupListener(
+        config.data_dir, pool.notify
+    )
     exchange = MetricsExchange(config.data_dir, "jobs")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,7 @@ import requests
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.testing.callbacks import CallbackClient
+from wecom_bridge.testing.kf_double import DEFAULT_ACCOUNT, KfCallback, KfDoubleState, mount_kf
 from wecom_bridge.testing.server import required_env
 from wecom_bridge.wecom.crypto import WeComCrypto
 
@@ -347,7 +348,9 @@ def create_wecom_double(
     clock: Callable[[], float] = time.monotonic,
     chat_callback: ChatCallback | None = None,
     journal: Path | None = None,
+    kf: KfDoubleState | None = None,
 ) -> Flask:
+    """`kf`: also play 微信客服 (testing/kf_double.py), with the kf secret's own token."""
     state = WeComDoubleState(
         corp_id=corp_id,
         secret=secret,
@@ -371,9 +374,14 @@ def create_wecom_double(
                 return _error(state, fault)
             if request.args.get("corpid") != state.corp_id:
                 return _error(state, 40013)
-            if not secrets.compare_digest(request.args.get("corpsecret", ""), state.secret):
+            corpsecret = request.args.get("corpsecret", "")
+            if kf is not None and secrets.compare_digest(corpsecret, kf.secret):
+                with kf.lock:
+                    token, expires_in = kf.issue_token()
+            elif not secrets.compare_digest(corpsecret, state.secret):
                 return _error(state, 40001)
-            token, expires_in = state.issue_token()
+            else:
+                token, expires_in = state.issue_token()
         return jsonify(
             {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": expires_in}
         )
@@ -404,6 +412,8 @@ def create_wecom_double(
 
     _control_routes(app, state)
     _chat_routes(app, state)
+    if kf is not None:
+        mount_kf(app, kf, lambda errcode: errmsg(errcode, state.fault_ip))
     return app
 
 
@@ -589,4 +599,33 @@ def wecom_double_from_env(callback_url: str | None = None) -> Flask:
         agent_id=os.environ.get("WECOM_AGENT_ID", ""),
         chat_callback=chat_callback,
         journal=Path(journal) if (journal := os.environ.get("WECOM_DOUBLE_JOURNAL")) else None,
+        kf=kf_double_from_env(),
+    )
+
+
+def kf_double_from_env() -> KfDoubleState | None:
+    """微信客服 too when WECOM_KF_SECRET is set; its callback goes to WECOM_DOUBLE_KF_CALLBACK_URL
+    (with WECOM_KF_TOKEN, WECOM_KF_ENCODING_AES_KEY); WECOM_DOUBLE_KF_ACCOUNTS: open_kfids."""
+    secret = os.environ.get("WECOM_KF_SECRET", "")
+    if not secret:
+        return None
+    url = os.environ.get("WECOM_DOUBLE_KF_CALLBACK_URL", "")
+    callback = (
+        KfCallback(
+            url=url,
+            token=required_env("WECOM_KF_TOKEN"),
+            encoding_aes_key=required_env("WECOM_KF_ENCODING_AES_KEY"),
+            verify=_verify_setting(os.environ.get("WECOM_DOUBLE_CALLBACK_VERIFY", "")),
+        )
+        if url
+        else None
+    )
+    accounts = tuple(
+        a.strip() for a in os.environ.get("WECOM_DOUBLE_KF_ACCOUNTS", "").split(",") if a.strip()
+    )
+    return KfDoubleState(
+        corp_id=required_env("WECOM_CORP_ID"),
+        secret=secret,
+        accounts=accounts or (DEFAULT_ACCOUNT,),
+        callback=callback,
     )

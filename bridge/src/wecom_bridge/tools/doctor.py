@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from wecom_bridge.config import AppConfig, load_apps, pick_app, wecom_api_base
+from wecom_bridge.config import (
+    AppConfig,
+    KfConfig,
+    kf_from_env,
+    load_apps,
+    pick_app,
+    wecom_api_base,
+)
 from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import (
     ConfigError,
@@ -34,6 +41,7 @@ from wecom_bridge.wecom.aibot_ws import probe_subscription
 from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
 from wecom_bridge.wecom.crypto import WeComCrypto, build_url_verification
 from wecom_bridge.wecom.errcodes import hint_for
+from wecom_bridge.wecom.kf_api import KfClient
 
 WECOM_DEADLINE = 1.0  # seconds WeCom waits for the URL verification answer
 BOM = b"\xef\xbb\xbf"
@@ -76,6 +84,7 @@ class DoctorOptions:
     bridge_url: str | None = None  # internal base URL for /readyz
     cert_days: int = 14
     app: str | None = None  # which app of BRIDGE_APPS_FILE (None: the only one)
+    kf_callback_url: str | None = None  # None: https://<domain><WECOM_KF_CALLBACK_PATH>
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -90,6 +99,15 @@ class Doctor:
         """The app to check, read by the service's own loader (environment or BRIDGE_APPS_FILE);
         ConfigError when the configuration does not load."""
         return pick_app(load_apps(self.options.env, require_dify=with_dify), self.options.app)
+
+    def kf_only(self) -> bool:
+        """Whether 微信客服 is the only channel (no app: the app checks do not apply)."""
+        if not self.options.env.get("WECOM_KF_SECRET", "").strip():
+            return False
+        try:
+            return load_apps(self.options.env, require_dify=False) == ()
+        except ConfigError:
+            return False
 
     def api_base(self) -> str:
         return wecom_api_base(self.options.env)
@@ -123,6 +141,16 @@ class Doctor:
         return list(self.results.values())
 
     def _checks(self) -> list[Callable[[Doctor], CheckResult]]:
+        if self.kf_only():
+            return [
+                check_dns,
+                check_tls,
+                check_kf_callback,
+                check_kf_secret,
+                check_dify,
+                check_dify_inputs,
+                check_bridge_ready,
+            ]
         try:
             aibot = self.app().aibot
         except ConfigError:
@@ -151,6 +179,8 @@ class Doctor:
             check_dify,
             check_dify_inputs,
         ]
+        if self.options.env.get("WECOM_KF_SECRET", "").strip():  # 微信客服 is on
+            checks += [check_kf_callback, check_kf_secret]
         checks.append(check_bridge_ready)
         return checks
 
@@ -522,6 +552,89 @@ def _wecom_failure(name: str, call: str, base: str, exc: WeComApiError) -> Check
     )
 
 
+# --- 微信客服 (kf) --------------------------------------------------------------------------------
+
+
+def _kf(doctor: Doctor, name: str) -> KfConfig | CheckResult:
+    try:
+        kf = kf_from_env(doctor.options.env, (), require_dify=False)
+    except ConfigError as exc:
+        return _not_loaded(
+            name,
+            exc,
+            "export the kf values: WECOM_KF_TOKEN and WECOM_KF_ENCODING_AES_KEY as set in the "
+            "bound app's 接收消息 › 设置API接收, WECOM_KF_SECRET that app's Secret",
+        )
+    if kf is None:  # the checks run only when WECOM_KF_SECRET is set
+        return skipped(name, "WECOM_KF_SECRET not set", "set it to check 微信客服")
+    return kf
+
+
+def check_kf_callback(doctor: Doctor) -> CheckResult:
+    name = "kf-callback"
+    if not (doctor.options.kf_callback_url or doctor.options.domain):
+        return skipped(name, "no --kf-callback-url or --domain", "pass --domain")
+    kf = _kf(doctor, name)
+    if isinstance(kf, CheckResult):
+        return kf
+    url = doctor.options.kf_callback_url or f"https://{doctor.options.domain}{kf.callback_path}"
+    crypto = WeComCrypto(kf.token, kf.encoding_aes_key, kf.corp_id)
+    plaintext = str(10**18 + secrets.randbelow(9 * 10**18))
+    try:
+        got = _handshake(doctor, url, crypto, plaintext)
+    except ProbeError as exc:
+        return _callback_unreachable(name, url, exc)
+    if got.status == 200:
+        return _callback_answer(name, url, got, plaintext)
+    hints = {
+        403: "WECOM_KF_TOKEN (or WECOM_CORP_ID) differs between the bound app's 接收消息 settings "
+        "and the bridge",
+        400: "WECOM_KF_ENCODING_AES_KEY differs between the bound app's 接收消息 settings and the "
+        "bridge",
+        404: f"the path must be the bridge's WECOM_KF_CALLBACK_PATH ({kf.callback_path}) and the "
+        "edge must route it (wecom_edge_kf_callback_path)",
+    }
+    hint = hints.get(got.status, "see the callback check's hints: the same proxy serves both")
+    return failed(name, f"{url}: HTTP {got.status}", hint)
+
+
+def check_kf_secret(doctor: Doctor) -> CheckResult:
+    name = "kf-secret"
+    kf = _kf(doctor, name)
+    if isinstance(kf, CheckResult):
+        return kf
+    base = doctor.api_base()
+    client = KfClient(
+        WeComClient(
+            api_base=base,
+            corp_id=kf.corp_id,
+            secret=kf.secret,
+            token_cache=MemoryTokenCache(),
+            max_attempts=1,
+            timeout=(3.05, doctor.prober.timeout),
+        )
+    )
+    try:
+        accounts = client.accounts()
+    except WeComConfigError as exc:
+        hint = exc.hint
+        if exc.errcode == 40001:
+            hint = (
+                "WECOM_KF_SECRET is wrong: the Secret of the self-built app chosen in 微信客服 › "
+                "API › 可调用接口的应用 (应用管理 › that app › Secret)"
+            )
+        return failed(name, f"gettoken with WECOM_KF_SECRET: errcode {exc.errcode}", hint)
+    except WeComApiError as exc:
+        return _wecom_failure(name, "kf/account/list", base, exc)
+    if not accounts:
+        return failed(
+            name,
+            "the kf secret works but manages no 微信客服 account",
+            "in 微信客服 › API choose the accounts this app manages (通过API管理微信客服账号)",
+        )
+    return passed(name, f"the kf secret manages {len(accounts)} account(s): {', '.join(accounts)}")
+
+
 # --- (g) Dify ----------------------------------------------------------------------------------
 
 
@@ -529,7 +642,11 @@ def _quick_dify_settings(doctor: Doctor, name: str) -> DifySettings | CheckResul
     """The app's Dify settings for one quick try (the doctor reports, the service retries), or
     the check's result when they cannot be loaded."""
     try:
-        configured = doctor.app(with_dify=True).dify
+        if doctor.kf_only():
+            kf = kf_from_env(doctor.options.env, (), require_dify=True)
+            configured = kf.dify if kf else None
+        else:
+            configured = doctor.app(with_dify=True).dify
     except ConfigError as exc:
         return _not_loaded(name, exc, "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
     if configured is None:  # pragma: no cover - with_dify=True always loads Dify's settings

@@ -23,9 +23,9 @@ from wecom_bridge.errors import (
     WeComApiError,
     WeComConfigError,
 )
-from wecom_bridge.jobs.pacing import SlidingWindowLimiter, send_paced
+from wecom_bridge.jobs.backends import Role, open_pacer, open_store
+from wecom_bridge.jobs.pacing import send_paced
 from wecom_bridge.jobs.splitter import split_message
-from wecom_bridge.jobs.store import Store
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.wecom.api import WeComClient
 from wecom_bridge.wecom.errcodes import hint_for, lookup
@@ -156,12 +156,11 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     except SendRequestError as exc:
         return usage(f"{_OPTION.get(exc.field or '', exc.field)}: {exc.problem}")
     try:
-        store = Store(config.data_dir, busy_timeout=config.db_busy_timeout)
+        store = open_store(config, Role.TOOL)
         store.check_open()
     except StoreUnavailableError as exc:
-        return usage(
-            f"cannot open the token cache in BRIDGE_DATA_DIR ({exc}); run as the bridge's user"
-        )
+        where = "BRIDGE_DATABASE_URL" if config.database_url else "BRIDGE_DATA_DIR"
+        return usage(f"cannot open the token cache in {where} ({exc}); run as the bridge's user")
     client = WeComClient(
         api_base=config.wecom_api_base,
         corp_id=app.corp_id,
@@ -187,7 +186,7 @@ def cmd_send(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         )
 
     try:
-        send_paced(outbound, SlidingWindowLimiter(), request, parts, on_sent=report)
+        send_paced(outbound, open_pacer(store), request, parts, on_sent=report)
     except WeComApiError as exc:
         failed = len(sent) + 1
         print(f"part {failed}/{len(parts)}: failed (errcode {exc.errcode})", file=out)

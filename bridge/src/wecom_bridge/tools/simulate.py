@@ -18,14 +18,16 @@ from typing import Any
 
 import requests
 
-from wecom_bridge.config import load_apps, pick_app
+from wecom_bridge.config import kf_from_env, load_apps, pick_app
 from wecom_bridge.errors import BridgeError, ConfigError
 from wecom_bridge.testing.callbacks import (
     CallbackClient,
+    build_callback,
     build_event_callback,
     build_text_callback,
     new_msg_id,
 )
+from wecom_bridge.testing.kf_double import KfDoubleState
 from wecom_bridge.testing.server import ServerThread, parse_listen
 from wecom_bridge.testing.wecom_double import create_wecom_double
 from wecom_bridge.wecom.crypto import WeComCrypto
@@ -75,11 +77,14 @@ class RecordedReplies:
     user: str
     session: requests.Session = field(default_factory=requests.Session)
     after: float = 0.0
+    # 微信客服: what the double's kf/send_msg received, by external userid.
+    path: str = "/_double/messages"
+    user_param: str = "user"
 
     def fetch(self, wait: float) -> list[dict[str, Any]]:
         response = self.session.get(
-            f"{self.api_url.rstrip('/')}/_double/messages",
-            params={"user": self.user, "after": str(self.after), "wait": str(wait)},
+            f"{self.api_url.rstrip('/')}{self.path}",
+            params={self.user_param: self.user, "after": str(self.after), "wait": str(wait)},
             timeout=wait + 10,
         )
         response.raise_for_status()
@@ -149,9 +154,95 @@ def _api_double(
     return ServerThread(double, host, port)
 
 
+def _kf_app(env: Mapping[str, str]) -> SimulatorApp:
+    kf = kf_from_env(env, (), require_dify=False)
+    if kf is None:
+        raise ConfigError("WECOM_KF_SECRET", "must be set to play a 微信客服 customer (--kf)")
+    return SimulatorApp(kf.corp_id, "", kf.token, kf.encoding_aes_key, kf.secret)
+
+
+def _kf_api_double(
+    args: argparse.Namespace, app: SimulatorApp
+) -> AbstractContextManager[ServerThread | None]:
+    if not args.serve_api:
+        return nullcontext(None)
+    host, port = parse_listen(args.serve_api)
+    kf = KfDoubleState(corp_id=app.corp_id, secret=app.secret)  # the simulator signals itself
+    return ServerThread(create_wecom_double(corp_id=app.corp_id, secret="", kf=kf), host, port)
+
+
+def post_kf_signal(
+    client: CallbackClient, app: SimulatorApp, token: str, redeliver: int
+) -> list[Attempt]:
+    """The kf callback WeCom sends after a customer's message, and its redeliveries."""
+    fields: dict[str, str | int] = {
+        "ToUserName": app.corp_id,
+        "CreateTime": int(time.time()),
+        "MsgType": "event",
+        "Event": "kf_msg_or_event",
+        "Token": token,
+    }
+    params, body = build_callback(client.crypto, fields)
+    attempts = []
+    for attempt in range(1 + redeliver):
+        started = time.monotonic()
+        try:
+            response = client.post(params, body)
+        except requests.RequestException as exc:
+            raise SimulationError(f"POST {client.url} failed: {type(exc).__name__}") from None
+        name = "kf_msg_or_event" if attempt == 0 else f"redelivery {attempt}/{redeliver}"
+        attempts.append(
+            Attempt(name, response.status_code, response.content, time.monotonic() - started)
+        )
+    return attempts
+
+
+def simulate_kf(
+    args: argparse.Namespace, env: Mapping[str, str], out: Callable[[str], None] = print
+) -> int:
+    """As a 微信客服 customer: the double records the message, the bridge is signalled and
+    pulls it; the answer is what the double's kf/send_msg received."""
+    app = _kf_app(env)
+    verify: bool | str = args.ca_file or not args.insecure
+    client = CallbackClient(args.url, app.crypto(), "", verify=verify, timeout=10.0)
+    with _kf_api_double(args, app) as served:
+        api_url = (served.url if served else args.api_url).rstrip("/")
+        replies = RecordedReplies(
+            api_url, args.user, path="/_double/kf/sent", user_param="external_userid"
+        )
+        replies.mark()
+        what = "enters the chat" if args.event else f"sends {args.text!r}"
+        out(f"→ customer {args.user} {what} (微信客服)")
+        spec = {"external_userid": args.user, "send_callback": False}
+        spec |= {"event": "enter"} if args.event else {"text": args.text}
+        said = requests.post(f"{api_url}/_double/kf/customer", json=spec, timeout=10)
+        said.raise_for_status()
+        for attempt in post_kf_signal(client, app, said.json()["token"], args.redeliver):
+            out(f"  {attempt.label}: HTTP {attempt.status} in {attempt.elapsed * 1000:.0f} ms")
+            if attempt.status != 200:
+                raise SimulationError(
+                    f"the bridge refused the kf callback (HTTP {attempt.status}); run "
+                    "`wecom-bridge doctor` to see why"
+                )
+        parts = replies.collect(args.timeout, args.quiet)
+    if not parts:
+        if args.event:
+            out("← no reply (a welcome is sent only when WECOM_KF_WELCOME_TEXT is set)")
+            return 0
+        raise SimulationError(f"no answer within {args.timeout:g} s")
+    out(f"← customer {args.user} receives {len(parts)} message(s):")
+    for number, message in enumerate(parts, 1):
+        if len(parts) > 1:
+            out(f"--- part {number}/{len(parts)} ---")
+        out(text_of(message))
+    return 0
+
+
 def simulate(
     args: argparse.Namespace, env: Mapping[str, str], out: Callable[[str], None] = print
 ) -> int:
+    if getattr(args, "kf", False):
+        return simulate_kf(args, env, out)
     app = SimulatorApp.from_env(env, args.app)
     verify: bool | str = args.ca_file or not args.insecure
     client = CallbackClient(args.url, app.crypto(), app.agent_id, verify=verify, timeout=10.0)
@@ -198,7 +289,14 @@ def add_simulate_parser(sub: Any) -> None:
     )
     parser.add_argument("text", nargs="?", default="", help="the message text")
     parser.add_argument("--url", required=True, help="the bridge's callback URL")
-    parser.add_argument("--user", default="zhangsan", help="the member's userid")
+    parser.add_argument(
+        "--user", help="the member's userid (zhangsan); with --kf the customer's external userid"
+    )
+    parser.add_argument(
+        "--kf",
+        action="store_true",
+        help="play a 微信客服 customer (WECOM_KF_*; --url is the kf callback URL, /wxcomkf)",
+    )
     parser.add_argument("--app", metavar="NAME", help="which app of BRIDGE_APPS_FILE to play")
     parser.add_argument("--redeliver", type=int, default=0, metavar="N", help="N redeliveries")
     parser.add_argument("--event", help="send this event (e.g. enter_agent) instead of text")
@@ -228,6 +326,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         args.parser.error("give the message text (or --event)")
     if args.redeliver < 0:
         args.parser.error("--redeliver must be >= 0")
+    if args.user is None:
+        args.user = "wmSIMULATEDcustomer" if args.kf else "zhangsan"
     try:
         return simulate(args, os.environ)
     except ConfigError as exc:

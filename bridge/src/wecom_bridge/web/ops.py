@@ -15,6 +15,9 @@ from wecom_bridge.metrics import Metrics, Snapshot
 # A queue this deep means the workers cannot keep up; report not-ready so load balancers and
 # operators notice before WeCom's users do.
 MAX_READY_QUEUE_DEPTH = 10_000
+# A long connection's holder reports its state every few seconds (service.aibot.REPORT_SECONDS):
+# a report older than this means no process holds the connection.
+LINK_REPORT_MAX_AGE = 20.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Ops:
             status = reported.get(name)
             if status is None:
                 problems[name] = "not connected yet"
-            elif status.lease_until < now:
+            elif status.updated_at < now - LINK_REPORT_MAX_AGE:
                 problems[name] = "no process holds the connection"
             elif status.state != "subscribed":
                 problems[name] = f"{status.state}: {status.detail}".rstrip(": ")

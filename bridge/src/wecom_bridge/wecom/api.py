@@ -2,7 +2,9 @@
 
 Access tokens are cached until shortly before they expire, refreshed by one thread at a time and
 persisted through a TokenCache so restarts do not call gettoken (WeCom blocks callers that do it
-too often). Errors only the admin can fix are reported once and not retried for a while.
+too often). A cache shared by several bridges (PostgreSQL) also makes it one bridge at a time:
+the others wait for its lock and then take the token it stored. Errors only the admin can fix
+are reported once and not retried for a while.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -37,7 +40,13 @@ class TokenCache(Protocol):
 
     def put_token(self, key: str, token: str, expires_at: float) -> None: ...
 
-    def drop_token(self, key: str) -> None: ...
+    def drop_token(self, key: str, token: str) -> None:
+        """Forget `token` unless the entry already holds another one."""
+        ...
+
+    def refresh_lock(self, key: str) -> AbstractContextManager[None]:
+        """Held while one refresher calls gettoken for `key` (across processes and hosts)."""
+        ...
 
 
 class MemoryTokenCache:
@@ -55,9 +64,13 @@ class MemoryTokenCache:
         with self._lock:
             self._tokens[key] = (token, expires_at)
 
-    def drop_token(self, key: str) -> None:
+    def drop_token(self, key: str, token: str) -> None:
         with self._lock:
-            self._tokens.pop(key, None)
+            if key in self._tokens and self._tokens[key][0] == token:
+                del self._tokens[key]
+
+    def refresh_lock(self, key: str) -> AbstractContextManager[None]:
+        return nullcontext()  # one process: the client's thread lock is enough
 
 
 def config_error(errcode: int, errmsg: str) -> WeComConfigError | None:
@@ -123,7 +136,14 @@ class WeComClient:
             if token:
                 return token
             self._raise_if_cooling_down()
-            return self._refresh()
+            with self._cache.refresh_lock(self._cache_key):
+                # Another bridge may have refreshed while this one waited for the lock.
+                entry = self._cache.get_token(self._cache_key)
+                if entry is not None and self._clock() < entry[1]:
+                    with self._state_lock:
+                        self._token = entry
+                    return entry[0]
+                return self._refresh()
 
     def _cached_token(self) -> str | None:
         with self._state_lock:
@@ -143,7 +163,7 @@ class WeComClient:
             if self._token is not None and self._token[0] != token:
                 return
             self._token = None
-        self._cache.drop_token(self._cache_key)
+        self._cache.drop_token(self._cache_key, token)
 
     def _refresh(self) -> str:
         data = self._request(

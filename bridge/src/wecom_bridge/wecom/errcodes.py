@@ -91,6 +91,53 @@ _TABLE = (
         "outside the app's 可见范围)",
         "check the userids (通讯录 › the member › 账号) and the party/tag ids",
     ),
+    # 微信客服 (kf). 95018 is checked against WeCom's answers (errmsg "send msg session status
+    # invalid"); the others follow WeCom's global errcode list (doc 90313).
+    Errcode(
+        95000,
+        Handling.PERMANENT,
+        "invalid open_kfid: not a 微信客服 account of this corp",
+        "check the account in 微信客服 › the account; it must be managed through the API",
+    ),
+    Errcode(
+        95001,
+        Handling.PERMANENT,
+        "the customer's reply window is used up: at most 5 messages within 48 hours after the "
+        "customer's last message (微信客服)",
+        "nothing to fix: the bridge can answer again once the customer writes again",
+    ),
+    Errcode(
+        95004,
+        Handling.PERMANENT,
+        "no such 微信客服 account (open_kfid)",
+        "the account was deleted or belongs to another corp",
+    ),
+    Errcode(
+        95007,
+        Handling.PERMANENT,
+        "invalid or expired pull token (kf/sync_msg: a callback's Token is valid 10 minutes)",
+        "nothing to fix: the bridge pulls again without the token",
+    ),
+    Errcode(
+        95013,
+        Handling.PERMANENT,
+        "the 微信客服 session has ended",
+        "nothing to fix: a new message from the customer opens a new session",
+    ),
+    Errcode(
+        95016,
+        Handling.PERMANENT,
+        "this change of the 微信客服 session state is not allowed (e.g. a human already has it)",
+        "nothing to fix: the session is already with a human servicer or ended",
+    ),
+    Errcode(
+        95018,
+        Handling.PERMANENT,
+        "the 微信客服 session state does not allow the bot to send (a human servicer holds it, "
+        "it waits in the servicer pool, or it ended)",
+        "nothing to fix: the bot answers again when the session returns to it or the customer "
+        "starts a new one",
+    ),
 )
 ERRCODES: dict[int, Errcode] = {entry.code: entry for entry in _TABLE}
 
