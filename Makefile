@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test test-stages prerequisites lint unit images collection molecule molecule-default molecule-dify molecule-multihost venv demo demo-down bench
+.PHONY: test test-stages prerequisites lint unit images collection molecule molecule-default molecule-dify molecule-multihost molecule-aibot venv demo demo-down bench
 
 # The host's own prerequisites (Docker engine, debootstrap, python3-venv, Chromium), installed when
 # missing and the engine started when it is not running: see scripts/host-prerequisites.
@@ -53,10 +53,14 @@ images: venv
 collection: venv
 	scripts/build-collection
 
-molecule: molecule-default molecule-dify molecule-multihost
+molecule: molecule-default molecule-dify molecule-multihost molecule-aibot
 
 molecule-default: venv images collection
 	molecule test -s default
+
+# The AI bot on its long connection without an edge (the README's fastest path), kill -9 mid-answer.
+molecule-aibot: venv images collection
+	molecule test -s aibot
 
 # roles/dify's install -> upgrade -> refused downgrade -> restore, on the Dify stand-in release.
 molecule-dify: venv images collection

@@ -234,3 +234,40 @@ def test_apps_file_without_dify_for_send_only(tmp_path: Path) -> None:
         load_config(env)
     hr, it = load_config(env, require_dify=False).apps
     assert (hr.name, it.name, hr.dify, it.dify) == ("hr", "it", None, None)
+
+
+KF = {
+    "WECOM_KF_SECRET": "kf-secret",
+    "WECOM_KF_TOKEN": "KfToken1",
+    "WECOM_KF_ENCODING_AES_KEY": AES,
+}
+AIBOT = {"WECOM_AIBOT_MODE": "ws", "WECOM_AIBOT_BOT_ID": "bot1", "WECOM_AIBOT_SECRET": "bot-secret"}
+DIFY = {"DIFY_API_BASE": "http://127.0.0.1:8080/v1", "DIFY_API_KEY": "app-secretkey"}
+CORP = {"WECOM_CORP_ID": "ww0123456789abcdef"}
+
+
+@pytest.mark.parametrize(
+    ("env", "apps", "kf"),
+    [
+        ({**CORP, **KF, **DIFY}, [], True),  # 微信客服 alone: only the corp id of the rest
+        ({**CORP, **KF, **AIBOT, **DIFY}, ["aibot"], True),
+        ({**AIBOT, **DIFY}, ["aibot"], False),
+        ({**base_env(), **KF}, ["default"], True),
+        ({**base_env(), **AIBOT, **KF}, ["default", "aibot"], True),
+    ],
+)
+def test_any_non_empty_set_of_channels(env: dict[str, str], apps: list[str], kf: bool) -> None:
+    config = load_config(env)
+    assert [app.name for app in config.apps] == apps
+    assert (config.kf is not None) is kf
+
+
+def test_each_channel_still_names_its_own_missing_variable() -> None:
+    with pytest.raises(ConfigError, match="WECOM_CORP_ID"):
+        load_config(DIFY)  # no channel at all: the self-built app's first variable
+    with pytest.raises(ConfigError, match="WECOM_CORP_ID"):
+        load_config({**KF, **AIBOT, **DIFY})  # kf needs the corp
+    with pytest.raises(ConfigError, match="WECOM_KF_TOKEN"):
+        load_config({**CORP, **DIFY, "WECOM_KF_SECRET": "kf-secret"})
+    with pytest.raises(ConfigError, match="WECOM_TOKEN"):
+        load_config({**CORP, **KF, **DIFY, "WECOM_AGENT_ID": "1000002"})  # the app is meant

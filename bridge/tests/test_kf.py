@@ -182,6 +182,26 @@ def test_the_bound_apps_own_events_are_acknowledged_and_dropped(
     assert bridge.store.jobs() == []
 
 
+def test_a_kf_only_bridge_needs_none_of_the_self_built_apps_variables(
+    kf_env: dict[str, str], kf_state: KfDoubleState
+) -> None:
+    only_kf = {
+        k: v
+        for k, v in kf_env.items()
+        if k not in ("WECOM_AGENT_ID", "WECOM_SECRET", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY")
+    }
+    assert load_config(only_kf).apps == ()
+    bridge = Bridge(only_kf, kf_state).start()
+    try:
+        assert bridge.server is not None
+        assert requests.get(f"{bridge.server.url}/wxcomapp", timeout=5).status_code == 404
+        assert say(kf_state, "只有客服") == 200
+        wait_for(lambda: received(kf_state))
+        assert received(kf_state) == [answer("只有客服")]
+    finally:
+        bridge.stop()
+
+
 # --- the pull ---------------------------------------------------------------------------------
 
 
@@ -435,6 +455,28 @@ def test_doctor_checks_the_kf_callback_and_secret(
     assert "WECOM_KF_SECRET is wrong" in results["kf-secret"]["hint"]
     assert results["kf-callback"]["status"] == "FAIL"
     assert "WECOM_KF_TOKEN" in results["kf-callback"]["hint"]
+
+
+def test_doctor_of_a_kf_only_deployment_checks_kf_and_dify_not_an_app(
+    kf_env: dict[str, str],
+    kf_state: KfDoubleState,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    self_built = ("WECOM_AGENT_ID", "WECOM_SECRET", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY")
+    for name in self_built:
+        monkeypatch.delenv(name, raising=False)
+    only_kf = {k: v for k, v in kf_env.items() if k not in self_built}
+    bridge = Bridge(only_kf, kf_state).start()
+    try:
+        assert bridge.server is not None
+        results = kf_doctor(capsys, monkeypatch, only_kf, f"{bridge.server.url}/wxcomkf")
+    finally:
+        bridge.stop()
+    assert results["kf-callback"]["status"] == "PASS"
+    assert results["kf-secret"]["status"] == "PASS"
+    assert results["dify"]["status"] == "PASS", results["dify"]
+    assert "wecom-gettoken" not in results and "callback" not in results
 
 
 # --- simulate ---------------------------------------------------------------------------------

@@ -330,3 +330,44 @@ def test_a_kf_page_and_its_cursor_are_stored_together_or_not_at_all(
     assert store.accept_pulled("kf", "wk1", "c2", [arrival]) == [None]  # deduplicated by msgid
     assert store.kf_cursor("kf", "wk1") == "c2" and len(store.jobs()) == 1
     assert store.kf_cursor("kf", "wk2") is None  # per kf account
+
+
+def test_an_ai_bot_stream_is_shared_until_finished_and_its_response_url_used_once(
+    store_backend: StoreBackend,
+) -> None:
+    """The webhook mode: the job side writes the stream, the web side (another store, as
+    another process) answers WeCom's refreshes from it; response_url may be called once."""
+    clock = Clock()
+    writer, reader = store_backend(clock=clock), store_backend(clock=clock)
+    assert reader.get_stream("bot", "s1") is None
+    writer.save_stream("bot", "s1", "半", finished=False)
+    partial = reader.get_stream("bot", "s1")
+    assert partial is not None and (partial.content, partial.finished) == ("半", False)
+    writer.save_stream("bot", "s1", "半个回答", finished=True)
+    writer.save_stream("bot", "s1", "不该出现", finished=False)  # a finished stream stays
+    done = reader.get_stream("bot", "s1")
+    assert done is not None and (done.content, done.finished) == ("半个回答", True)
+    assert not done.response_url_used
+    assert reader.use_response_url("bot", "s1")
+    assert not writer.use_response_url("bot", "s1")  # once, whichever process asks
+    assert writer.use_response_url("bot", "s2")  # a stream not written yet: claimed too
+    assert reader.get_stream("other-bot", "s1") is None  # per app
+    clock.now += 100
+    writer.save_stream("bot", "s3", "新", finished=False)
+    writer.sweep(dedupe_ttl=50, job_retention=50)
+    assert reader.get_stream("bot", "s1") is None and reader.get_stream("bot", "s3") is not None
+
+
+def test_a_long_connections_report_is_its_holders_latest(store_backend: StoreBackend) -> None:
+    clock = Clock()
+    first, second = store_backend(clock=clock), store_backend(clock=clock)
+    assert first.link_states() == []
+    first.set_link_state("aibot:b1", "owner-1", "connecting", "wss://example")
+    first.set_link_state("aibot:b1", "owner-1", "subscribed", "")
+    clock.now += 5
+    second.set_link_state("aibot:b2", "owner-2", "auth_failed", "errcode 40058")
+    (b1, b2) = second.link_states()
+    assert (b1.name, b1.owner, b1.state, b1.detail) == ("aibot:b1", "owner-1", "subscribed", "")
+    assert b1.updated_at == 1_000_000.0 and b2.updated_at == 1_000_005.0
+    second.set_link_state("aibot:b1", "owner-3", "subscribed", "")  # taken over
+    assert [s.owner for s in first.link_states()] == ["owner-3", "owner-2"]

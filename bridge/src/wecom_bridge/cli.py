@@ -1,5 +1,5 @@
 """Command line: `wecom-bridge serve | work | check-config | send | doctor | simulate |
-migrate-store | wecom-double | dify-double`."""
+simulate-aibot | migrate-store | wecom-double | dify-double | aibot-double`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from wecom_bridge.logs import setup_logging
 from wecom_bridge.tools.migrate_store import add_migrate_store_parser
 from wecom_bridge.tools.send import add_send_parser
 from wecom_bridge.tools.simulate import add_simulate_parser
+from wecom_bridge.tools.simulate_aibot import add_simulate_aibot_parser
 
 
 def _load_or_exit() -> BridgeConfig:
@@ -38,10 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_work(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
-    from wecom_bridge.service.app import build_job_process_pool
+    from wecom_bridge.service.app import build_job_process_side
     from wecom_bridge.service.processes import run_job_process
 
-    run_job_process(config, build_job_process_pool)
+    run_job_process(config, build_job_process_side)
     return 0
 
 
@@ -53,6 +54,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             if app.dify
             else "no Dify"
         )
+        if app.aibot is not None:
+            where = (
+                f"long connection to {app.aibot.ws_url}"
+                if app.aibot.mode == "ws"
+                else f"webhook at {app.callback_path}"
+            )
+            print(f"AI bot {app.name}: bot {app.aibot.bot_id or '-'}, {where}, {dify}")
+            continue
         print(
             f"app {app.name}: corp {app.corp_id}, agent {app.agent_id}, callback path "
             f"{app.callback_path}, {dify}"
@@ -167,6 +176,21 @@ def _run_double(factory_name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def cmd_aibot_double(args: argparse.Namespace) -> int:
+    from wecom_bridge.testing.aibot_double import serve_aibot_double
+    from wecom_bridge.testing.server import required_env
+
+    setup_logging("text", "INFO")
+    try:
+        bot_id = required_env("WECOM_AIBOT_BOT_ID")
+        secret = required_env("WECOM_AIBOT_SECRET")
+    except ConfigError as exc:
+        print(f"wecom-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    serve_aibot_double(bot_id, secret, args.listen, args.control)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wecom-bridge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"wecom-bridge {__version__}")
@@ -183,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_send_parser(sub)
     add_doctor_parser(sub)
     add_simulate_parser(sub)
+    add_simulate_aibot_parser(sub)
+    aibot = sub.add_parser(
+        "aibot-double",
+        help="run the AI-bot double (WebSocket server + control API); "
+        "WECOM_AIBOT_BOT_ID / WECOM_AIBOT_SECRET are the bot it accepts",
+    )
+    aibot.add_argument("--listen", default="127.0.0.1:9300", help="the WebSocket host:port")
+    aibot.add_argument("--control", default="127.0.0.1:9301", help="the control API host:port")
+    aibot.set_defaults(func=cmd_aibot_double)
     add_migrate_store_parser(sub)
     for name, port in (("wecom", 9001), ("dify", 9002)):
         double = sub.add_parser(f"{name}-double", help=f"run the {name} test double")

@@ -28,6 +28,15 @@ DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
 DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
 DEFAULT_CALLBACK_PATH = "/wxcomapp"
+# The channels an app can be: the self-built app (自建应用) or the AI bot (智能机器人).
+CHANNEL_APP = "app"
+CHANNEL_AIBOT = "aibot"
+AIBOT_MODES = ("ws", "webhook")
+DEFAULT_AIBOT_WS_URL = "wss://openws.work.weixin.qq.com"
+DEFAULT_AIBOT_CALLBACK_PATH = "/wxcomaibot"
+# Whose Dify conversation a group-chat message continues: the member's own in that group, or
+# one shared by the whole group.
+GROUP_CONVERSATIONS = ("member", "group")
 # Jobs mostly wait on Dify (5-30 s for a real model): a wide pool of waiting threads is cheap.
 DEFAULT_JOB_WORKERS = 64
 # Paths the bridge serves itself; a callback path may not take them.
@@ -52,8 +61,26 @@ class Replies:
 
 
 @dataclass(frozen=True)
+class AibotSettings:
+    """The AI bot (智能机器人) side of an app: how it connects and how it streams."""
+
+    mode: str  # ws: the bridge holds a long connection; webhook: WeCom calls callback_path
+    bot_id: str
+    secret: str = field(repr=False)  # ws mode
+    ws_url: str = DEFAULT_AIBOT_WS_URL
+    token: str = field(default="", repr=False)  # webhook mode
+    encoding_aes_key: str = field(default="", repr=False)  # webhook mode
+    group_conversation: str = "member"
+    member_input: str = "member"  # the Dify input that gets the member's id, when declared
+    stream_interval: float = 0.5  # at most one stream update per this many seconds
+    keepalive_seconds: float = 60.0  # an update this often even when Dify says nothing new
+
+
+@dataclass(frozen=True)
 class AppConfig:
-    """One WeCom self-built app and the Dify app that answers for it."""
+    """One WeCom channel instance (a self-built app or an AI bot) and the Dify app that
+    answers for it. An AI bot has no corp id, agent id, secret, token or AES key of a
+    self-built app: those fields are empty, and `agent_id` names the bot's conversations."""
 
     name: str
     corp_id: str
@@ -66,6 +93,13 @@ class AppConfig:
     dify: DifySettings | None = field(repr=False)
     reply_msgtype: str = "text"
     replies: Replies = Replies()
+    channel: str = CHANNEL_APP
+    aibot: AibotSettings | None = None
+
+    @property
+    def takes_callbacks(self) -> bool:
+        """Whether WeCom calls this app at `callback_path` (not an AI bot on a long link)."""
+        return self.aibot is None or self.aibot.mode == "webhook"
 
 
 DEFAULT_KF_CALLBACK_PATH = "/wxcomkf"
@@ -322,6 +356,71 @@ def _api_token(env: Mapping[str, str]) -> str | None:
     return value
 
 
+def _aibot_settings(env: Mapping[str, str]) -> AibotSettings:
+    mode = _choice(env, "WECOM_AIBOT_MODE", "ws", AIBOT_MODES)
+    ws_url = env.get("WECOM_AIBOT_WS_URL", "").strip() or DEFAULT_AIBOT_WS_URL
+    if not re.match(r"^wss?://[^/\s]+", ws_url):
+        raise ConfigError("WECOM_AIBOT_WS_URL", f"must be a wss:// (or ws://) URL, got {ws_url!r}")
+    member_input = env.get("WECOM_AIBOT_MEMBER_INPUT", "member").strip()
+    if member_input and not _INPUT_RE.match(member_input):
+        raise ConfigError(
+            "WECOM_AIBOT_MEMBER_INPUT", f"must be a Dify variable name, got {member_input!r}"
+        )
+    common = AibotSettings(
+        mode=mode,
+        bot_id=env.get("WECOM_AIBOT_BOT_ID", "").strip(),
+        secret="",
+        ws_url=ws_url.rstrip("/"),
+        group_conversation=_choice(
+            env, "WECOM_AIBOT_GROUP_CONVERSATION", "member", GROUP_CONVERSATIONS
+        ),
+        member_input=member_input,
+        stream_interval=_float(env, "WECOM_AIBOT_STREAM_INTERVAL", 0.5, 0.1),
+        keepalive_seconds=_float(env, "WECOM_AIBOT_KEEPALIVE_SECONDS", 60.0, 1.0),
+    )
+    if mode == "ws":
+        return dataclasses.replace(
+            common,
+            bot_id=_required(env, "WECOM_AIBOT_BOT_ID"),
+            secret=_required(env, "WECOM_AIBOT_SECRET"),
+        )
+    token = _required(env, "WECOM_AIBOT_TOKEN")
+    aes_key = _required(env, "WECOM_AIBOT_ENCODING_AES_KEY")
+    if not _TOKEN_RE.match(token):
+        raise ConfigError("WECOM_AIBOT_TOKEN", "must be 1-32 letters or digits")
+    try:
+        parse_encoding_aes_key(aes_key)
+    except ValueError as exc:
+        raise ConfigError("WECOM_AIBOT_ENCODING_AES_KEY", f"{exc}") from None
+    return dataclasses.replace(common, token=token, encoding_aes_key=aes_key)
+
+
+def aibot_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppConfig:
+    """The AI bot of WECOM_AIBOT_*: none of the self-built app's variables are needed."""
+    aibot = _aibot_settings(env)
+    callback_path = ""
+    if aibot.mode == "webhook":
+        callback_path = check_callback_path(
+            env.get("WECOM_AIBOT_CALLBACK_PATH", "").strip() or DEFAULT_AIBOT_CALLBACK_PATH,
+            "WECOM_AIBOT_CALLBACK_PATH",
+        )
+    return AppConfig(
+        name="aibot",
+        corp_id="",
+        # The bot's Dify conversations are kept apart from every self-built app's.
+        agent_id=f"aibot:{aibot.bot_id or callback_path}",
+        secret="",
+        token="",
+        encoding_aes_key="",
+        callback_path=callback_path,
+        dify=_dify_settings(env) if require_dify else None,
+        reply_msgtype="markdown",
+        replies=_replies(env),
+        channel=CHANNEL_AIBOT,
+        aibot=aibot,
+    )
+
+
 def database_url(env: Mapping[str, str]) -> str | None:
     """BRIDGE_DATABASE_URL, checked (None: unset, SQLite)."""
     value = env.get("BRIDGE_DATABASE_URL", "").strip()
@@ -362,9 +461,24 @@ def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppCon
 
 
 _WECOM_KEYS = ("CORP_ID", "AGENT_ID", "SECRET", "TOKEN", "ENCODING_AES_KEY")
+_AIBOT_KEYS = (
+    "MODE",
+    "BOT_ID",
+    "SECRET",
+    "WS_URL",
+    "TOKEN",
+    "ENCODING_AES_KEY",
+    "CALLBACK_PATH",
+    "GROUP_CONVERSATION",
+    "MEMBER_INPUT",
+    "STREAM_INTERVAL",
+    "KEEPALIVE_SECONDS",
+)
 _APP_KEYS = frozenset(
     [k.lower() for k in _WECOM_KEYS]
+    + [f"aibot_{k.lower()}" for k in _AIBOT_KEYS]
     + [
+        "channel",
         "callback_path",
         "reply_msgtype",
         "reset_words",
@@ -406,7 +520,7 @@ def _app_from_table(
     for key, value in table.items():
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{where} {key}", "must be a string or number")
-        if key == "name":
+        if key in ("name", "channel"):
             continue
         if key not in _APP_KEYS:
             raise ConfigError(
@@ -415,14 +529,18 @@ def _app_from_table(
         upper = key.upper()
         if upper.startswith("DIFY_"):
             target = upper
-        elif upper in _WECOM_KEYS:
+        elif upper.startswith("AIBOT_") or upper in _WECOM_KEYS:
             target = f"WECOM_{upper}"
         else:
             target = f"BRIDGE_{upper}"
         merged[target] = str(value)
     name = str(table.get("name", f"app{index + 1}"))
+    channel = str(table.get("channel", CHANNEL_APP))
+    if channel not in (CHANNEL_APP, CHANNEL_AIBOT):
+        raise ConfigError(f"{where} channel", f"must be {CHANNEL_APP} or {CHANNEL_AIBOT}")
+    read = aibot_from_env if channel == CHANNEL_AIBOT else app_from_env
     try:
-        app = app_from_env(merged, require_dify=require_dify)
+        app = read(merged, require_dify=require_dify)
     except ConfigError as exc:
         raise type(exc)(f"{where} ({name}): {exc.variable}", exc.problem) from None
     return dataclasses.replace(app, name=name)
@@ -448,7 +566,7 @@ def apps_from_file(
     apps = tuple(
         _app_from_table(t, env, i, require_dify=require_dify) for i, t in enumerate(tables)
     )
-    paths = [a.callback_path for a in apps]
+    paths = [a.callback_path for a in apps if a.takes_callbacks]
     if len(set(paths)) != len(paths):
         raise ConfigError("BRIDGE_APPS_FILE", "every [[app]] needs its own callback_path")
     return apps
@@ -461,7 +579,20 @@ def load_apps(env: Mapping[str, str], *, require_dify: bool = True) -> tuple[App
     apps_file = env.get("BRIDGE_APPS_FILE", "").strip()
     if apps_file:
         return apps_from_file(Path(apps_file), env, require_dify=require_dify)
-    return (app_from_env(env, require_dify=require_dify),)
+    apps: list[AppConfig] = []
+    with_aibot = bool(env.get("WECOM_AIBOT_MODE", "").strip())
+    with_kf = bool(env.get("WECOM_KF_SECRET", "").strip())
+    # The self-built app is configured unless only other channels are: then none of its
+    # variables is required (kf shares WECOM_CORP_ID only). With no channel at all, the
+    # self-built app's first missing variable is named.
+    given = {k: bool(env.get(f"WECOM_{k}", "").strip()) for k in ("CORP_ID", "AGENT_ID")}
+    if given["AGENT_ID"] or (given["CORP_ID"] and not with_kf) or not (with_aibot or with_kf):
+        apps.append(app_from_env(env, require_dify=require_dify))
+    if with_aibot:
+        apps.append(aibot_from_env(env, require_dify=require_dify))
+    if len(apps) == 2 and apps[0].callback_path == apps[1].callback_path:
+        raise ConfigError("WECOM_AIBOT_CALLBACK_PATH", "must differ from BRIDGE_CALLBACK_PATH")
+    return tuple(apps)
 
 
 def kf_from_env(

@@ -55,6 +55,12 @@ class MalformedXmlError(CallbackError):
     wecom_code = -40002
 
 
+class MalformedJsonError(CallbackError):
+    """An AI-bot webhook body that is not the JSON {"encrypt": …} WeCom sends."""
+
+    wecom_code = -40002
+
+
 class MissingParameterError(CallbackError):
     """A signed query parameter (msg_signature, timestamp, nonce, echostr) is missing."""
 

@@ -53,6 +53,19 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     ),
     "wecom_bridge_token_refreshes_total": ("counter", "WeCom access token refreshes."),
     "wecom_bridge_jobs_total": ("counter", "Jobs finished, by final status."),
+    "wecom_bridge_aibot_links_unsubscribed": (
+        "gauge",
+        "AI bots whose long connection is not subscribed now (wrong secret, taken over, down).",
+    ),
+    "wecom_bridge_aibot_link_changes_total": (
+        "counter",
+        "AI-bot long connection state changes, by state (subscribed, auth_failed, taken_over, …).",
+    ),
+    "wecom_bridge_aibot_stream_updates_total": ("counter", "AI-bot stream updates sent."),
+    "wecom_bridge_aibot_messages_sent_total": (
+        "counter",
+        "AI-bot answers (or parts) sent as new messages: beyond 20480 bytes, or the stream gone.",
+    ),
     "wecom_bridge_send_api_requests_total": (
         "counter",
         "Send API requests (POST /api/v1/messages), by outcome.",

@@ -8,9 +8,11 @@ channel is a new pair of classes, not a change to the pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from wecom_bridge.channels.proactive import SendRequest
 from wecom_bridge.wecom.messages import SendResult
@@ -34,13 +36,17 @@ class InboundMessage:
     text: str = ""
     msg_id: str = ""
     msg_type: str = ""  # the channel's own name for the type, for logs
+    # The channel's handle on this message, kept with its job for the answer (the AI bot's
+    # req_id, chat and stream id); empty for channels that answer a member by id alone.
+    context: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Reply:
-    """An answer to the member who asked."""
+    """An answer to the member who asked (`context`: the channel's handle on their message)."""
 
     user: str
+    context: Mapping[str, str] = field(default_factory=dict)
 
 
 # Where a job's text goes: back to the member, or (send API) to the recipients a request names.
@@ -61,4 +67,18 @@ class Outbound(Protocol):
 
     def send_part(self, target: Target, text: str) -> SendResult:
         """Deliver one part; raises WeComApiError when the channel refuses it."""
+        ...
+
+
+# Called with the whole answer so far, each time it grows.
+TextProgress = Callable[[str], None]
+
+
+@runtime_checkable
+class StreamingOutbound(Protocol):
+    """A channel that shows the answer while it is written (the AI bot)."""
+
+    def streaming(self, target: Target) -> AbstractContextManager[TextProgress | None]:
+        """While the answer is produced: a callback for its progress (None: not streamed).
+        The parts are sent after the block ends."""
         ...

@@ -179,6 +179,14 @@ class _Call:
     posts: int = 0
     on_accepted: Callable[[dict[str, str]], None] | None = None
     reported: tuple[str, str] = ("", "")
+    # Called with the whole answer so far as it streams (already cleaned of reasoning).
+    on_text: Callable[[str], None] | None = None
+    clean: Callable[[str], str] = str
+    extra: dict[str, object] = field(default_factory=dict)  # per-message inputs
+
+    def grew(self, text: str) -> None:
+        if self.on_text is not None:
+            self.on_text(self.clean(text))
 
     def accepted(self, progress: _Progress) -> None:
         ids = (progress.message_id, progress.workflow_run_id)
@@ -302,25 +310,31 @@ class DifyClient:
         conversation_id: str = "",
         *,
         on_accepted: Callable[[dict[str, str]], None] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        member_inputs: Mapping[str, str] | None = None,
     ) -> DifyAnswer:
         """Dify's answer to `query`. `on_accepted(ids)` is called as soon as Dify named the
         message it accepted (conversation_id, message_id, workflow_run_id): keep them, and a
-        job resumed after a crash fetches that answer (`resume`) instead of asking again."""
+        job resumed after a crash fetches that answer (`resume`) instead of asking again.
+        `on_text(answer_so_far)` follows the stream. `member_inputs` (e.g. who asked) are
+        added to the inputs the app declares; the others are left out."""
         started = time.monotonic()
-        call = _Call(on_accepted=on_accepted)
+        clean = strip_reasoning if self._settings.strip_reasoning else str
+        call = _Call(on_accepted=on_accepted, on_text=on_text, clean=clean)
         try:
             mode = self.app_mode()
             self._check_inputs()
+            call.extra = self._declared(member_inputs or {})
             try:
                 if mode in CHAT_MODES:
                     answer = self._chat(call, query, user, conversation_id)
                 elif mode == "completion":
-                    body = self._body(user, inputs=self._inputs(query))
+                    body = self._body(user, inputs=self._inputs(query, call.extra))
                     answer = self._with_retries(
                         lambda: self._stream(call, "/completion-messages", body)
                     )
                 else:
-                    body = self._body(user, inputs=self._inputs(query))
+                    body = self._body(user, inputs=self._inputs(query, call.extra))
                     answer = self._with_retries(lambda: self._stream(call, "/workflows/run", body))
             except _StreamBroken as broken:
                 answer = self._recover(broken, query, user)
@@ -370,11 +384,23 @@ class DifyClient:
         body.update(fields)
         return body
 
-    def _inputs(self, query: str) -> dict[str, object]:
-        return {**self._settings.inputs, self._settings.query_input: query}
+    def _inputs(self, query: str, extra: Mapping[str, object]) -> dict[str, object]:
+        return {**self._settings.inputs, **extra, self._settings.query_input: query}
+
+    def _declared(self, wanted: Mapping[str, str]) -> dict[str, object]:
+        """The per-message inputs the app declares (Dify drops others, and a form that could
+        not be read sends none: better no input than a refused message)."""
+        if not wanted:
+            return {}
+        try:
+            declared = {str(spec["variable"]) for spec in self.input_form()}
+        except DifyError:
+            return {}
+        return {name: value for name, value in wanted.items() if name in declared}
 
     def _chat(self, call: _Call, query: str, user: str, conversation_id: str) -> DifyAnswer:
-        body = self._body(user, query=query, conversation_id=conversation_id)
+        inputs = {**self._settings.inputs, **call.extra}
+        body = self._body(user, query=query, conversation_id=conversation_id, inputs=inputs)
         try:
             return self._with_retries(lambda: self._stream(call, "/chat-messages", body))
         except ConversationNotFoundError as exc:
@@ -383,7 +409,7 @@ class DifyClient:
             log.info(
                 "Dify refused conversation %s (%s); starting a new one", conversation_id, exc.code
             )
-        fresh = self._body(user, query=query, conversation_id="")
+        fresh = self._body(user, query=query, conversation_id="", inputs=inputs)
         return self._with_retries(lambda: self._stream(call, "/chat-messages", fresh))
 
     def _workflow_result(self, data: Mapping[str, Any], run_id: str) -> DifyAnswer:
@@ -531,8 +557,14 @@ class DifyClient:
             call.accepted(progress)
             if kind in ("message", "agent_message"):
                 progress.answer += str(event.get("answer", ""))
+                call.grew(progress.answer)
             elif kind == "message_replace":
                 progress.answer = str(event.get("answer", ""))
+                call.grew(progress.answer)
+            elif kind == "text_chunk" and path == "/workflows/run":
+                data = event.get("data") or {}
+                progress.answer += str(data.get("text", "")) if isinstance(data, dict) else ""
+                call.grew(progress.answer)
             elif kind == "message_end":
                 message_id = progress.message_id or str(event.get("id", ""))
                 return DifyAnswer(progress.answer, progress.conversation_id, message_id)
@@ -544,7 +576,7 @@ class DifyClient:
                 raise DifyPausedError(progress.workflow_run_id, data.get("reasons"))
             elif kind == "error":
                 raise _stream_error(event)
-            # ping, text_chunk, agent_thought, message_file, tts_*, node events: nothing to send
+            # ping, agent_thought, message_file, tts_*, node events: nothing to send
         raise _StreamBroken(path, "stream_incomplete", progress)
 
     # --- recovery of a broken stream -------------------------------------------------------

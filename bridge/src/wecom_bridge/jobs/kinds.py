@@ -9,7 +9,7 @@ older one after a roll-back. A payload that cannot be read is a `JobPayloadError
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from wecom_bridge.channels.base import Reply, Target
@@ -29,6 +29,7 @@ class ChatJob:
     KIND: ClassVar[str] = "chat"
     query: str
     msg_id: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)  # the channel's (InboundMessage)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ResetJob:
 
     KIND: ClassVar[str] = "reset"
     msg_id: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class NoticeJob:
     text: str
     msg_id: str = ""
     msg_type: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,16 @@ JobSpec = ChatJob | ResetJob | NoticeJob | SendJob | KfJobSpec
 
 def target_of(spec: JobSpec, user: str) -> Target:
     """Where the job's text goes: a send request names its recipients, the rest answer `user`."""
-    return spec.request if isinstance(spec, SendJob) else Reply(user)
+    if isinstance(spec, SendJob):
+        return spec.request
+    if isinstance(spec, ChatJob | ResetJob | NoticeJob):
+        return Reply(user, spec.context)
+    return Reply(user)  # 微信客服's own kinds: the customer, with no channel context
 
 
 def encode(spec: JobSpec) -> tuple[str, dict[str, object]]:
     """(kind, payload) as the store keeps them."""
+    fields: dict[str, object]
     if isinstance(spec, SendJob):
         fields = spec.request.payload()
     elif isinstance(spec, ChatJob):
@@ -107,6 +115,8 @@ def encode(spec: JobSpec) -> tuple[str, dict[str, object]]:
         fields = {"welcome_code": spec.welcome_code, "text": spec.text, "msg_id": spec.msg_id}
     else:
         fields = {"text": spec.text, "msg_id": spec.msg_id, "msg_type": spec.msg_type}
+    if isinstance(spec, ChatJob | ResetJob | NoticeJob) and spec.context:
+        fields["context"] = dict(spec.context)
     return spec.KIND, {VERSION_FIELD: PAYLOAD_VERSION, **fields}
 
 
@@ -130,12 +140,23 @@ def _text(fields: Mapping[str, object], name: str, *, required: bool = False) ->
     return value
 
 
+def _context(fields: Mapping[str, object]) -> dict[str, str]:
+    value = fields.get("context", {})
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise JobPayloadError("payload field 'context' is not an object of strings")
+    return {str(k): v for k, v in value.items()}
+
+
 def _chat(fields: Mapping[str, object]) -> JobSpec:
-    return ChatJob(query=_text(fields, "query", required=True), msg_id=_text(fields, "msg_id"))
+    return ChatJob(
+        query=_text(fields, "query", required=True),
+        msg_id=_text(fields, "msg_id"),
+        context=_context(fields),
+    )
 
 
 def _reset(fields: Mapping[str, object]) -> JobSpec:
-    return ResetJob(msg_id=_text(fields, "msg_id"))
+    return ResetJob(msg_id=_text(fields, "msg_id"), context=_context(fields))
 
 
 def _notice(fields: Mapping[str, object]) -> JobSpec:
@@ -143,6 +164,7 @@ def _notice(fields: Mapping[str, object]) -> JobSpec:
         text=_text(fields, "text", required=True),
         msg_id=_text(fields, "msg_id"),
         msg_type=_text(fields, "msg_type"),
+        context=_context(fields),
     )
 
 

@@ -42,8 +42,10 @@ from wecom_bridge.jobs.store import (
     Arrival,
     Job,
     JobRecord,
+    LinkStatus,
     NewJob,
     StoreSnapshot,
+    StreamProgress,
 )
 
 log = logging.getLogger("wecom_bridge.store")
@@ -128,6 +130,24 @@ CREATE TABLE kf_cursors (
     app text NOT NULL, open_kfid text NOT NULL, cursor text NOT NULL,
     updated_at double precision NOT NULL, PRIMARY KEY (app, open_kfid)
 );
+""",
+    ),
+)
+MIGRATIONS += (
+    (
+        4,
+        "the AI bot: its long connections' reports and its webhook streams",
+        """
+CREATE TABLE links (
+    name text PRIMARY KEY, owner text NOT NULL, state text NOT NULL, detail text NOT NULL,
+    updated_at double precision NOT NULL
+);
+CREATE TABLE streams (
+    app text NOT NULL, stream_id text NOT NULL, content text NOT NULL,
+    finished boolean NOT NULL DEFAULT false, response_url_used boolean NOT NULL DEFAULT false,
+    updated_at double precision NOT NULL, PRIMARY KEY (app, stream_id)
+);
+CREATE INDEX streams_updated ON streams (updated_at);
 """,
     ),
 )
@@ -523,6 +543,54 @@ class PostgresStore:
         earliest = rows[0][0]
         return None if earliest is None else max(0.0, earliest - self._clock())
 
+    # --- the AI bot (see SqliteStore) ------------------------------------------------------
+
+    def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO links (name, owner, state, detail, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET"
+                " owner = excluded.owner, state = excluded.state, detail = excluded.detail,"
+                " updated_at = excluded.updated_at",
+                (name, owner, state, detail, self._clock()),
+            )
+
+    def link_states(self) -> list[LinkStatus]:
+        rows = self._read("SELECT name, owner, state, detail, updated_at FROM links ORDER BY name")
+        return [LinkStatus(*row) for row in rows]
+
+    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO streams (app, stream_id, content, finished, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (app, stream_id) DO UPDATE SET"
+                " content = excluded.content, finished = excluded.finished,"
+                " updated_at = excluded.updated_at WHERE NOT streams.finished",
+                (app, stream_id, content, finished, self._clock()),
+            )
+
+    def get_stream(self, app: str, stream_id: str) -> StreamProgress | None:
+        rows = self._read(
+            "SELECT content, finished, response_url_used FROM streams"
+            " WHERE app = %s AND stream_id = %s",
+            (app, stream_id),
+        )
+        return StreamProgress(*rows[0]) if rows else None
+
+    def use_response_url(self, app: str, stream_id: str) -> bool:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO streams (app, stream_id, content, updated_at)"
+                " VALUES (%s, %s, '', %s) ON CONFLICT (app, stream_id) DO NOTHING",
+                (app, stream_id, self._clock()),
+            )
+            cur = db.execute(
+                "UPDATE streams SET response_url_used = true WHERE app = %s AND stream_id = %s"
+                " AND NOT response_url_used",
+                (app, stream_id),
+            )
+            return cur.rowcount == 1
+
     # --- 微信客服 pulls ----------------------------------------------------------------------
 
     def kf_cursor(self, app: str, open_kfid: str) -> str | None:
@@ -742,6 +810,7 @@ class PostgresStore:
                 (now - job_retention,),
             ).rowcount
             db.execute("DELETE FROM send_bookings WHERE at < %s", (now - horizon,))
+            db.execute("DELETE FROM streams WHERE updated_at < %s", (now - dedupe_ttl,))
         return keys, jobs
 
     def check_open(self) -> None:

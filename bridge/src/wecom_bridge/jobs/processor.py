@@ -9,14 +9,21 @@ asking Dify again and without sending a part twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wecom_bridge.channels.base import Outbound, Reply
+from wecom_bridge.channels.base import (
+    Outbound,
+    Reply,
+    StreamingOutbound,
+    Target,
+    TextProgress,
+)
 from wecom_bridge.config import AppConfig
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import (
@@ -72,6 +79,13 @@ class Answer:
 
 # Each handler takes its own kind (the table is keyed by the kind's class, so it always does).
 Handler = Callable[[Job, Any, AppRuntime], Answer]
+
+
+def _member_inputs(config: AppConfig, spec: ChatJob) -> dict[str, str]:
+    """Who asked, for a Dify app that declares an input for it (the AI bot in group chats)."""
+    member = spec.context.get("member", "")
+    name = config.aibot.member_input if config.aibot is not None else ""
+    return {name: member} if name and member else {}
 
 
 class JobProcessor:
@@ -207,19 +221,22 @@ class JobProcessor:
         conversation = self.store.get_conversation(cfg.corp_id, cfg.agent_id, job.user)
         accepted = (job.result or {}).get(DIFY_ACCEPTED)
         try:
-            if isinstance(accepted, dict):  # asked before a crash: fetch, do not ask again
-                log.info(
-                    "resuming: fetching the answer Dify accepted before",
-                    extra={"job_id": job.id, "user": job.user, "event": "dify_resume"},
-                )
-                answer = app.dify.resume(accepted, spec.query, job.user)
-            else:
-                answer = app.dify.ask(
-                    spec.query,
-                    job.user,
-                    conversation,
-                    on_accepted=lambda ids: self._note_accepted(job, ids),
-                )
+            with self._streaming(app, spec, job.user) as on_text:
+                if isinstance(accepted, dict):  # asked before a crash: fetch, do not ask again
+                    log.info(
+                        "resuming: fetching the answer Dify accepted before",
+                        extra={"job_id": job.id, "user": job.user, "event": "dify_resume"},
+                    )
+                    answer = app.dify.resume(accepted, spec.query, job.user)
+                else:
+                    answer = app.dify.ask(
+                        spec.query,
+                        job.user,
+                        conversation,
+                        on_accepted=lambda ids: self._note_accepted(job, ids),
+                        on_text=on_text,
+                        member_inputs=_member_inputs(app.config, spec),
+                    )
         except DifyPausedError as exc:
             fields: dict[str, object] = {"event": "dify_paused", "workflow_run_id": exc.run_id}
             log.warning(
@@ -247,6 +264,16 @@ class JobProcessor:
             "message_id": answer.message_id,
         }
         return Answer(answer.text.strip() or fallback, result)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _streaming(app: AppRuntime, spec: ChatJob, user: str) -> Iterator[TextProgress | None]:
+        """The channel's progress callback while Dify writes (None: it does not stream)."""
+        if not isinstance(app.outbound, StreamingOutbound):
+            yield None
+            return
+        with app.outbound.streaming(target_of(spec, user)) as on_text:
+            yield on_text
 
     def _note_accepted(self, job: Job, ids: dict[str, str]) -> None:
         """Keep the ids of the message Dify accepted, so that a job resumed after a crash
@@ -309,11 +336,19 @@ class JobProcessor:
         app = self.apps.get(job.app)
         if app is not None and job.kind != SendJob.KIND:
             try:
-                app.outbound.send_part(Reply(job.user), app.config.replies.fallback_reply)
+                app.outbound.send_part(self._reply_to(job), app.config.replies.fallback_reply)
             except Exception:
                 log.exception("could not send the fallback text", extra={"job_id": job.id})
         fields: dict[str, object] = {"job_id": job.id, "user": job.user, "app": job.app}
         self._fail(job, f"given up after repeated errors ({error})", None, fields)
+
+    @staticmethod
+    def _reply_to(job: Job) -> Target:
+        """The job's member, with the channel's handle on their message when it can be read."""
+        try:
+            return target_of(decode(job.kind, job.payload), job.user)
+        except JobPayloadError:
+            return Reply(job.user)
 
     def _fail(self, job: Job, error: str, errcode: int | None, fields: dict[str, object]) -> None:
         self.store.fail(job.id, error, errcode)

@@ -18,12 +18,17 @@ def route(message: InboundMessage, replies: Replies) -> JobSpec | None:
         if not text:
             return None
         if text in replies.reset_words:
-            return ResetJob(msg_id=message.msg_id)
-        return ChatJob(query=text, msg_id=message.msg_id)
+            return ResetJob(msg_id=message.msg_id, context=message.context)
+        return ChatJob(query=text, msg_id=message.msg_id, context=message.context)
     if message.kind is InboundKind.ENTER:
-        return NoticeJob(text=replies.welcome_text) if replies.welcome_text else None
+        if not replies.welcome_text:
+            return None
+        return NoticeJob(text=replies.welcome_text, context=message.context)
     if message.kind is InboundKind.UNSUPPORTED and replies.unsupported_reply:
         return NoticeJob(
-            text=replies.unsupported_reply, msg_id=message.msg_id, msg_type=message.msg_type
+            text=replies.unsupported_reply,
+            msg_id=message.msg_id,
+            msg_type=message.msg_type,
+            context=message.context,
         )
     return None

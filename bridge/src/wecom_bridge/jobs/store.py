@@ -83,6 +83,21 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS worker_heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);
+-- The AI bot's long connections as their holders (Store.exclusive) last reported them, for
+-- /readyz; a holder reports again every few seconds, so a stale row means none holds it.
+CREATE TABLE IF NOT EXISTS links (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+-- The AI bot's webhook streams: what WeCom's stream-refresh callbacks are answered with (the job
+-- side writes the text as Dify writes it, the web side reads it), and whether the message's
+-- one-time response_url was used.
+CREATE TABLE IF NOT EXISTS streams (
+    app TEXT NOT NULL, stream_id TEXT NOT NULL, content TEXT NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0, response_url_used INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL, PRIMARY KEY (app, stream_id)
+);
+CREATE INDEX IF NOT EXISTS streams_updated ON streams (updated_at);
 -- 微信客服: where the last kf/sync_msg of each kf account stopped (its next_cursor).
 CREATE TABLE IF NOT EXISTS kf_cursors (
     app TEXT NOT NULL, open_kfid TEXT NOT NULL, cursor TEXT NOT NULL, updated_at REAL NOT NULL,
@@ -126,6 +141,26 @@ class Job:
     result: dict[str, object] | None = None
     error: str | None = None
     errcode: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """An AI bot's webhook stream: its text so far, and whether its response_url was used."""
+
+    content: str
+    finished: bool
+    response_url_used: bool
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    """One long connection as its holder last reported it."""
+
+    name: str
+    owner: str
+    state: str
+    detail: str
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -280,6 +315,13 @@ class Store(Protocol):
     def jobs(self, status: str | None = None) -> list[Job]: ...
     def queue_depth(self) -> int: ...
     def next_available_in(self, *, skip_apps: Collection[str] = ()) -> float | None: ...
+
+    # --- the AI bot: its long connections' reports, its webhook streams ---
+    def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None: ...
+    def link_states(self) -> list[LinkStatus]: ...
+    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None: ...
+    def get_stream(self, app: str, stream_id: str) -> StreamProgress | None: ...
+    def use_response_url(self, app: str, stream_id: str) -> bool: ...
 
     # --- 微信客服 pulls (jobs/kf.py) ---
     def kf_cursor(self, app: str, open_kfid: str) -> str | None: ...
@@ -777,6 +819,62 @@ class SqliteStore:
         earliest = rows[0][0]
         return None if earliest is None else max(0.0, earliest - self._clock())
 
+    # --- long connections (the AI bot) ------------------------------------------------------
+
+    def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None:
+        """The report of connection `name`'s holder (the caller holds `exclusive(name)`)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO links (name, owner, state, detail, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, state=excluded.state,"
+                " detail=excluded.detail, updated_at=excluded.updated_at",
+                (name, owner, state, detail, self._clock()),
+            )
+
+    def link_states(self) -> list[LinkStatus]:
+        return [
+            LinkStatus(r["name"], r["owner"], r["state"], r["detail"], r["updated_at"])
+            for r in self._read("SELECT * FROM links ORDER BY name")
+        ]
+
+    # --- webhook streams (the AI bot) ------------------------------------------------------
+
+    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None:
+        """The stream's text so far (a finished stream is not changed again)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO streams (app, stream_id, content, finished, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (app, stream_id) DO UPDATE SET"
+                " content=excluded.content, finished=excluded.finished,"
+                " updated_at=excluded.updated_at WHERE streams.finished = 0",
+                (app, stream_id, content, int(finished), self._clock()),
+            )
+
+    def get_stream(self, app: str, stream_id: str) -> StreamProgress | None:
+        rows = self._read(
+            "SELECT content, finished, response_url_used FROM streams WHERE app=? AND stream_id=?",
+            (app, stream_id),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return StreamProgress(row[0], bool(row[1]), bool(row[2]))
+
+    def use_response_url(self, app: str, stream_id: str) -> bool:
+        """Claim the message's one response_url call; False when it was used before."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO streams (app, stream_id, content, updated_at) VALUES (?, ?, '', ?)"
+                " ON CONFLICT (app, stream_id) DO NOTHING",
+                (app, stream_id, self._clock()),
+            )
+            cur = db.execute(
+                "UPDATE streams SET response_url_used=1 WHERE app=? AND stream_id=?"
+                " AND response_url_used=0",
+                (app, stream_id),
+            )
+            return cur.rowcount == 1
+
     # --- 微信客服 pulls ----------------------------------------------------------------------
 
     def kf_cursor(self, app: str, open_kfid: str) -> str | None:
@@ -870,6 +968,7 @@ class SqliteStore:
                 "DELETE FROM jobs WHERE status IN ('done', 'failed') AND updated_at < ?",
                 (now - job_retention,),
             ).rowcount
+            db.execute("DELETE FROM streams WHERE updated_at < ?", (now - dedupe_ttl,))
         return keys, jobs
 
     def export_snapshot(self) -> StoreSnapshot:

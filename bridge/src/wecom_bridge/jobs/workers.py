@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.jobs.processor import MAX_JOB_RETRY_DELAY, JobProcessor
@@ -76,6 +76,7 @@ class WorkerPool:
         job_retention: float = 7 * 86400,
         max_internal_errors: int = MAX_INTERNAL_ERRORS,
         error_retry_base: float = 5.0,
+        held_elsewhere: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self.store = store
         self.processor = processor
@@ -89,6 +90,9 @@ class WorkerPool:
         self.max_internal_errors = max_internal_errors
         self.error_retry_base = error_retry_base
         self.app_slots = AppSlots(app_limits or {})
+        # Apps whose jobs only another process can run (an AI bot whose long connection
+        # another bridge holds): their jobs are left to it.
+        self.held_elsewhere = held_elsewhere
         # Free workers: the dispatcher takes one before it claims, a worker gives it back.
         self._free = threading.Semaphore(size)
         self._handoff: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -154,16 +158,19 @@ class WorkerPool:
 
     def _claim(self) -> Job | None:
         try:
-            return self.store.claim(self.owner, self.lease_seconds, skip_apps=self.app_slots.full())
+            return self.store.claim(self.owner, self.lease_seconds, skip_apps=self._skipped())
         except StoreUnavailableError as exc:
             log.error("store unavailable, dispatcher waits", extra={"error": str(exc)})
             self._stopping.wait(self.poll_seconds)
             return None
 
+    def _skipped(self) -> set[str]:
+        return set(self.app_slots.full()) | set(self.held_elsewhere())
+
     def _idle(self) -> None:
         """Nothing to claim: wait for a notify, a finished job, or the next retry time."""
         try:
-            next_in = self.store.next_available_in(skip_apps=self.app_slots.full())
+            next_in = self.store.next_available_in(skip_apps=self._skipped())
         except StoreUnavailableError:
             next_in = None
         timeout = self.poll_seconds if next_in is None else min(self.poll_seconds, next_in)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flask import Flask
 
+from wecom_bridge.channels.aibot import AibotOutbound
+from wecom_bridge.channels.aibot_webhook import AibotWebhookInbound, AibotWebhookOutbound
+from wecom_bridge.channels.base import Outbound
 from wecom_bridge.channels.kf import KfInbound, KfOutbound
 from wecom_bridge.channels.wecom_app import WeComAppInbound, WeComAppOutbound
-from wecom_bridge.config import BridgeConfig, KfConfig, load_config
+from wecom_bridge.config import AppConfig, BridgeConfig, KfConfig, load_config
 from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
@@ -29,13 +32,17 @@ from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
+from wecom_bridge.service.aibot import AibotLink, link_name
 from wecom_bridge.service.processes import (
     HEARTBEAT_SECONDS,
+    JobSide,
+    Link,
     MetricsExchange,
     WakeupSender,
     publish_metrics_in_background,
 )
-from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, IntakeTally
+from wecom_bridge.web.aibot_callbacks import AibotWebhookEndpoint
+from wecom_bridge.web.callbacks import CallbackEndpoint, CallbackRouter, Endpoint, IntakeTally
 from wecom_bridge.web.kf_callback import KfCallbackEndpoint
 from wecom_bridge.web.ops import Ops, register_ops
 from wecom_bridge.web.send_api import SendApi, register_send_api
@@ -53,23 +60,65 @@ class Runtime:
     store: Store
     metrics: Metrics
     pool: WorkerPool | None  # None: the job side is a separate process
+    links: Sequence[Link] = ()  # the AI bots' long connections of the in-process side
 
 
-def build_apps(config: BridgeConfig, store: Store, metrics: Metrics) -> dict[str, AppRuntime]:
+def long_connection_apps(config: BridgeConfig) -> list[AppConfig]:
+    return [a for a in config.apps if a.aibot is not None and a.aibot.mode == "ws"]
+
+
+def build_links(config: BridgeConfig, metrics: Metrics) -> dict[str, AibotLink]:
+    """A long connection per AI bot in ws mode; arrivals are stored with synced commits."""
+    if not long_connection_apps(config):
+        return {}
+    intake = open_store(config, Role.WEB)
+    return {app.name: AibotLink(app, intake, metrics) for app in long_connection_apps(config)}
+
+
+def _outbound(
+    config: BridgeConfig,
+    app: AppConfig,
+    store: Store,
+    metrics: Metrics,
+    links: dict[str, AibotLink],
+) -> Outbound:
+    if app.aibot is not None and app.aibot.mode == "webhook":
+        return AibotWebhookOutbound(app, store, metrics)
+    if app.aibot is not None:
+        return AibotOutbound(app, links[app.name].connection, metrics)
+    wecom = WeComClient(
+        api_base=config.wecom_api_base,
+        corp_id=app.corp_id,
+        secret=app.secret,
+        token_cache=store,
+        metrics=metrics,
+        config_error_cooldown=config.config_error_cooldown,
+    )
+    return WeComAppOutbound(app, wecom)
+
+
+def build_apps(
+    config: BridgeConfig,
+    store: Store,
+    metrics: Metrics,
+    links: dict[str, AibotLink] | None = None,
+) -> dict[str, AppRuntime]:
     """Each configured app with its clients and its channel's outbound."""
     apps = {}
     for app in config.apps:
-        wecom = WeComClient(
-            api_base=config.wecom_api_base,
-            corp_id=app.corp_id,
-            secret=app.secret,
-            token_cache=store,
-            metrics=metrics,
-            config_error_cooldown=config.config_error_cooldown,
-        )
         dify = DifyClient(app.dify, metrics=metrics) if app.dify else None
-        apps[app.name] = AppRuntime(config=app, dify=dify, outbound=WeComAppOutbound(app, wecom))
+        outbound = _outbound(config, app, store, metrics, links or {})
+        apps[app.name] = AppRuntime(config=app, dify=dify, outbound=outbound)
     return apps
+
+
+def build_job_side(config: BridgeConfig, metrics: Metrics) -> JobSide:
+    """The workers and the AI bots' long connections, which wake them."""
+    links = build_links(config, metrics)
+    pool = build_pool(config, metrics, links)
+    for link in links.values():
+        link.notify = pool.notify
+    return JobSide(pool, tuple(links.values()))
 
 
 def kf_client(config: BridgeConfig, kf: KfConfig, store: Store, metrics: Metrics) -> KfClient:
@@ -96,12 +145,14 @@ def build_kf(
     return runtime, KfJobs(store, kf, client)
 
 
-def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
+def build_pool(
+    config: BridgeConfig, metrics: Metrics, links: dict[str, AibotLink] | None = None
+) -> WorkerPool:
     """The job side: its own store connection, the processor and the worker threads."""
     # Worker progress commits without fsync: it survives a crash of the process, and the next
     # acknowledged callback's synced commit makes it durable. Callbacks keep full durability.
     store = open_store(config, Role.JOBS)
-    apps = build_apps(config, store, metrics)
+    apps = build_apps(config, store, metrics, links)
     kf_jobs = None
     if config.kf is not None:
         apps[config.kf.name], kf_jobs = build_kf(config, config.kf, store, metrics)
@@ -126,20 +177,25 @@ def build_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
         poll_seconds=poll_seconds(config),
         dedupe_ttl=config.dedupe_ttl_seconds,
         job_retention=config.job_retention_seconds,
+        # A bot's answers go out on its long connection: only its holder runs its jobs.
+        held_elsewhere=lambda: {name for name, link in (links or {}).items() if not link.holding},
     )
     if kf_jobs is not None:
         kf_jobs.wake = pool.notify
     return pool
 
 
-def build_job_process_pool(config: BridgeConfig, metrics: Metrics) -> WorkerPool:
-    """The `work` process's pool; it also checks each Dify app's inputs once, in the
+def build_job_process_side(config: BridgeConfig, metrics: Metrics) -> JobSide:
+    """The `work` process's side; it also checks each Dify app's inputs once, in the
     background (Dify may be slow or down at start: the answers do not wait for it)."""
-    pool = build_pool(config, metrics)
+    side = build_job_side(config, metrics)
     threading.Thread(
-        target=report_dify_inputs, args=(pool.processor.apps,), name="dify-inputs", daemon=True
+        target=report_dify_inputs,
+        args=(side.pool.processor.apps,),
+        name="dify-inputs",
+        daemon=True,
     ).start()
-    return pool
+    return side
 
 
 def report_dify_inputs(apps: dict[str, AppRuntime]) -> None:
@@ -172,6 +228,13 @@ def _queue_depth(store: Store) -> float:
         return float("nan")
 
 
+def _unsubscribed(ops: Ops) -> float:
+    try:
+        return float(len(ops.link_problems()))
+    except StoreUnavailableError:
+        return float("nan")
+
+
 def _workers_alive(store: Store, pool: WorkerPool | None) -> Callable[[], bool]:
     if pool is not None:
         return pool.alive
@@ -192,7 +255,8 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
     store = open_store(config, Role.WEB)
     metrics = Metrics()
     metrics.gauge_from("wecom_bridge_queue_depth", lambda: _queue_depth(store))
-    pool = build_pool(config, metrics) if in_process_workers else None
+    side = build_job_side(config, metrics) if in_process_workers else None
+    pool = side.pool if side else None
     notify = _wake_job_side(config, pool)
     # In `serve`, the processes share their counters through the data dir (service.processes).
     others: Callable[[], list[Snapshot]] = list
@@ -202,11 +266,13 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
         others = exchange.collect
     flask_app = Flask("wecom_bridge")
     flask_app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    flask_app.extensions["wecom_bridge"] = Runtime(config, store, metrics, pool)
+    flask_app.extensions["wecom_bridge"] = Runtime(
+        config, store, metrics, pool, side.links if side else ()
+    )
     acceptor = GroupCommitter(store, on_stored=notify)
     tally = IntakeTally()
     tally.start()
-    endpoints = [
+    endpoints: list[Endpoint] = [
         CallbackEndpoint(
             app=app.name,
             inbound=WeComAppInbound(app),
@@ -217,6 +283,19 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
             tally=tally,
         )
         for app in config.apps
+        if app.aibot is None
+    ]
+    endpoints += [
+        AibotWebhookEndpoint(
+            app=app,
+            inbound=AibotWebhookInbound(app),
+            acceptor=acceptor,
+            board=store,
+            metrics=metrics,
+            max_body_bytes=config.max_body_bytes,
+        )
+        for app in config.apps
+        if app.aibot is not None and app.aibot.mode == "webhook"
     ]
     if config.kf is not None:
         inbound = KfInbound(config.kf)
@@ -238,20 +317,26 @@ def create_app(config: BridgeConfig, *, in_process_workers: bool = True) -> Flas
             config=config, store=store, metrics=metrics, notify=notify, token=config.api_token
         )
         register_send_api(flask_app, api)
-    register_ops(flask_app, Ops(store, metrics, _workers_alive(store, pool), others))
-    if pool:
-        pool.start()
+    links = tuple(link_name(app) for app in long_connection_apps(config))
+    ops = Ops(store, metrics, _workers_alive(store, pool), others, links)
+    if links:
+        metrics.gauge_from("wecom_bridge_aibot_links_unsubscribed", lambda: _unsubscribed(ops))
+    register_ops(flask_app, ops)
+    if side:
+        side.start()
+        running = side.pool
         # Other bridges' jobs too; the listener ends with the pool.
-        listener = job_notifications(config, pool.notify, until=lambda: not pool.alive())
+        listener = job_notifications(config, running.notify, until=lambda: not running.alive())
         if listener is not None:
             listener.start()
     log.info(
         "bridge ready to serve",
         extra={
             "paths": ",".join(
-                [a.callback_path for a in config.apps]
+                [a.callback_path for a in config.apps if a.takes_callbacks]
                 + ([config.kf.callback_path] if config.kf else [])
             ),
+            "long_connections": ",".join(links) or "none",
             "send_api": "on" if config.api_token else "off (BRIDGE_API_TOKEN not set)",
         },
     )

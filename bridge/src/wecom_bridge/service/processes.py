@@ -32,9 +32,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from granian.constants import HTTPModes, Interfaces
 from granian.log import LogLevels
@@ -176,13 +177,42 @@ def publish_metrics_in_background(exchange: MetricsExchange, metrics: Metrics) -
 JOB_PROCESS_NICENESS = 5
 
 
+class Link(Protocol):
+    """A connection the job process holds (the AI bot's long connection)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobSide:
+    """What the job process runs: the workers and the long connections that feed them."""
+
+    pool: WorkerPool
+    links: Sequence[Link] = ()
+
+    def start(self) -> None:
+        self.pool.start()
+        for link in self.links:
+            link.start()
+
+    def stop(self) -> None:
+        for link in self.links:  # first: a successor process can take the connection over
+            link.stop()
+        self.pool.stop()
+
+
 def run_job_process(
-    config: BridgeConfig, build_pool: Callable[[BridgeConfig, Metrics], WorkerPool]
+    config: BridgeConfig, build_side: Callable[[BridgeConfig, Metrics], JobSide]
 ) -> None:
-    """The `work` command: the worker pool in the foreground until SIGTERM/SIGINT."""
+    """The `work` command: the worker pool (and the AI bots' long connections) in the
+    foreground until SIGTERM/SIGINT. Exactly one such process runs per `serve`, so one holds
+    each bot's connection however many web workers there are."""
     os.nice(JOB_PROCESS_NICENESS)
     metrics = Metrics()
-    pool = build_pool(config, metrics)
+    side = build_side(config, metrics)
+    pool = side.pool
     listener = job_notifications(config, pool.notify) or WakeupListener(
         config.data_dir, pool.notify
     )
@@ -190,13 +220,13 @@ def run_job_process(
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    pool.start()
+    side.start()
     listener.start()
     log.info("job workers started", extra={"workers": config.job_workers})
     while not stop.wait(METRICS_PUBLISH_SECONDS):
         exchange.publish(metrics)
     listener.close()
-    pool.stop()
+    side.stop()
     log.info("job workers stopped")
 
 

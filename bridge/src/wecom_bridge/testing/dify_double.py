@@ -81,6 +81,8 @@ class DifyDoubleState:
     _cuts: int = 0
     _statuses: deque[str] = field(default_factory=deque)
     ping_interval: float = PING_INTERVAL
+    chunk_chars: int = 0  # 0: STREAM_CHUNKS chunks, sent at once
+    chunk_interval: float = 0.0
     reasoning: str | None = None  # put into the answer as <think>…</think>, like DeepSeek-R1
     input_form: list[dict[str, Any]] | None = None  # None: QUERY_FORM (completion/workflow) or []
     messages: list[dict[str, Any]] = field(default_factory=list)  # every message created
@@ -139,6 +141,13 @@ class DifyDoubleState:
         with self.lock:
             self.delay = seconds
 
+    def set_pace(self, chunk_chars: int, chunk_interval: float) -> None:
+        """Stream answers as a model writes them: `chunk_chars` characters per `message`
+        event, one event every `chunk_interval` seconds (0 chars: the default 4 chunks)."""
+        with self.lock:
+            self.chunk_chars = chunk_chars
+            self.chunk_interval = chunk_interval
+
     def clear_requests(self) -> None:
         with self.lock:
             self.requests.clear()
@@ -155,6 +164,8 @@ class DifyDoubleState:
             self._statuses.clear()
             self.answer = None
             self.delay = 0.0
+            self.chunk_chars = 0
+            self.chunk_interval = 0.0
             self.reasoning = None
             self.input_form = None
             self.messages.clear()
@@ -240,6 +251,13 @@ def _error_event(common: dict[str, Any], fault: Fault) -> str:
 
 def _chunks(text: str, count: int) -> list[str]:
     size = max(1, -(-len(text) // count))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _paced_chunks(state: DifyDoubleState, text: str) -> list[str]:
+    if not state.chunk_chars:
+        return _chunks(text, STREAM_CHUNKS)
+    size = state.chunk_chars
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
@@ -578,10 +596,12 @@ def _stream(state: DifyDoubleState, turn: _Turn, query: str) -> Iterator[str]:
     if state.mode == "agent-chat":
         yield _sse({"event": "agent_thought", **common, "thought": "", "position": 1})
     kind = "agent_message" if state.mode == "agent-chat" else "message"
-    for index, chunk in enumerate(_chunks(turn.answer, STREAM_CHUNKS)):
+    for index, chunk in enumerate(_paced_chunks(state, turn.answer)):
         yield _sse({"event": kind, "id": turn.message_id, **common, "answer": chunk})
         if index == 0 and turn.hang is not None:  # stalled: not even a ping
             state.wake.wait(turn.hang.seconds)
+        elif state.chunk_interval:
+            time.sleep(state.chunk_interval)
     if turn.fault is not None:
         yield _error_event(common, turn.fault)
         return
@@ -769,6 +789,12 @@ def _control_routes(app: Flask, state: DifyDoubleState) -> None:
     def set_delay() -> Response:
         spec = request.get_json(force=True, silent=True) or {}
         state.set_delay(float(spec.get("seconds", 0.0)))
+        return jsonify({"ok": True})
+
+    @app.post("/_double/pace")
+    def set_pace() -> Response:
+        spec = request.get_json(force=True, silent=True) or {}
+        state.set_pace(int(spec.get("chunk_chars", 0)), float(spec.get("chunk_interval", 0.0)))
         return jsonify({"ok": True})
 
     @app.post("/_double/workflow-status")

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from urllib.parse import urlsplit
 
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
 from wecom_bridge.config import (
     AppConfig,
     KfConfig,
@@ -34,6 +36,8 @@ from wecom_bridge.errors import (
     WeComConfigError,
 )
 from wecom_bridge.tools.probe import Fetched, ProbeError, Prober, split_host_port
+from wecom_bridge.wecom.aibot_frames import AibotFrameError
+from wecom_bridge.wecom.aibot_ws import probe_subscription
 from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
 from wecom_bridge.wecom.crypto import WeComCrypto, build_url_verification
 from wecom_bridge.wecom.errcodes import hint_for
@@ -96,6 +100,15 @@ class Doctor:
         ConfigError when the configuration does not load."""
         return pick_app(load_apps(self.options.env, require_dify=with_dify), self.options.app)
 
+    def kf_only(self) -> bool:
+        """Whether 微信客服 is the only channel (no app: the app checks do not apply)."""
+        if not self.options.env.get("WECOM_KF_SECRET", "").strip():
+            return False
+        try:
+            return load_apps(self.options.env, require_dify=False) == ()
+        except ConfigError:
+            return False
+
     def api_base(self) -> str:
         return wecom_api_base(self.options.env)
 
@@ -121,6 +134,40 @@ class Doctor:
         return f"https://{self.options.domain}{app.callback_path}"
 
     def run(self) -> list[CheckResult]:
+        checks: list[Callable[[Doctor], CheckResult]] = self._checks()
+        for check in checks:
+            result = check(self)
+            self.results[result.name] = result
+        return list(self.results.values())
+
+    def _checks(self) -> list[Callable[[Doctor], CheckResult]]:
+        if self.kf_only():
+            return [
+                check_dns,
+                check_tls,
+                check_kf_callback,
+                check_kf_secret,
+                check_dify,
+                check_dify_inputs,
+                check_bridge_ready,
+            ]
+        try:
+            aibot = self.app().aibot
+        except ConfigError:
+            aibot = None  # the checks below report the configuration error
+        if aibot is not None and aibot.mode == "ws":
+            # No domain, certificate, callback or trusted IP: the bridge connects out.
+            return [check_aibot_subscription, check_dify, check_dify_inputs, check_bridge_ready]
+        if aibot is not None:
+            # A webhook bot: the callback URL and its certificate, no WW_verify, gettoken or 可信IP.
+            return [
+                check_dns,
+                check_tls,
+                check_callback,
+                check_dify,
+                check_dify_inputs,
+                check_bridge_ready,
+            ]
         checks: list[Callable[[Doctor], CheckResult]] = [check_dns]
         codes = self.options.verify_codes or ("",)
         checks += [functools.partial(check_verify_file, code=code) for code in codes]
@@ -135,10 +182,7 @@ class Doctor:
         if self.options.env.get("WECOM_KF_SECRET", "").strip():  # 微信客服 is on
             checks += [check_kf_callback, check_kf_secret]
         checks.append(check_bridge_ready)
-        for check in checks:
-            result = check(self)
-            self.results[result.name] = result
-        return list(self.results.values())
+        return checks
 
 
 def _domain(doctor: Doctor, name: str) -> tuple[str, int] | CheckResult:
@@ -321,6 +365,13 @@ def _callback_app(doctor: Doctor, name: str) -> AppConfig | CheckResult:
         )
 
 
+def _callback_crypto(app: AppConfig) -> WeComCrypto:
+    """The handshake's keys: the self-built app's, or an AI bot's (whose ReceiveId is empty)."""
+    if app.aibot is not None:
+        return WeComCrypto(app.aibot.token, app.aibot.encoding_aes_key, "")
+    return WeComCrypto(app.token, app.encoding_aes_key, app.corp_id)
+
+
 def _handshake(
     doctor: Doctor, url: str, crypto: WeComCrypto, plaintext: str, *, garbled: bool = False
 ) -> Fetched:
@@ -340,7 +391,7 @@ def check_callback(doctor: Doctor) -> CheckResult:
     if isinstance(app, CheckResult):
         return app
     url = doctor.callback_url(app) or ""
-    crypto = WeComCrypto(app.token, app.encoding_aes_key, app.corp_id)
+    crypto = _callback_crypto(app)
     plaintext = str(10**18 + secrets.randbelow(9 * 10**18))
     try:
         got = _handshake(doctor, url, crypto, plaintext)
@@ -591,7 +642,11 @@ def _quick_dify_settings(doctor: Doctor, name: str) -> DifySettings | CheckResul
     """The app's Dify settings for one quick try (the doctor reports, the service retries), or
     the check's result when they cannot be loaded."""
     try:
-        configured = doctor.app(with_dify=True).dify
+        if doctor.kf_only():
+            kf = kf_from_env(doctor.options.env, (), require_dify=True)
+            configured = kf.dify if kf else None
+        else:
+            configured = doctor.app(with_dify=True).dify
     except ConfigError as exc:
         return _not_loaded(name, exc, "export DIFY_API_BASE (…/v1) and DIFY_API_KEY")
     if configured is None:  # pragma: no cover - with_dify=True always loads Dify's settings
@@ -694,6 +749,41 @@ def check_bridge_ready(doctor: Doctor) -> CheckResult:
         "db not writable: disk full or permissions of BRIDGE_DATA_DIR; workers false: the job "
         "process died (see the bridge's logs); a deep queue: Dify or WeCom too slow",
     )
+
+
+def check_aibot_subscription(doctor: Doctor) -> CheckResult:
+    """The AI bot's long connection: does WeCom accept the bot id and secret?"""
+    name = "aibot-subscribe"
+    try:
+        app = doctor.app()
+    except ConfigError as exc:
+        return _not_loaded(name, exc, "set WECOM_AIBOT_BOT_ID and WECOM_AIBOT_SECRET")
+    assert app.aibot is not None  # noqa: S101 - chosen for AI bots in ws mode
+    if doctor.options.bridge_url:
+        # Subscribing here would take the bot over from the running bridge.
+        return skipped(
+            name,
+            "the running bridge holds the connection: bridge-ready shows its subscription",
+            "run doctor without --bridge-url before the bridge starts to test the secret itself",
+        )
+    url = app.aibot.ws_url
+    try:
+        answer = probe_subscription(url, app.aibot.bot_id, app.aibot.secret, doctor.prober.timeout)
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI, AibotFrameError) as exc:
+        return failed(
+            name,
+            f"{url}: {type(exc).__name__}: {exc}",
+            "the server must reach it outbound on 443 (a proxy? a firewall?); "
+            "WECOM_AIBOT_WS_URL names it",
+        )
+    if answer.errcode:
+        return failed(
+            name,
+            f"{url}: WeCom refused the subscription: errcode {answer.errcode} {answer.errmsg}",
+            "copy Bot ID and Secret again from the bot's API settings (API 模式: 长连接) into "
+            "WECOM_AIBOT_BOT_ID / WECOM_AIBOT_SECRET",
+        )
+    return passed(name, f"{url}: subscribed as bot {app.aibot.bot_id}")
 
 
 # --- output ------------------------------------------------------------------------------------

@@ -116,6 +116,10 @@ class CallbackEndpoint:
     max_body_bytes: int
     tally: IntakeTally
 
+    @property
+    def path(self) -> str:
+        return self.inbound.path
+
     def handshake(self, args: Mapping[str, str]) -> HttpAnswer:
         plaintext = self.inbound.handshake(args)
         self.metrics.inc(CALLBACKS, {"outcome": "url_verified"})
@@ -186,11 +190,20 @@ class CallbackEndpoint:
         return HttpAnswer(exc.http_status, f"{exc.http_status} refused\n".encode())
 
 
+class Endpoint(Protocol):
+    """What the router needs of an endpoint (the self-built app's, the AI bot's webhook)."""
+
+    @property
+    def path(self) -> str: ...
+
+    def answer(self, environ: Mapping[str, Any]) -> HttpAnswer: ...
+
+
 class CallbackRouter:
     """WSGI: callback paths to their endpoints, every other request to `fallback` (Flask)."""
 
-    def __init__(self, endpoints: Iterable[CallbackEndpoint], fallback: WsgiApp) -> None:
-        self._by_path = {endpoint.inbound.path: endpoint for endpoint in endpoints}
+    def __init__(self, endpoints: Iterable[Endpoint], fallback: WsgiApp) -> None:
+        self._by_path = {endpoint.path: endpoint for endpoint in endpoints}
         self._fallback = fallback
 
     def __call__(

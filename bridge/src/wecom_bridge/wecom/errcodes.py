@@ -69,6 +69,21 @@ _TABLE = (
         "console allows it only after the trusted domain or the callback URL is set); it takes "
         "about a minute to apply",
     ),
+    # The AI bot's long connection (智能机器人, doc 101463); codes as WeCom's servers and its
+    # Node SDK (WecomTeam/aibot-node-sdk) report them.
+    Errcode(
+        846605,
+        Handling.PERMANENT,
+        "AI bot: invalid req_id (the message was delivered on an earlier connection, or the "
+        "reply window is over)",
+        "nothing to fix: the bridge sends the answer as a new message instead",
+    ),
+    Errcode(
+        846608,
+        Handling.PERMANENT,
+        "AI bot: the stream message can no longer be updated (expired or finished)",
+        "nothing to fix: the bridge sends the answer as a new message instead",
+    ),
     Errcode(
         81013,
         Handling.PERMANENT,

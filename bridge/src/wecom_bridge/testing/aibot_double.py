@@ -1,0 +1,606 @@
+"""A WeCom AI-bot (智能机器人) double: the long-connection server, as WeCom's doc 101463 and
+its Node SDK (WecomTeam/aibot-node-sdk) describe it.
+
+- A client subscribes with `aibot_subscribe` {bot_id, secret}; a wrong pair is refused
+  (errcode 40001) and a frame before subscribing closes the connection.
+- One connection per bot: a newer subscription sends the older one `disconnected_event` and
+  closes it.
+- Every frame the bot sends is acked with its req_id ({errcode, errmsg}); `ping` too.
+- A message is pushed as `aibot_msg_callback` with a fresh req_id that only the connection it
+  was pushed on may answer (another gets 846605, invalid req_id). Its stream: each update
+  replaces the displayed text; content over 20480 bytes is refused (40058); a stream left
+  without updates for `stream_idle_expiry`, or older than `stream_max_age` (6 min), or already
+  finished, is refused with 846608.
+- `enter_chat` is pushed as `aibot_event_callback`; the welcome must come within 5 s.
+- `aibot_send_msg` {chatid, markdown} is a new message from the bot.
+
+The test API (`deliver_text`, `enter_chat`, `transcript`, `kick`, `drop`) is what tests, the
+simulator and molecule use; `serve_aibot_double` adds a small HTTP control API for the latter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.server import Server, ServerConnection, serve
+
+from wecom_bridge.wecom import aibot_frames as frames
+from wecom_bridge.wecom.aibot_frames import STREAM_CONTENT_LIMIT, Frame
+
+ERR_BAD_SECRET = 40001
+ERR_BAD_PARAM = 40058
+WELCOME_WINDOW = 5.0
+STREAM_MAX_AGE = 360.0
+
+
+@dataclass
+class StreamUpdate:
+    at: float
+    content: str
+    finish: bool
+
+
+@dataclass
+class Delivery:
+    """One pushed message and everything the bot answered to it."""
+
+    msgid: str
+    req_id: str
+    userid: str
+    chat: str  # where a new message to it would go (chatid or userid)
+    text: str
+    pushed_at: float
+    connection: int  # which connection it was pushed on
+    kind: str = "message"  # message | enter_chat
+    stream_id: str = ""
+    updates: list[StreamUpdate] = field(default_factory=list)
+    welcome: str | None = None
+
+    @property
+    def finished(self) -> str | None:
+        last = self.updates[-1] if self.updates else None
+        return last.content if last is not None and last.finish else None
+
+
+@dataclass
+class SentMessage:
+    at: float
+    chat: str
+    content: str
+
+
+class AibotDouble:
+    def __init__(
+        self,
+        bot_id: str,
+        secret: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        stream_idle_expiry: float = 300.0,
+        stream_max_age: float = STREAM_MAX_AGE,
+    ) -> None:
+        self.bot_id = bot_id
+        self.secret = secret
+        self.stream_idle_expiry = stream_idle_expiry
+        self.stream_max_age = stream_max_age
+        # Reentrant: `wait` holds it while its predicate reads the transcript.
+        self.lock = threading.RLock()
+        self.deliveries: dict[str, Delivery] = {}  # by msgid
+        self._by_req: dict[str, Delivery] = {}
+        self.sent: list[SentMessage] = []
+        self.subscriptions = 0
+        self.refused_subscriptions = 0
+        self.pings = 0
+        self._active: ServerConnection | None = None
+        self._active_no = 0
+        self._server: Server = serve(self._handle, host, port)
+        self.port = int(self._server.socket.getsockname()[1])
+        self.url = f"ws://{host}:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="aibot-double", daemon=True
+        )
+        self._changed = threading.Condition(self.lock)
+
+    def start(self) -> AibotDouble:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.drop()
+        self._server.shutdown()
+        self._thread.join(5)
+
+    def __enter__(self) -> AibotDouble:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the test API ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        with self.lock:
+            return self._active is not None
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._active is not None, timeout):
+                raise TimeoutError("no subscribed connection")
+
+    def deliver_text(
+        self, userid: str, text: str, *, chatid: str = "", msgid: str | None = None
+    ) -> str:
+        """Push a member's text message (in a group when `chatid` is given); its msgid."""
+        msgid = msgid or uuid.uuid4().hex
+        body: dict[str, Any] = {
+            "msgid": msgid,
+            "aibotid": self.bot_id,
+            "chattype": "group" if chatid else "single",
+            "from": {"userid": userid},
+            "create_time": int(time.time()),
+            "msgtype": "text",
+            "text": {"content": text},
+        }
+        if chatid:
+            body["chatid"] = chatid
+        self._push(frames.CMD_MSG_CALLBACK, body, userid, chatid or userid, text, "message")
+        return msgid
+
+    def deliver(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
+        """Push a message of another type (image, file, mixed …)."""
+        msgid = uuid.uuid4().hex
+        body = {
+            "msgid": msgid,
+            "aibotid": self.bot_id,
+            "chattype": "single",
+            "from": {"userid": userid},
+            "msgtype": msgtype,
+            msgtype: content,
+        }
+        self._push(frames.CMD_MSG_CALLBACK, body, userid, userid, "", "message")
+        return msgid
+
+    def enter_chat(self, userid: str) -> str:
+        msgid = uuid.uuid4().hex
+        body = {
+            "msgid": msgid,
+            "create_time": int(time.time()),
+            "aibotid": self.bot_id,
+            "from": {"userid": userid},
+            "chattype": "single",
+            "msgtype": "event",
+            "event": {"eventtype": frames.EVENT_ENTER_CHAT},
+        }
+        self._push(frames.CMD_EVENT_CALLBACK, body, userid, userid, "", "enter_chat")
+        return msgid
+
+    def redeliver(self, msgid: str) -> None:
+        """Push the same message again (same msgid, a new req_id), as after a reconnect."""
+        with self.lock:
+            old = self.deliveries[msgid]
+        self.deliver_text(old.userid, old.text, msgid=msgid)
+
+    def transcript(self, msgid: str) -> Delivery:
+        with self.lock:
+            return self.deliveries[msgid]
+
+    def messages_to(self, chat: str) -> list[str]:
+        with self.lock:
+            return [m.content for m in self.sent if m.chat == chat]
+
+    def answers(self, msgid: str) -> list[str]:
+        """Every complete answer the member saw for `msgid`: its finished stream, plus the
+        new messages sent to its chat after it was pushed (tests of one question at a time)."""
+        with self.lock:
+            d = self.deliveries[msgid]
+            texts = [d.finished] if d.finished is not None else []
+            return texts + [
+                m.content for m in self.sent if m.chat == d.chat and m.at >= d.pushed_at
+            ]
+
+    def wait(self, predicate: Any, timeout: float = 15.0) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("condition not met")
+                self._changed.wait(min(remaining, 0.05))
+
+    def kick(self) -> None:
+        """Another client took the bot over: the active connection gets disconnected_event."""
+        with self.lock:
+            ws = self._active
+            self._active = None
+        if ws is not None:
+            event = self._disconnected_event()
+            with contextlib.suppress(ConnectionClosed):
+                ws.send(
+                    Frame(frames.new_req_id("event"), frames.CMD_EVENT_CALLBACK, event).to_json()
+                )
+            ws.close()
+
+    def drop(self) -> None:
+        """The network drops the active connection."""
+        with self.lock:
+            ws = self._active
+            self._active = None
+        if ws is not None:
+            ws.close()
+
+    # --- the server side ------------------------------------------------------------------------
+
+    def _disconnected_event(self) -> dict[str, Any]:
+        return {
+            "msgid": uuid.uuid4().hex,
+            "aibotid": self.bot_id,
+            "msgtype": "event",
+            "event": {"eventtype": frames.EVENT_DISCONNECTED},
+        }
+
+    def _push(
+        self, cmd: str, body: dict[str, Any], userid: str, chat: str, text: str, kind: str
+    ) -> None:
+        req_id = f"{cmd}_{uuid.uuid4().hex}"
+        with self.lock:
+            ws = self._active
+            if ws is None:
+                raise ConnectionError("no subscribed connection to push to")
+            delivery = Delivery(
+                msgid=str(body["msgid"]),
+                req_id=req_id,
+                userid=userid,
+                chat=chat,
+                text=text,
+                pushed_at=time.time(),
+                connection=self._active_no,
+                kind=kind,
+            )
+            self.deliveries.setdefault(delivery.msgid, delivery)
+            if self.deliveries[delivery.msgid] is not delivery:  # a redelivery: the newest counts
+                old = self.deliveries[delivery.msgid]
+                delivery.updates, delivery.welcome = old.updates, old.welcome
+                self.deliveries[delivery.msgid] = delivery
+            self._by_req[req_id] = delivery
+        ws.send(Frame(req_id, cmd, body).to_json())
+
+    def _handle(self, ws: ServerConnection) -> None:
+        number = 0
+        try:
+            for raw in ws:
+                frame = frames.parse_frame(raw)
+                if frame.cmd == frames.CMD_SUBSCRIBE:
+                    number = self._subscribe(ws, frame)
+                    if not number:
+                        return
+                    continue
+                if not number:
+                    return  # nothing before the subscription
+                ws.send(self._answer(frame, number).to_json())
+        except (ConnectionClosed, frames.AibotFrameError):
+            pass
+        finally:
+            with self._changed:
+                if self._active is ws:
+                    self._active = None
+                self._changed.notify_all()
+
+    def _subscribe(self, ws: ServerConnection, frame: Frame) -> int:
+        if frame.body.get("bot_id") != self.bot_id or frame.body.get("secret") != self.secret:
+            with self.lock:
+                self.refused_subscriptions += 1
+            ws.send(frames.ack(frame.req_id, ERR_BAD_SECRET, "invalid secret").to_json())
+            return 0
+        with self._changed:
+            previous = self._active
+            self._active = None
+        if previous is not None:  # one connection per bot: the older one is told and closed
+            event = self._disconnected_event()
+            with contextlib.suppress(ConnectionClosed):
+                previous.send(
+                    Frame(frames.new_req_id("event"), frames.CMD_EVENT_CALLBACK, event).to_json()
+                )
+            previous.close()
+        ws.send(frames.ack(frame.req_id).to_json())
+        with self._changed:
+            self.subscriptions += 1
+            self._active_no += 1
+            self._active = ws
+            self._changed.notify_all()
+            return self._active_no
+
+    def _answer(self, frame: Frame, connection: int) -> Frame:
+        with self._changed:
+            try:
+                code, message = self._apply(frame, connection)
+            finally:
+                self._changed.notify_all()
+        return frames.ack(frame.req_id, code, message)
+
+    def _apply(self, frame: Frame, connection: int) -> tuple[int, str]:
+        now = time.time()
+        if frame.cmd == frames.CMD_PING:
+            self.pings += 1
+            return 0, "ok"
+        if frame.cmd == frames.CMD_SEND:
+            markdown = frame.body.get("markdown") or {}
+            content = str(markdown.get("content", "")) if isinstance(markdown, dict) else ""
+            chat = str(frame.body.get("chatid") or "")
+            if not chat or not content:
+                return ERR_BAD_PARAM, "chatid and markdown.content are required"
+            if len(content.encode()) > STREAM_CONTENT_LIMIT:
+                return ERR_BAD_PARAM, "content exceeds 20480 bytes"
+            self.sent.append(SentMessage(now, chat, content))
+            return 0, "ok"
+        delivery = self._by_req.get(frame.req_id)
+        if delivery is None or delivery.connection != connection:
+            return frames.ERR_INVALID_REQ_ID, "invalid req_id"
+        if frame.cmd == frames.CMD_RESPOND_WELCOME:
+            if delivery.kind != "enter_chat" or now - delivery.pushed_at > WELCOME_WINDOW:
+                return frames.ERR_INVALID_REQ_ID, "invalid req_id"
+            text = frame.body.get("text") or {}
+            delivery.welcome = str(text.get("content", "")) if isinstance(text, dict) else ""
+            return 0, "ok"
+        if frame.cmd != frames.CMD_RESPOND:
+            return ERR_BAD_PARAM, f"unknown cmd {frame.cmd}"
+        return self._stream(delivery, frame.body, now)
+
+    def _stream(self, delivery: Delivery, body: Any, now: float) -> tuple[int, str]:
+        stream = body.get("stream") if body.get("msgtype") == "stream" else None
+        if not isinstance(stream, dict) or not stream.get("id"):
+            return ERR_BAD_PARAM, "msgtype stream with stream.id expected"
+        content = str(stream.get("content", ""))
+        if len(content.encode()) > STREAM_CONTENT_LIMIT:
+            return ERR_BAD_PARAM, "content exceeds 20480 bytes"
+        if delivery.stream_id and delivery.stream_id != stream["id"]:
+            return ERR_BAD_PARAM, "one stream per message"
+        last = delivery.updates[-1].at if delivery.updates else delivery.pushed_at
+        expired = (
+            now - last > self.stream_idle_expiry or now - delivery.pushed_at > self.stream_max_age
+        )
+        if delivery.finished is not None or expired:
+            return frames.ERR_STREAM_EXPIRED, "stream message update expired"
+        delivery.stream_id = str(stream["id"])
+        delivery.updates.append(StreamUpdate(now, content, bool(stream.get("finish"))))
+        return 0, "ok"
+
+
+def _delivery_view(d: Delivery) -> dict[str, Any]:
+    return {
+        "msgid": d.msgid,
+        "userid": d.userid,
+        "chat": d.chat,
+        "updates": [{"at": u.at, "content": u.content, "finish": u.finish} for u in d.updates],
+        "finished": d.finished,
+        "welcome": d.welcome,
+        "pushed_at": d.pushed_at,
+    }
+
+
+def control_app(double: AibotDouble) -> Any:
+    """An HTTP API to drive the double from outside the process (molecule, the demo)."""
+    from flask import Flask, Response, jsonify, request
+
+    app = Flask("aibot_double")
+
+    @app.post("/control/messages")
+    def push() -> Response:
+        data = request.get_json(force=True)
+        msgid = double.deliver_text(
+            str(data["userid"]), str(data["text"]), chatid=str(data.get("chatid") or "")
+        )
+        return jsonify({"msgid": msgid})
+
+    @app.get("/control/messages/<msgid>")
+    def show(msgid: str) -> Response:
+        with double.lock:
+            delivery = double.deliveries.get(msgid)
+            view = _delivery_view(delivery) if delivery else None
+        answers = double.answers(msgid) if view else []
+        return jsonify({**(view or {}), "answers": answers})
+
+    @app.get("/control/status")
+    def status() -> Response:
+        with double.lock:
+            return jsonify(
+                {
+                    "connected": double._active is not None,
+                    "subscriptions": double.subscriptions,
+                    "refused_subscriptions": double.refused_subscriptions,
+                    "pings": double.pings,
+                    "sent": [{"chat": m.chat, "content": m.content} for m in double.sent],
+                }
+            )
+
+    @app.post("/control/kick")
+    def kick() -> Response:
+        double.kick()
+        return jsonify({"ok": True})
+
+    return app
+
+
+def serve_aibot_double(bot_id: str, secret: str, listen: str, control: str) -> None:
+    """The double's CLI: the WebSocket server on `listen`, its control API on `control`."""
+    from wecom_bridge.testing.server import parse_listen, serve_forever
+
+    host, port = parse_listen(listen)
+    double = AibotDouble(bot_id, secret, host=host, port=port).start()
+    print(json.dumps({"ws": double.url, "control": control}), flush=True)
+    serve_forever(control_app(double), control)
+
+
+# --- webhook mode -------------------------------------------------------------------------------
+
+
+@dataclass
+class WebhookExchange:
+    """One message sent to the bridge's webhook and what WeCom saw of its answer."""
+
+    msgid: str
+    status: int
+    first: dict[str, Any] | None  # the decrypted passive reply
+    updates: list[StreamUpdate] = field(default_factory=list)  # from the refreshes
+    late: list[str] = field(default_factory=list)  # what came through response_url
+
+    @property
+    def finished(self) -> str | None:
+        last = self.updates[-1] if self.updates else None
+        return last.content if last is not None and last.finish else None
+
+
+class AibotWebhookSender:
+    """WeCom's side of the webhook mode: encrypted JSON callbacks (ReceiveId empty) to the
+    bridge, stream-refresh callbacks until the stream is finished or `window` (6 min) has
+    passed, and the one-time response_url (a call beyond the first is refused)."""
+
+    def __init__(
+        self,
+        callback_url: str,
+        token: str,
+        encoding_aes_key: str,
+        *,
+        refresh_interval: float = 1.0,
+        window: float = STREAM_MAX_AGE,
+    ) -> None:
+        from wecom_bridge.testing.server import ServerThread
+        from wecom_bridge.wecom.crypto import WeComCrypto
+
+        self.callback_url = callback_url
+        self.crypto = WeComCrypto(token, encoding_aes_key, "")
+        self.refresh_interval = refresh_interval
+        self.window = window
+        self.lock = threading.Lock()
+        self.late: dict[str, list[str]] = {}  # response_url posts, by msgid
+        self._used: set[str] = set()
+        self._server = ServerThread(self._response_url_app()).start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> AibotWebhookSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def handshake(self, echostr: str = "hello-aibot") -> tuple[int, str]:
+        import requests
+
+        from wecom_bridge.wecom.crypto import build_url_verification
+
+        params = build_url_verification(self.crypto, echostr)
+        response = requests.get(self.callback_url, params=params, timeout=5)
+        return response.status_code, response.text
+
+    def post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """One encrypted callback; (HTTP status, the decrypted reply or None)."""
+        import requests
+
+        timestamp, nonce = str(int(time.time())), uuid.uuid4().hex[:10]
+        encrypt = self.crypto.encrypt(json.dumps(body, ensure_ascii=False).encode())
+        params = {
+            "msg_signature": self.crypto.sign(timestamp, nonce, encrypt),
+            "timestamp": timestamp,
+            "nonce": nonce,
+        }
+        response = requests.post(
+            self.callback_url, params=params, json={"encrypt": encrypt}, timeout=5
+        )
+        if response.status_code != 200 or not response.content:
+            return response.status_code, None
+        sealed = response.json()
+        expected = self.crypto.sign(sealed["timestamp"], sealed["nonce"], sealed["encrypt"])
+        if sealed.get("msgsignature") != expected:
+            raise AssertionError("the passive reply's msgsignature is wrong")
+        return 200, json.loads(self.crypto.decrypt(sealed["encrypt"]))
+
+    def message(
+        self, userid: str, text: str, *, chatid: str = "", msgid: str | None = None
+    ) -> dict[str, Any]:
+        msgid = msgid or uuid.uuid4().hex
+        body: dict[str, Any] = {
+            "msgid": msgid,
+            "aibotid": "webhook-bot",
+            "chattype": "group" if chatid else "single",
+            "from": {"userid": userid},
+            "response_url": f"{self._server.url}/response/{msgid}",
+            "msgtype": "text",
+            "text": {"content": text},
+        }
+        if chatid:
+            body["chatid"] = chatid
+        return body
+
+    def ask(
+        self,
+        userid: str,
+        text: str,
+        *,
+        chatid: str = "",
+        msgid: str | None = None,
+        wait: float = 30.0,
+    ) -> WebhookExchange:
+        """Send a text message and refresh its stream as WeCom does; returns when finished,
+        when the window is over, or after `wait` seconds."""
+        body = self.message(userid, text, chatid=chatid, msgid=msgid)
+        status, first = self.post(body)
+        exchange = WebhookExchange(str(body["msgid"]), status, first)
+        stream = (first or {}).get("stream") if (first or {}).get("msgtype") == "stream" else None
+        if not isinstance(stream, dict):
+            return exchange
+        started = time.time()
+        exchange.updates.append(
+            StreamUpdate(started, str(stream.get("content", "")), bool(stream.get("finish")))
+        )
+        while not exchange.finished and time.time() - started < min(self.window, wait):
+            time.sleep(self.refresh_interval)
+            refresh = {
+                "msgid": uuid.uuid4().hex,
+                "aibotid": "webhook-bot",
+                "chattype": body["chattype"],
+                "from": {"userid": userid},
+                "msgtype": "stream",
+                "stream": {"id": stream["id"]},
+            }
+            _, reply = self.post(refresh)
+            got = (reply or {}).get("stream") or {}
+            exchange.updates.append(
+                StreamUpdate(time.time(), str(got.get("content", "")), bool(got.get("finish")))
+            )
+        exchange.late = self.late_for(exchange.msgid)
+        return exchange
+
+    def late_for(self, msgid: str) -> list[str]:
+        with self.lock:
+            return list(self.late.get(msgid, []))
+
+    def _response_url_app(self) -> Any:
+        from flask import Flask, Response, jsonify, request
+
+        app = Flask("aibot_response_url")
+
+        @app.post("/response/<msgid>")
+        def respond(msgid: str) -> Response:
+            data = request.get_json(force=True, silent=True) or {}
+            with self.lock:
+                if msgid in self._used:  # WeCom takes a response_url once
+                    return jsonify({"errcode": ERR_BAD_PARAM, "errmsg": "response_url used"})
+                self._used.add(msgid)
+                markdown = data.get("markdown") or {}
+                self.late.setdefault(msgid, []).append(str(markdown.get("content", "")))
+            return jsonify({"errcode": 0, "errmsg": "ok"})
+
+        return app
