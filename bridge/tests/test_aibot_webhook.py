@@ -109,6 +109,18 @@ def test_beyond_20480_bytes_the_rest_comes_through_response_url_once(wecom, dify
     assert exchange.finished + "".join(late) == answer
 
 
+def test_beyond_two_parts_the_member_is_told_the_rest_is_missing(wecom, dify_double):
+    # WeCom takes the stream and one response_url call: a third 20480-byte part has no way out.
+    answer = ("很长的回答。" * 6000).strip()  # ~108 KB: six parts on an unlimited channel
+    dify_state(dify_double).set_answer(answer)
+    exchange = wecom.ask("zhaoliu", "全部")
+    late = wait_for(lambda: wecom.late_for(exchange.msgid))
+    delivered = exchange.finished + "".join(late)
+    assert len(late) == 1 and len(late[0].encode()) <= 20480
+    assert delivered.endswith("其余部分未能发送）")
+    assert answer.startswith(delivered[: len(delivered) - len("其余部分未能发送）") - 30])
+
+
 def test_an_answer_that_outlives_the_window_goes_through_response_url_exactly_once(tmp_path, env):
     (app,) = load_config(env).apps
     store = SqliteStore(tmp_path / "store")

@@ -202,6 +202,7 @@ class AibotOutbound:
     """Answers an AI-bot message: streamed updates, then the parts (see the module doc)."""
 
     part_limit_bytes = STREAM_CONTENT_LIMIT
+    max_parts: int | None = None  # parts beyond the stream are new messages (aibot_send_msg)
 
     def __init__(self, app: AppConfig, link: FrameLink, metrics: Metrics) -> None:
         assert app.aibot is not None  # noqa: S101 - built for AI-bot apps only
