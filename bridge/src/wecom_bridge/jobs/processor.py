@@ -177,8 +177,13 @@ class JobProcessor:
         if len(capped) < len(parts):
             log.warning(
                 "answer cut to the channel's limit of parts per message",
-                extra={"job_id": job.id, "event": "answer_truncated", "parts": len(parts),
-                       "max_parts": max_parts, "app": app.config.name},
+                extra={
+                    "job_id": job.id,
+                    "event": "answer_truncated",
+                    "parts": len(parts),
+                    "max_parts": max_parts,
+                    "app": app.config.name,
+                },
             )
         return capped
 
