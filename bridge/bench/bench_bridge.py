@@ -232,11 +232,77 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def ack_run(stack: Stack, concurrency: int, count: int, rate: float) -> None:
+class Profiler:
+    """py-spy sampling every bridge process while a run lasts (collapsed stacks per process)."""
+
+    def __init__(self, stack: Stack, out_dir: Path | None, label: str) -> None:
+        self.stack, self.out_dir, self.label = stack, out_dir, label
+        self.procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+
+    def __enter__(self) -> Profiler:
+        if self.out_dir is None:
+            return self
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for pid in self.stack._pids():
+            out = self.out_dir / f"{self.label}-{pid}.txt"
+            # --gil: only the thread holding the GIL, i.e. where the CPU time of Python goes.
+            cmd = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250"]
+            cmd += ["--gil", "--nonblocking", "--threads", "-o", str(out)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.procs.append((str(pid), out, proc))
+        time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for role, out, proc in self.procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            proc.wait(30)
+            print_profile(role, out)
+
+
+def process_role(stacks: str) -> str:
+    """Which bridge process sampled `stacks` (they share one command line and thread names)."""
+    if "jobs/workers.py" in stacks:
+        return "job process"
+    return "web worker" if "granian/wsgi.py" in stacks else "server main process"
+
+
+def print_profile(pid: str, path: Path, top: int = 12) -> None:
+    """The functions holding most samples (self, and self + callees) in py-spy's raw output."""
+    if not path.exists() or not path.read_text().strip():
+        print(f"profile pid {pid}: no samples holding the GIL")
+        return
+    role = process_role(path.read_text())
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith("thread")]
+        samples += count
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    print(f"profile {role} (pid {pid}): {samples} samples holding the GIL, at 250/s")
+    for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        share, inclusive = 100 * count / samples, 100 * total[name] / samples
+        print(f"  self {share:5.1f}%  total {inclusive:5.1f}%  {name}")
+
+
+def ack_run(
+    stack: Stack, concurrency: int, count: int, rate: float, profile: Path | None = None
+) -> None:
     """rate 0: closed loop, every sender back to back; else the total offered req/s."""
     reqs = prepare_requests(count, f"c{concurrency}r{rate:g}x")
     interval = concurrency / rate if rate else 0.0
-    latencies, errors, elapsed = asyncio.run(_drive(stack.bridge_port, reqs, concurrency, interval))
+    with Profiler(stack, profile, f"c{concurrency}r{rate:g}"):
+        latencies, errors, elapsed = asyncio.run(
+            _drive(stack.bridge_port, reqs, concurrency, interval)
+        )
     mode = f"paced {rate:g}/s" if rate else "saturation"
     print(
         f"ack  c={concurrency:<4} {mode:<14} n={count:<6} "
@@ -293,13 +359,19 @@ def main() -> None:
     parser.add_argument("--dify-delay-ms", type=int, default=50)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample every bridge process with py-spy during each run; raw stacks go to DIR",
+    )
     args = parser.parse_args()
     stack = Stack(args.dify_delay_ms, args.threads, args.workers)
     try:
         print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
         for concurrency in args.concurrency:
             for rate in args.rates:
-                ack_run(stack, concurrency, args.requests, rate)
+                ack_run(stack, concurrency, args.requests, rate, args.profile)
         added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
         print(f"bridge rss after load={stack.rss_mib():.0f} MiB")
     finally:
