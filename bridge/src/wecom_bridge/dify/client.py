@@ -30,6 +30,7 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from wecom_bridge.errors import ConversationNotFoundError, DifyError, DifyPausedError
+from wecom_bridge.http_session import session_for
 from wecom_bridge.metrics import Metrics
 
 log = logging.getLogger("wecom_bridge.dify")
@@ -214,7 +215,7 @@ class DifyClient:
         self._settings = settings
         self._base = settings.api_base.rstrip("/")
         self._metrics = metrics or Metrics()
-        self._session = session or requests.Session()
+        self._session = session or session_for(self._base)
         self._sleep = sleep
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._mode: str | None = settings.app_mode

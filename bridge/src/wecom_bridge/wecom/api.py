@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import requests
 
 from wecom_bridge.errors import WeComApiError, WeComConfigError
+from wecom_bridge.http_session import session_for
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.errcodes import Handling, codes, hint_for, ip_in, lookup
 from wecom_bridge.wecom.messages import OutboundMessage, SendResult
@@ -110,7 +111,7 @@ class WeComClient:
         self._cache = token_cache
         self._cache_key = f"{corp_id}:{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
         self._metrics = metrics or Metrics()
-        self._session = session or requests.Session()
+        self._session = session or session_for(self._base)
         self._timeout = timeout
         self._max_attempts = max(1, max_attempts)
         self._backoff_base = backoff_base
