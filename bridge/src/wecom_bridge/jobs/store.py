@@ -378,6 +378,15 @@ class FileExclusive:
             self._fd = None
 
 
+def _touch(mark: Path) -> None:
+    """Create `mark`, and its directory the first time (not a mkdir per transaction)."""
+    try:
+        mark.touch()
+    except FileNotFoundError:
+        mark.parent.mkdir(exist_ok=True)
+        mark.touch()
+
+
 class SqliteStore:
     """The Store in one SQLite file in the data dir (WAL, synced commits for callbacks)."""
 
@@ -481,8 +490,7 @@ class SqliteStore:
             return
         mark = self._turns / f"{os.getpid()}-{threading.get_ident()}"
         try:
-            self._turns.mkdir(exist_ok=True)
-            mark.touch()
+            _touch(mark)
         except OSError:  # no announcement: the lock is still taken, only less fairly
             yield
             return
