@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from urllib3.exceptions import ReadTimeoutError
@@ -79,6 +80,41 @@ class DifySettings:
     recover_seconds: float = 120.0  # how long a broken stream's answer is looked for
     strip_reasoning: bool = True  # remove <think>…</think> from what members receive
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY  # this app's jobs running at once, at most
+    # Where Dify's relative file links (/files/…) point: Dify's FILES_URL ("" = the origin of
+    # api_base, which is where Dify's nginx serves /files too).
+    files_url: str = ""
+
+    @property
+    def files_base(self) -> str:
+        """The origin relative file links are resolved against (no trailing slash)."""
+        if self.files_url:
+            return self.files_url.rstrip("/")
+        parts = urlsplit(self.api_base)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass(frozen=True)
+class DifyFile:
+    """A file Dify attached to its answer (a `message_file` event, or `message_files` of
+    GET /messages): a tool's image or document. `url` may be relative (/files/…)."""
+
+    id: str
+    type: str  # image | document | audio | video | custom
+    url: str
+    belongs_to: str = "assistant"
+
+    def payload(self) -> dict[str, str]:
+        return {"id": self.id, "type": self.type, "url": self.url, "belongs_to": self.belongs_to}
+
+
+def dify_file(data: Mapping[str, Any]) -> DifyFile | None:
+    """One file of an event or a stored message; None without a URL or when it is the user's."""
+    url = str(data.get("url") or data.get("remote_url") or "")
+    belongs_to = str(data.get("belongs_to") or "assistant")
+    if not url or belongs_to != "assistant":
+        return None
+    kind = str(data.get("type") or "").lower() or "custom"
+    return DifyFile(id=str(data.get("id") or ""), type=kind, url=url, belongs_to=belongs_to)
 
 
 @dataclass(frozen=True)
@@ -86,6 +122,7 @@ class DifyAnswer:
     text: str
     conversation_id: str = ""
     message_id: str = ""
+    files: tuple[DifyFile, ...] = ()  # message_file events, in the order Dify sent them
 
 
 @dataclass
@@ -96,6 +133,7 @@ class _Progress:
     message_id: str = ""
     workflow_run_id: str = ""
     answer: str = ""
+    files: list[DifyFile] = field(default_factory=list)
 
 
 class _StreamBroken(DifyError):
@@ -355,7 +393,8 @@ class DifyClient:
         from Dify; the question is not POSTed again."""
         started = time.monotonic()
         progress = _Progress(
-            **{k: str(accepted.get(k) or "") for k in ("conversation_id", "message_id")},
+            conversation_id=str(accepted.get("conversation_id") or ""),
+            message_id=str(accepted.get("message_id") or ""),
             workflow_run_id=str(accepted.get("workflow_run_id") or ""),
         )
         try:
@@ -371,7 +410,9 @@ class DifyClient:
     def _cleaned(self, answer: DifyAnswer) -> DifyAnswer:
         if not self._settings.strip_reasoning:
             return answer
-        return DifyAnswer(strip_reasoning(answer.text), answer.conversation_id, answer.message_id)
+        return DifyAnswer(
+            strip_reasoning(answer.text), answer.conversation_id, answer.message_id, answer.files
+        )
 
     # --- modes -----------------------------------------------------------------------------
 
@@ -565,9 +606,14 @@ class DifyClient:
                 data = event.get("data") or {}
                 progress.answer += str(data.get("text", "")) if isinstance(data, dict) else ""
                 call.grew(progress.answer)
+            elif kind == "message_file":
+                attached = dify_file(event)
+                if attached is not None:
+                    progress.files.append(attached)
             elif kind == "message_end":
                 message_id = progress.message_id or str(event.get("id", ""))
-                return DifyAnswer(progress.answer, progress.conversation_id, message_id)
+                files = tuple(progress.files)
+                return DifyAnswer(progress.answer, progress.conversation_id, message_id, files)
             elif kind == "workflow_finished" and path == "/workflows/run":
                 data = event.get("data") or {}
                 return self._workflow_result(data, progress.workflow_run_id)
@@ -576,7 +622,7 @@ class DifyClient:
                 raise DifyPausedError(progress.workflow_run_id, data.get("reasons"))
             elif kind == "error":
                 raise _stream_error(event)
-            # ping, agent_thought, message_file, tts_*, node events: nothing to send
+            # ping, agent_thought, tts_*, node events: nothing to send
         raise _StreamBroken(path, "stream_incomplete", progress)
 
     # --- recovery of a broken stream -------------------------------------------------------
@@ -651,7 +697,11 @@ class DifyClient:
         answer = str(message.get("answer") or "")
         if not answer:
             return None
-        return DifyAnswer(answer, progress.conversation_id, str(message.get("id") or ""))
+        stored = message.get("message_files") or []
+        files = tuple(
+            f for f in (dify_file(d) for d in stored if isinstance(d, dict)) if f is not None
+        )
+        return DifyAnswer(answer, progress.conversation_id, str(message.get("id") or ""), files)
 
     def _fetch_run(self, run_id: str) -> DifyAnswer | None:
         """The run's result from GET /workflows/run/<id> (None: still running)."""

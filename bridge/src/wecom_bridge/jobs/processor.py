@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wecom_bridge.channels.base import (
@@ -25,7 +26,7 @@ from wecom_bridge.channels.base import (
     TextProgress,
 )
 from wecom_bridge.config import AppConfig
-from wecom_bridge.dify.client import DifyClient
+from wecom_bridge.dify.client import DifyClient, DifyFile
 from wecom_bridge.errors import (
     DifyError,
     DifyPausedError,
@@ -43,6 +44,7 @@ from wecom_bridge.jobs.kinds import (
     decode,
     target_of,
 )
+from wecom_bridge.jobs.media import MediaJob, MediaSender, plan_answer, stored_media
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Job, Store
@@ -75,6 +77,10 @@ class Answer:
 
     text: str
     result: dict[str, object] = field(default_factory=dict)
+    # Dify's answers: the files Dify attached, and whether its images and file links become
+    # media parts (jobs/media.py).
+    files: tuple[DifyFile, ...] = ()
+    media: bool = False
 
 
 # Each handler takes its own kind (the table is keyed by the kind's class, so it always does).
@@ -100,8 +106,11 @@ class JobProcessor:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         channel_handlers: Mapping[type[JobSpec], Handler] | None = None,
+        media_dir: Path | None = None,
     ) -> None:
-        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull)."""
+        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull).
+        `media_dir`: where Dify's files wait between download and upload (None: every file
+        of an answer is sent as its link)."""
         self.store = store
         self.apps = apps
         self.metrics = metrics
@@ -120,6 +129,7 @@ class JobProcessor:
             SendJob: self._proactive,
             **(channel_handlers or {}),
         }
+        self._media = MediaSender(media_dir, clock=clock) if media_dir is not None else None
 
     def process(self, job: Job) -> None:
         fields: dict[str, object] = {
@@ -143,7 +153,7 @@ class JobProcessor:
             return
         try:
             parts, result = self._parts(job, spec, app)
-            self._send(job, spec, app, parts)
+            self._send(job, spec, app, parts, result)
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
             return
@@ -151,6 +161,8 @@ class JobProcessor:
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
         with self._sent_lock:
             self._sent.pop(job.id, None)
+        if self._media is not None:
+            self._media.cleanup(job.id)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "done"})
         done = "sent" if isinstance(spec, SendJob) else "answered"
         log.info(done, extra={**fields, "event": "job_done", "parts": len(parts)})
@@ -165,11 +177,14 @@ class JobProcessor:
             return job.parts, job.result or {}
         answer = self._handlers[type(spec)](job, spec, app)
         limit = app.outbound.part_limit_bytes
-        parts = split_message(answer.text, limit) if answer.text else []
-        self._until_recorded(
-            job, "answer", lambda: self.store.save_parts(job.id, parts, answer.result)
-        )
-        return parts, answer.result
+        result = answer.result
+        if answer.media and app.config.dify is not None:
+            plan = plan_answer(answer.text, answer.files, app.config.dify, app.config.media, limit)
+            parts, result = plan.parts, {**answer.result, **plan.result()}
+        else:
+            parts = split_message(answer.text, limit) if answer.text else []
+        self._until_recorded(job, "answer", lambda: self.store.save_parts(job.id, parts, result))
+        return parts, result
 
     def _until_recorded(self, job: Job, what: str, write: Callable[[], None]) -> None:
         """Run a progress write until it lands. Dify's answer and the parts WeCom accepted
@@ -263,7 +278,8 @@ class JobProcessor:
             "conversation_id": answer.conversation_id,
             "message_id": answer.message_id,
         }
-        return Answer(answer.text.strip() or fallback, result)
+        text = answer.text.strip() or ("" if answer.files else fallback)
+        return Answer(text, result, answer.files, media=True)
 
     @staticmethod
     @contextlib.contextmanager
@@ -288,7 +304,14 @@ class JobProcessor:
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _send(self, job: Job, spec: JobSpec, app: AppRuntime, parts: list[str]) -> None:
+    def _send(
+        self,
+        job: Job,
+        spec: JobSpec,
+        app: AppRuntime,
+        parts: list[str],
+        result: Mapping[str, object],
+    ) -> None:
         def sent(index: int, result: SendResult) -> None:
             invalid = {
                 "invaliduser": result.invaliduser,
@@ -314,7 +337,31 @@ class JobProcessor:
             on_sent=sent,
             start=start,
             sleep=self._sleep,
+            send=self._media_parts(job, app, result),
         )
+
+    def _media_parts(
+        self, job: Job, app: AppRuntime, result: Mapping[str, object]
+    ) -> Callable[[int, Target, str], SendResult] | None:
+        """How the answer's parts go out when some of them are media (None: all are text)."""
+        media, refs = self._media, stored_media(result)
+        if media is None or not refs:
+            return None
+        transfer = MediaJob(
+            job_id=job.id,
+            result=result,
+            note=lambda key, value: self.store.note_result(job.id, key, value),
+            record=lambda what, write: self._until_recorded(job, what, write),
+        )
+        settings = (app.config.dify, app.config.media)
+
+        def send(index: int, target: Target, text: str) -> SendResult:
+            ref = refs.get(index)
+            if ref is None:
+                return app.outbound.send_part(target, text)
+            return media.send(transfer, index, ref, target, app.outbound, settings, text)
+
+        return send
 
     def _send_failed(self, job: Job, exc: WeComApiError, fields: dict[str, object]) -> None:
         age = self._clock() - job.received_at

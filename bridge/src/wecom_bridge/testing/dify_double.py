@@ -12,7 +12,8 @@ streams send `ping` every `ping_interval` seconds while the model thinks, a bloc
 nothing until the end; workflow runs stream `text_chunk` and end with `workflow_finished` (status
 succeeded, partial-succeeded, failed or stopped) or `workflow_paused`, and are listed by
 `GET /v1/workflows/run/<id>`; only declared inputs are kept and a missing required one is 400
-`invalid_param`; a conversation id that is not a UUID is 400 `invalid_param`.
+`invalid_param`; a conversation id that is not a UUID is 400 `invalid_param`. Answers can carry
+files (`message_file` events, markdown links to signed /files/… URLs it serves: dify_files.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.dify_files import DifyAnswerFiles, mount_answer_files
 from wecom_bridge.testing.server import required_env
 
 DIFY_VERSION = "1.17.1"
@@ -87,6 +89,8 @@ class DifyDoubleState:
     input_form: list[dict[str, Any]] | None = None  # None: QUERY_FORM (completion/workflow) or []
     messages: list[dict[str, Any]] = field(default_factory=list)  # every message created
     workflow_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files answers link to (testing/dify_files.py: signed /files/… links, markers like #image).
+    answer_files: DifyAnswerFiles = field(default_factory=DifyAnswerFiles)
 
     def workflow_status_next(self, status: str, times: int = 1) -> None:
         """The next workflow runs end with `status` (succeeded by default)."""
@@ -222,6 +226,7 @@ class _Turn:
     hang: Hang | None
     fault: Fault | None
     inputs: dict[str, Any] = field(default_factory=dict)
+    files: tuple[dict[str, Any], ...] = ()  # message_file events, sent after the text
     message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     task_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -297,6 +302,7 @@ def create_dify_double(
         state.setup_at = setup_file.read_text(encoding="utf-8").strip() or None
     app = Flask("dify_double")
     app.extensions["dify_double"] = state
+    mount_answer_files(app, state.answer_files)
 
     @app.before_request
     def authenticate() -> Response | None:
@@ -506,8 +512,10 @@ def _prepare(state: DifyDoubleState, body: dict[str, Any], *, chat: bool) -> _Tu
         hang = None
     if fault is not None and not (fault.in_stream and streaming):
         return _error(fault.status, fault.code, fault.message)
+    answer, files = state.answer_files.answer_with_files(query, state.answer_for(query))
     turn = _Turn(
-        answer=state.answer_for(query),
+        answer=answer,
+        files=tuple(files),
         conversation_id=conversation_id,
         streaming=streaming,
         replacement=replacement,
@@ -534,7 +542,9 @@ def _record_message(state: DifyDoubleState, turn: _Turn, body: dict[str, Any], q
         "inputs": turn.inputs,
         "query": query,
         "answer": "" if failed else (turn.replacement or turn.answer),
-        "message_files": [],
+        "message_files": [
+            {k: f[k] for k in ("id", "type", "url", "belongs_to")} for f in turn.files
+        ],
         "feedback": None,
         "retriever_resources": [],
         "agent_thoughts": [],
@@ -609,6 +619,8 @@ def _stream(state: DifyDoubleState, turn: _Turn, query: str) -> Iterator[str]:
         yield _sse({"event": "message_replace", **common, "answer": turn.replacement})
     if turn.cut:
         return
+    for attached in turn.files:  # a tool's files, once the text is written
+        yield _sse({**attached, "conversation_id": turn.conversation_id})
     if state.mode == "advanced-chat":
         yield _sse({"event": "node_finished", **common, "data": {"node_type": "llm"}})
         yield _sse({"event": "workflow_finished", **common, "data": {"status": "succeeded"}})
