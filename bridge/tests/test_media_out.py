@@ -4,14 +4,35 @@ Dify double (answers with signed /files/… links and message_file events) and t
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import dify_state, wait_for, wecom_state
+from conftest import (
+    AppSecrets,
+    BridgeProcess,
+    FakeClock,
+    dify_state,
+    plain_app,
+    wait_for,
+    wecom_state,
+)
+from test_aibot import BOT_ID, BOT_SECRET, Bridge, aibot_env
 
+from wecom_bridge.channels.wecom_app import WeComAppOutbound
+from wecom_bridge.dify.client import DifyClient, DifySettings
+from wecom_bridge.jobs.kinds import ChatJob, new_job
+from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
+from wecom_bridge.jobs.store import SqliteStore
+from wecom_bridge.metrics import Metrics
+from wecom_bridge.testing.aibot_double import AibotDouble
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.dify_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
+from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
 
 
 def received(wecom_double: ServerThread, user: str) -> list[dict[str, Any]]:
@@ -66,8 +87,10 @@ def test_file_link_is_sent_as_a_file_with_its_name(
     callbacks.send_text("u3", "发我报告 #file")
     messages = answer_of(wecom_double, "u3", 2)
     assert [shown(m) for m in messages][1] == "file:report.pdf"
-    assert wecom_state(wecom_double).uploads[messages[1]["file"]["media_id"]]["data"].startswith(
-        b"%PDF"
+    assert (
+        wecom_state(wecom_double)
+        .uploads[messages[1]["file"]["media_id"]]["data"]
+        .startswith(b"%PDF")
     )
 
 
@@ -164,3 +187,129 @@ def test_a_busy_wecom_upload_is_retried_and_the_image_still_arrives_once(
     assert wecom_state(wecom_double).upload_calls == 2
     # The retried job used the file it had downloaded: Dify was asked for it once.
     assert len(dify_state(dify_double).answer_files.downloads) == 1
+
+
+# --- durability: the media stage is stored -----------------------------------------------------
+
+
+def test_kill9_between_upload_and_send_resumes_without_a_second_upload_or_send(
+    bridge_env: dict[str, str],
+    secrets: AppSecrets,
+    wecom_double: ServerThread,
+    dify_double: ServerThread,
+) -> None:
+    """The bridge dies (kill -9) after WeCom accepted the upload and before the image message
+    went out (WeCom is busy: the job waits to retry). The next bridge sends that media_id."""
+    wecom = wecom_state(wecom_double)
+    dify_state(dify_double).set_answer("")  # the answer is only the tool's image
+    wecom.fail_next("send", *[-1] * 8)
+    first = BridgeProcess(bridge_env).start()
+    client = CallbackClient(f"{first.url}/wxcomapp", secrets.crypto(), secrets.agent_id)
+    assert client.send_text("crash", "只要图 #image").status_code == 200
+    wait_for(lambda: wecom.upload_calls == 1 and wecom.send_calls >= 1, timeout=20)
+    first.kill9()
+    assert received(wecom_double, "crash") == []
+    with wecom.lock:
+        wecom.faults.clear()
+    second = BridgeProcess(bridge_env).start()
+    try:
+        messages = answer_of(wecom_double, "crash", 1)
+        time.sleep(1.0)  # nothing more comes
+    finally:
+        log = second.stop()
+    assert [m["msgtype"] for m in received(wecom_double, "crash")] == ["image"], log
+    assert wecom.upload_calls == 1, log
+    assert messages[0]["image"]["media_id"] in wecom.uploads
+
+
+def test_a_media_id_older_than_three_days_is_uploaded_again(
+    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
+) -> None:
+    """A job resumed more than 3 days after its upload (WeCom's media_id lifetime) does not
+    send the stale media_id: it downloads and uploads again."""
+    store = SqliteStore(tmp_path)
+    dify_settings = DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key)
+    config = dataclasses.replace(plain_app(), corp_id=secrets.corp_id, dify=dify_settings)
+    wecom = WeComClient(
+        api_base=wecom_double.url,
+        corp_id=secrets.corp_id,
+        secret=secrets.secret,
+        token_cache=MemoryTokenCache(),
+    )
+    clock = FakeClock(time.time())
+    runtime = AppRuntime(config, DifyClient(dify_settings), WeComAppOutbound(config, wecom))
+    processor = JobProcessor(
+        store, {"default": runtime}, Metrics(), clock=clock, media_dir=tmp_path / "media"
+    )
+    files = dify_state(dify_double).answer_files
+    file_id = files.add(tiny_png(7), ".png", "image/png")
+    store.enqueue("default", new_job("old", ChatJob("旧图")))
+    job = store.claim("worker", 15)
+    assert job is not None
+    refs = {"0": {"kind": "image", "url": dify_double.url + files.tool_url(file_id), "name": "p"}}
+    store.save_parts(job.id, ["p：link"], {"media": refs})
+    stale = wecom.upload_media("image", tiny_png(7), "p.png", "image/png")
+    progress = {"stage": "uploaded", "media_id": stale.media_id, "created_at": stale.created_at}
+    store.note_result(job.id, "media_0", {**progress, "kind": "image"})
+    clock.now += 3 * 24 * 3600 + 60
+    processor.process(store.get_job(job.id))
+    sent = received(wecom_double, "old")
+    assert [m["msgtype"] for m in sent] == ["image"]
+    assert sent[0]["image"]["media_id"] != stale.media_id
+    assert wecom_state(wecom_double).upload_calls == 2
+    assert store.get_job(job.id).status == "done"
+    assert list((tmp_path / "media").iterdir()) == []
+
+
+# --- the AI bot ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aibot() -> Iterator[AibotDouble]:
+    with AibotDouble(BOT_ID, BOT_SECRET) as double:
+        yield double
+
+
+@pytest.fixture
+def aibot_bridge(tmp_path, aibot, dify_double, secrets) -> Iterator[Bridge]:
+    bridge = Bridge(aibot_env(tmp_path, aibot.url, dify_double, secrets))
+    aibot.wait_connected()
+    yield bridge
+    bridge.stop()
+
+
+def test_ai_bot_long_connection_streams_the_text_then_uploads_and_sends_the_image(
+    aibot_bridge: Bridge, aibot: AibotDouble, dify_double: ServerThread
+) -> None:
+    msgid = aibot.deliver_text("lisi", "报表 #md-image")
+    aibot.wait(lambda: len(aibot.messages_to("lisi")) >= 2)
+    transcript = aibot.transcript(msgid)
+    assert transcript.finished == "Dify double answer: 报表 #md-image"  # the text before
+    with aibot.lock:
+        sent = [(m.msgtype, m.content) for m in aibot.sent if m.chat == "lisi"]
+        media = next(m.media_id for m in aibot.sent if m.msgtype == "image")
+        upload = aibot.media[media]
+    assert sent == [("image", ""), ("markdown", "以上是图表。")]  # in the answer's order
+    data = b"".join(upload.chunks[i] for i in range(upload.total_chunks))
+    assert (upload.type, data) == ("image", tiny_png(2))
+
+
+def test_ai_bot_answer_that_starts_with_a_file_finishes_its_stream_with_the_caption(
+    aibot_bridge: Bridge, aibot: AibotDouble, dify_double: ServerThread
+) -> None:
+    dify_state(dify_double).set_answer("")
+    msgid = aibot.deliver_text("wangwu", "只要图 #image")
+    aibot.wait(lambda: aibot.messages_to("wangwu"))
+    assert aibot.transcript(msgid).finished is not None  # no stream left open behind the file
+    with aibot.lock:
+        assert [m.msgtype for m in aibot.sent if m.chat == "wangwu"] == ["image"]
+
+
+def test_ai_bot_uploads_a_large_file_in_512_kb_chunks(
+    aibot_bridge: Bridge, aibot: AibotDouble
+) -> None:
+    aibot.deliver_text("zhao", "大图 #big-image")
+    aibot.wait(lambda: any(m.msgtype == "file" for m in aibot.sent), timeout=30)
+    with aibot.lock:
+        (upload,) = [u for u in aibot.media.values() if u.type == "file"]
+    assert upload.total_chunks == -(-upload.total_size // (512 * 1024)) > 20
