@@ -13,7 +13,7 @@ from flask import Flask, Response
 from wecom_bridge.config import MediaSettings
 from wecom_bridge.dify.client import DifyFile, DifySettings
 from wecom_bridge.dify.files import DifyFileFetcher, FileFetchError, is_public
-from wecom_bridge.jobs.media import AnswerPlan, plan_answer, sniff, stored_media
+from wecom_bridge.jobs.media import AnswerPlan, fetch_url, plan_answer, sniff, stored_media
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.testing.dify_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
@@ -90,7 +90,7 @@ def test_sniff_reads_the_magic_bytes() -> None:
         ("fe80::1", False),
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),  # loopback dressed as IPv6
-        ("0.0.0.0", False),
+        ("0.0.0.0", False),  # noqa: S104 - an address checked, not bound
     ],
 )
 def test_only_public_addresses_are_fetched_from_hosts_that_are_not_dify(
@@ -173,3 +173,17 @@ def test_a_loopback_host_that_is_not_a_configured_dify_is_refused(
     with pytest.raises(FileFetchError) as caught:
         fetcher.fetch(host.url + "/files/named", tmp_path / "f", 1024)
     assert caught.value.reason == "refused" and "internal address" in caught.value.detail
+
+
+def test_links_at_the_public_files_url_are_fetched_through_the_api_origin() -> None:
+    """Dify's FILES_URL is the public name (often not reachable from the bridge's container);
+    the same signed path is fetched at DIFY_API_BASE's origin, and the member's link keeps
+    the public one."""
+    moved = DifySettings(api_base="http://nginx/v1", api_key="k", files_url="https://kb.cn")
+    public = "https://kb.cn/files/tools/a.png?timestamp=1&nonce=2&sign=3"
+    assert fetch_url(public, moved) == "http://nginx/files/tools/a.png?timestamp=1&nonce=2&sign=3"
+    assert (
+        fetch_url("https://elsewhere.cn/files/a.png", moved) == "https://elsewhere.cn/files/a.png"
+    )
+    result = plan_answer(f"![x]({public})", (), moved, MediaSettings(), LIMIT)
+    assert result.parts == [f"x：{public}"]

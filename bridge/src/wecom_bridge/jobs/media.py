@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from wecom_bridge.channels.base import MediaOutbound, Outbound, Target
 from wecom_bridge.config import MediaSettings
@@ -115,6 +116,17 @@ def is_dify_file(url: str, settings: DifySettings) -> bool:
     origins = {origin_of(settings.files_base), origin_of(settings.api_base)}
     path = url.split("://", 1)[1].partition("/")[2]
     return origin_of(url) in origins and path.startswith("files/")
+
+
+def fetch_url(url: str, settings: DifySettings) -> str:
+    """Where the bridge downloads a file from: a link at the files base (Dify's public
+    FILES_URL, often unreachable from inside) goes to the same path at DIFY_API_BASE's origin,
+    where Dify's nginx serves /files too; the signature does not name the host."""
+    files_origin = settings.files_base.rstrip("/")
+    if settings.files_url and url.startswith(files_origin + "/files/"):
+        parts = urlsplit(settings.api_base)
+        return f"{parts.scheme}://{parts.netloc}" + url[len(files_origin) :]
+    return url
 
 
 def _name_of(url: str, label: str, kind: str) -> str:
@@ -326,7 +338,9 @@ class MediaSender:
             return Prepared(dest, str(kept.get("kind") or FILE), str(kept.get("filename")))
         with self._downloads:
             try:
-                fetched = self._fetcher_for(dify, media).fetch(ref.url, dest, FILE_LIMIT)
+                fetched = self._fetcher_for(dify, media).fetch(
+                    fetch_url(ref.url, dify), dest, FILE_LIMIT
+                )
             except FileFetchError as exc:
                 text = {"too_large": media.too_large_text, "refused": media.refused_text}.get(
                     exc.reason
