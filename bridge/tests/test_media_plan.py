@@ -187,3 +187,16 @@ def test_links_at_the_public_files_url_are_fetched_through_the_api_origin() -> N
     )
     result = plan_answer(f"![x]({public})", (), moved, MediaSettings(), LIMIT)
     assert result.parts == [f"x：{public}"]
+
+
+def test_inline_plan_for_channels_without_media_keeps_the_parts_few() -> None:
+    """微信客服 (5 messages per customer message) and the webhook bot (a stream and one late
+    call) send no files: each becomes its link inside the text, split as usual."""
+    event = DifyFile("b", "image", "/files/tools/b.png?sign=2")
+    text = "前言 ![图一](/files/tools/a.png?sign=1) 后记"
+    result = plan_answer(text, (event,), DIFY, MediaSettings(), LIMIT, inline=True)
+    assert result.media == {}
+    assert result.parts == [
+        "前言\n\n图一：http://127.0.0.1:8080/files/tools/a.png?sign=1\n\n后记\n\n"
+        "b.png：http://127.0.0.1:8080/files/tools/b.png?sign=2"
+    ]

@@ -108,11 +108,12 @@ class DifyFileFetcher:
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         pool = self._pool(scheme, address, port, host)
+        host_header = parts.netloc.rsplit("@", 1)[-1]  # never credentials in a URL
         try:
             response = pool.urlopen(
                 "GET",
                 target,
-                headers={"Host": parts.netloc, "User-Agent": USER_AGENT, "Accept": "*/*"},
+                headers={"Host": host_header, "User-Agent": USER_AGENT, "Accept": "*/*"},
                 redirect=False,
                 retries=False,
                 preload_content=False,

@@ -146,8 +146,12 @@ def plan_answer(
     settings: DifySettings,
     media: MediaSettings,
     limit: int,
+    *,
+    inline: bool = False,
 ) -> AnswerPlan:
-    """The answer as ordered parts (see the module doc)."""
+    """The answer as ordered parts (see the module doc). `inline`: the channel sends no media
+    (or media is off): each file becomes its link text within the text, which is split as
+    usual — as few parts as before (微信客服 allows 5 messages, a webhook bot 2)."""
     base = settings.files_base
     pieces: list[str | MediaRef] = []
     seen: set[str] = set()
@@ -174,6 +178,15 @@ def plan_answer(
         pieces.append(MediaRef(kind, full, _name_of(full, "", kind)))
     if not any(isinstance(piece, MediaRef) for piece in pieces):
         return AnswerPlan(split_message(text, limit) if text else [], {})
+    if inline:
+        linked = "\n\n".join(
+            (
+                media.link_text.format(name=p.name, url=p.url) if isinstance(p, MediaRef) else p
+            ).strip()
+            for p in pieces
+        )
+        linked = re.sub(r"\n{3,}", "\n\n", linked).strip()
+        return AnswerPlan(split_message(linked, limit), {})
     parts: list[str] = []
     refs: dict[int, MediaRef] = {}
     for piece in pieces:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wecom_bridge.channels.base import (
+    MediaOutbound,
     Outbound,
     Reply,
     StreamingOutbound,
@@ -179,7 +180,14 @@ class JobProcessor:
         limit = app.outbound.part_limit_bytes
         result = answer.result
         if answer.media and app.config.dify is not None:
-            plan = plan_answer(answer.text, answer.files, app.config.dify, app.config.media, limit)
+            inline = (
+                self._media is None
+                or not app.config.media.enabled
+                or not isinstance(app.outbound, MediaOutbound)
+            )
+            plan = plan_answer(
+                answer.text, answer.files, app.config.dify, app.config.media, limit, inline=inline
+            )
             parts, result = plan.parts, {**answer.result, **plan.result()}
         else:
             parts = split_message(answer.text, limit) if answer.text else []
