@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import (
     AppSecrets,
     BridgeProcess,
@@ -122,12 +123,14 @@ def test_file_over_20_mb_becomes_the_too_large_text_with_a_working_link(
 
 
 def test_bytes_that_are_not_the_image_they_claim_are_refused(
-    callbacks: CallbackClient, wecom_double: ServerThread
+    callbacks: CallbackClient, wecom_double: ServerThread, bridge: ServerThread
 ) -> None:
     callbacks.send_text("u6", "假图 #not-image")
     messages = answer_of(wecom_double, "u6", 2)
     assert messages[1]["text"]["content"] == "此文件无法发送（fake）。"
     assert wecom_state(wecom_double).upload_calls == 0
+    metrics = requests.get(f"{bridge.url}/metrics", timeout=5).text
+    assert 'wecom_bridge_media_out_total{outcome="degraded",reason="not_an_image"} 1' in metrics
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from wecom_bridge.dify.client import DifyFile, DifySettings
 from wecom_bridge.dify.files import DifyFileFetcher, FileFetchError, absolute, origin_of
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.jobs.splitter import split_message
+from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
 from wecom_bridge.wecom.uploads import (
     ERR_MEDIA_ID,
@@ -247,10 +248,12 @@ class MediaSender:
         self,
         directory: Path,
         *,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         fetcher_for: Callable[[DifySettings, MediaSettings], DifyFileFetcher] | None = None,
     ) -> None:
         self.directory = directory
+        self._metrics = metrics or Metrics()
         self._clock = clock
         self._fetcher_for = fetcher_for or _fetcher
         self._downloads = threading.BoundedSemaphore(MAX_PARALLEL_DOWNLOADS)
@@ -292,9 +295,13 @@ class MediaSender:
                 extra={**fields, "event": "media_degraded", "reason": refused.reason},
             )
             self._discard(job.job_id, index)
+            self._metrics.inc(
+                "wecom_bridge_media_out_total", {"outcome": "degraded", "reason": refused.reason}
+            )
             text = refused.text.format(name=ref.name, url=ref.url) if refused.text else link_text
             return outbound.send_part(target, text)
         self._discard(job.job_id, index)
+        self._metrics.inc("wecom_bridge_media_out_total", {"outcome": "sent", "reason": ""})
         log.info(
             "media sent",
             extra={**fields, "event": "media_sent", "kind": uploaded[1]},

@@ -130,7 +130,9 @@ class JobProcessor:
             SendJob: self._proactive,
             **(channel_handlers or {}),
         }
-        self._media = MediaSender(media_dir, clock=clock) if media_dir is not None else None
+        self._media = (
+            MediaSender(media_dir, metrics=metrics, clock=clock) if media_dir is not None else None
+        )
 
     def process(self, job: Job) -> None:
         fields: dict[str, object] = {
