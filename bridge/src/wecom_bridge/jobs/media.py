@@ -257,8 +257,8 @@ class MediaSender:
         self._clock = clock
         self._fetcher_for = fetcher_for or _fetcher
         self._downloads = threading.BoundedSemaphore(MAX_PARALLEL_DOWNLOADS)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._sweep()
+        self._ready = False  # the directory is made (and swept) at the first download
+        self._ready_lock = threading.Lock()
 
     def send(
         self,
@@ -310,6 +310,8 @@ class MediaSender:
 
     def cleanup(self, job_id: int) -> None:
         """Remove what a finished job left (a part that failed mid-way, a .part file)."""
+        if not self.directory.is_dir():
+            return
         for leftover in self.directory.glob(f"{job_id}-*"):
             leftover.unlink(missing_ok=True)
 
@@ -356,6 +358,7 @@ class MediaSender:
         downloaded_before = kept.get("stage") == "downloaded" and dest.exists()
         if downloaded_before and dest.stat().st_size == kept.get("size"):
             return Prepared(dest, str(kept.get("kind") or FILE), str(kept.get("filename")))
+        self._prepare_directory()
         with self._downloads:
             try:
                 fetched = self._fetcher_for(dify, media).fetch(
@@ -417,6 +420,19 @@ class MediaSender:
 
     def _discard(self, job_id: int, index: int) -> None:
         (self.directory / f"{job_id}-{index}").unlink(missing_ok=True)
+
+    def _prepare_directory(self) -> None:
+        """Made when first needed: the data dir may be unusable when the bridge starts (the
+        operator fixes the volume later); a file that cannot be stored goes as its link."""
+        with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                raise MediaRefusedError("storage", f"{self.directory}: {exc}") from None
+            self._sweep()
+            self._ready = True
 
     def _sweep(self) -> None:
         cutoff = self._clock() - STALE_SECONDS
