@@ -566,3 +566,12 @@ def test_query_input_names_the_workflow_variable(make_client, dify_server) -> No
     answer = make_client(query_input="question", inputs={"lang": "zh"}).ask("请假", user="u")
     assert answer.text == "Dify double answer: 请假"
     assert answer_requests(dify_server)[-1]["json"]["inputs"] == {"lang": "zh", "question": "请假"}
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_a_workflow_s_file_outputs_become_the_answer_s_files(make_client, dify_server) -> None:
+    answer = make_client().ask("出图 #image", user="wf")
+    assert answer.text == "Dify double answer: 出图 #image"  # the answer output, not the files
+    (attached,) = answer.files
+    assert attached.type == "image" and attached.filename.endswith(".png")
+    assert attached.url.startswith("/files/tools/")

@@ -102,9 +102,35 @@ class DifyFile:
     type: str  # image | document | audio | video | custom
     url: str
     belongs_to: str = "assistant"
+    filename: str = ""  # workflow file outputs name their file
 
     def payload(self) -> dict[str, str]:
         return {"id": self.id, "type": self.type, "url": self.url, "belongs_to": self.belongs_to}
+
+
+FILE_MODEL_IDENTITY = "__dify__file__"  # how Dify marks a serialised File (File.to_dict)
+
+
+def _file_values(value: object) -> list[Mapping[str, Any]]:
+    """The File objects a workflow output holds (one, or a list of them), else []."""
+    items: list[object] = list(value) if isinstance(value, list) else [value]
+    found: list[Mapping[str, Any]] = [i for i in items if isinstance(i, dict)]
+    is_files = bool(found) and len(found) == len(items)
+    is_files = is_files and all(i.get("dify_model_identity") == FILE_MODEL_IDENTITY for i in found)
+    return found if is_files else []
+
+
+def output_files(outputs: Mapping[str, Any]) -> tuple[DifyFile, ...]:
+    """A workflow's file outputs (File.to_dict: type, filename, url signed as for messages)."""
+    files = []
+    for value in outputs.values():
+        for item in _file_values(value):
+            url = str(item.get("url") or item.get("remote_url") or "")
+            if url:
+                file_id = str(item.get("related_id") or item.get("id") or "")
+                kind = str(item.get("type") or "custom")
+                files.append(DifyFile(file_id, kind, url, filename=str(item.get("filename") or "")))
+    return tuple(files)
 
 
 def dify_file(data: Mapping[str, Any]) -> DifyFile | None:
@@ -457,9 +483,14 @@ class DifyClient:
         """A finished run (workflow_finished's data, or GET /workflows/run/<id>) as an answer."""
         status = str(data.get("status") or "")
         if status in WORKFLOW_OK:
-            outputs = data.get("outputs") or {}
-            text = self._pick_output(outputs if isinstance(outputs, dict) else {})
-            return DifyAnswer(text=text, message_id=run_id)
+            raw = data.get("outputs") or {}
+            outputs = raw if isinstance(raw, dict) else {}
+            files = output_files(outputs)
+            text_outputs = {k: v for k, v in outputs.items() if not _file_values(v)}
+            if files and not text_outputs and self._settings.workflow_output is None:
+                return DifyAnswer(text="", message_id=run_id, files=files)  # files only
+            text = self._pick_output(text_outputs if files else outputs)
+            return DifyAnswer(text=text, message_id=run_id, files=files)
         if status == "paused":
             raise DifyPausedError(run_id, data.get("reasons"))
         raise DifyError(

@@ -176,7 +176,7 @@ def plan_answer(
             continue  # the text already shows it
         seen.add(_path_of(full))
         kind = IMAGE if attached.type == IMAGE else FILE
-        pieces.append(MediaRef(kind, full, _name_of(full, "", kind)))
+        pieces.append(MediaRef(kind, full, _name_of(full, attached.filename, kind)))
     if not any(isinstance(piece, MediaRef) for piece in pieces):
         return AnswerPlan(split_message(text, limit) if text else [], {})
     if inline:

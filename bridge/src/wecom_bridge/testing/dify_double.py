@@ -630,6 +630,30 @@ def _stream(state: DifyDoubleState, turn: _Turn, query: str) -> Iterator[str]:
     )
 
 
+def _outputs(answer: str, turn: _Turn) -> dict[str, Any]:
+    """A run's outputs; a tool's files (#image) as a `files` output of File objects, the way
+    Dify serialises them (api/core/file/models.py File.to_dict)."""
+    outputs: dict[str, Any] = {"answer": answer}
+    if turn.files:
+        outputs["files"] = [
+            {
+                "dify_model_identity": "__dify__file__",
+                "id": None,
+                "type": f["type"],
+                "transfer_method": "tool_file",
+                "remote_url": None,
+                "related_id": f["id"],
+                "filename": f"{f['id']}.png",
+                "extension": ".png",
+                "mime_type": "image/png",
+                "size": -1,
+                "url": f["url"],
+            }
+            for f in turn.files
+        ]
+    return outputs
+
+
 def _run_record(run_id: str, status: str, answer: str, query: str, turn: _Turn) -> dict[str, Any]:
     """A workflow run as `workflow_finished` and GET /v1/workflows/run/<id> show it."""
     ok = status in ("succeeded", "partial-succeeded")
@@ -640,7 +664,7 @@ def _run_record(run_id: str, status: str, answer: str, query: str, turn: _Turn) 
         "workflow_id": "double-workflow",
         "status": status,
         "inputs": turn.inputs,
-        "outputs": {"answer": answer} if ok or status == "paused" else {},
+        "outputs": _outputs(answer, turn) if ok or status == "paused" else {},
         "error": errors.get(status) or (turn.fault.message if turn.fault else None),
         "elapsed_time": turn.delay,
         "total_tokens": len(query) + len(answer),
