@@ -225,11 +225,15 @@ def test_kill9_between_upload_and_send_resumes_without_a_second_upload_or_send(
     assert messages[0]["image"]["media_id"] in wecom.uploads
 
 
-def test_a_media_id_older_than_three_days_is_uploaded_again(
-    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
-) -> None:
-    """A job resumed more than 3 days after its upload (WeCom's media_id lifetime) does not
-    send the stale media_id: it downloads and uploads again."""
+def resumed_media_job(
+    tmp_path: Path,
+    secrets: AppSecrets,
+    wecom_double: ServerThread,
+    dify_double: ServerThread,
+    user: str,
+) -> tuple[JobProcessor, SqliteStore, int, WeComClient, FakeClock]:
+    """A job whose one part is an image of the Dify double, claimed as after a crash, and a
+    processor on a clock the test moves, against the doubles."""
     store = SqliteStore(tmp_path)
     dify_settings = DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key)
     config = dataclasses.replace(plain_app(), corp_id=secrets.corp_id, dify=dify_settings)
@@ -246,22 +250,51 @@ def test_a_media_id_older_than_three_days_is_uploaded_again(
     )
     files = dify_state(dify_double).answer_files
     file_id = files.add(tiny_png(7), ".png", "image/png")
-    store.enqueue("default", new_job("old", ChatJob("旧图")))
+    store.enqueue("default", new_job(user, ChatJob("旧图")))
     job = store.claim("worker", 15)
     assert job is not None
     refs = {"0": {"kind": "image", "url": dify_double.url + files.tool_url(file_id), "name": "p"}}
     store.save_parts(job.id, ["p：link"], {"media": refs})
+    return processor, store, job.id, wecom, clock
+
+
+def uploaded_progress(media_id: str, created_at: float) -> dict[str, object]:
+    return {"stage": "uploaded", "media_id": media_id, "created_at": created_at, "kind": "image"}
+
+
+def test_a_media_id_older_than_three_days_is_uploaded_again(
+    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
+) -> None:
+    """A job resumed more than 3 days after its upload (WeCom's media_id lifetime) does not
+    send the stale media_id: it downloads and uploads again."""
+    processor, store, job_id, wecom, clock = resumed_media_job(
+        tmp_path, secrets, wecom_double, dify_double, "old"
+    )
     stale = wecom.upload_media("image", tiny_png(7), "p.png", "image/png")
-    progress = {"stage": "uploaded", "media_id": stale.media_id, "created_at": stale.created_at}
-    store.note_result(job.id, "media_0", {**progress, "kind": "image"})
+    store.note_result(job_id, "media_0", uploaded_progress(stale.media_id, stale.created_at))
     clock.now += 3 * 24 * 3600 + 60
-    processor.process(store.get_job(job.id))
+    processor.process(store.get_job(job_id))
     sent = received(wecom_double, "old")
     assert [m["msgtype"] for m in sent] == ["image"]
     assert sent[0]["image"]["media_id"] != stale.media_id
     assert wecom_state(wecom_double).upload_calls == 2
-    assert store.get_job(job.id).status == "done"
+    assert store.get_job(job_id).status == "done"
     assert list((tmp_path / "media").iterdir()) == []
+
+
+def test_a_media_id_wecom_no_longer_knows_is_uploaded_once_more(
+    tmp_path: Path, secrets: AppSecrets, wecom_double: ServerThread, dify_double: ServerThread
+) -> None:
+    """40007 for a stored media_id (WeCom dropped it early): upload again and send, once."""
+    processor, store, job_id, _, clock = resumed_media_job(
+        tmp_path, secrets, wecom_double, dify_double, "gone"
+    )
+    store.note_result(job_id, "media_0", uploaded_progress("unknown-media-id", clock.now))
+    processor.process(store.get_job(job_id))
+    sent = received(wecom_double, "gone")
+    assert [m["msgtype"] for m in sent] == ["image"]
+    assert wecom_state(wecom_double).upload_calls == 1
+    assert store.get_job(job_id).result["media_0"]["media_id"] == sent[0]["image"]["media_id"]
 
 
 # --- the AI bot ----------------------------------------------------------------------------------

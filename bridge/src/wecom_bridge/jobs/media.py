@@ -275,20 +275,14 @@ class MediaSender:
         fields = {"job_id": job.job_id, "part": index + 1, "url": _loggable(ref.url)}
         if not media.enabled or dify is None or not isinstance(outbound, MediaOutbound):
             return outbound.send_part(target, link_text)
-        key = f"{PROGRESS_PREFIX}{index}"
-        progress = job.result.get(key)
-        uploaded = _uploaded(progress if isinstance(progress, dict) else {})
         try:
-            if uploaded is None or uploaded[0].expired(self._clock()):
-                uploaded = self._upload(job, index, ref, outbound, (dify, media), fields)
-            try:
-                result = self._send_uploaded(target, outbound, uploaded, ref.name)
-            except _MediaIdGoneError:
-                # WeCom no longer knows the media_id (expired early): upload once more.
-                log.info("WeCom refused the media_id; uploading again", extra=dict(fields))
-                uploaded = self._upload(job, index, ref, outbound, (dify, media), fields)
-                result = self._send_uploaded(target, outbound, uploaded, ref.name)
-        except MediaRefusedError as refused:
+            result, kind = self._transfer(job, index, ref, target, outbound, (dify, media), fields)
+        except (MediaRefusedError, OSError) as problem:
+            refused = (
+                problem
+                if isinstance(problem, MediaRefusedError)
+                else MediaRefusedError("storage", f"temporary file: {problem}")
+            )
             log.warning(
                 "media not sent as media (%s); sending a text instead",
                 refused,
@@ -302,11 +296,34 @@ class MediaSender:
             return outbound.send_part(target, text)
         self._discard(job.job_id, index)
         self._metrics.inc("wecom_bridge_media_out_total", {"outcome": "sent", "reason": ""})
-        log.info(
-            "media sent",
-            extra={**fields, "event": "media_sent", "kind": uploaded[1]},
-        )
+        log.info("media sent", extra={**fields, "event": "media_sent", "kind": kind})
         return result
+
+    def _transfer(
+        self,
+        job: MediaJob,
+        index: int,
+        ref: MediaRef,
+        target: Target,
+        outbound: MediaOutbound,
+        settings: tuple[DifySettings, MediaSettings],
+        fields: Mapping[str, object],
+    ) -> tuple[SendResult, str]:
+        """Upload (unless a fresh media_id is stored) and send; (WeCom's answer, the kind)."""
+        progress = job.result.get(f"{PROGRESS_PREFIX}{index}")
+        uploaded = _uploaded(progress if isinstance(progress, dict) else {})
+        if uploaded is None or uploaded[0].expired(self._clock()):
+            uploaded = self._upload(job, index, ref, outbound, settings, fields)
+        try:
+            return self._send_uploaded(target, outbound, uploaded, ref.name), uploaded[1]
+        except _MediaIdGoneError:
+            # WeCom no longer knows the media_id (expired early): upload once more.
+            log.info("WeCom refused the media_id; uploading again", extra=dict(fields))
+        uploaded = self._upload(job, index, ref, outbound, settings, fields)
+        try:
+            return self._send_uploaded(target, outbound, uploaded, ref.name), uploaded[1]
+        except _MediaIdGoneError:
+            raise MediaRefusedError("send_refused", "WeCom refused a fresh media_id") from None
 
     def cleanup(self, job_id: int) -> None:
         """Remove what a finished job left (a part that failed mid-way, a .part file)."""
