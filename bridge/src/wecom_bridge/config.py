@@ -26,6 +26,7 @@ DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
 DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
+DEFAULT_TRUNCATED = "\n……（回答超出本渠道一次回复的条数上限，其余部分未能发送）"
 DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
 DEFAULT_CALLBACK_PATH = "/wxcomapp"
 # The channels an app can be: the self-built app (自建应用) or the AI bot (智能机器人).
@@ -58,6 +59,7 @@ class Replies:
     unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
     welcome_text: str = ""  # "" = no welcome when a member enters the app
     paused_reply: str = DEFAULT_PAUSED  # a workflow paused for human input
+    truncated_notice: str = DEFAULT_TRUNCATED  # ends an answer cut to the channel's max parts
 
 
 DEFAULT_MEDIA_LINK_TEXT = "{name}：{url}"
@@ -394,6 +396,7 @@ def _replies(get: Mapping[str, str]) -> Replies:
         unsupported_reply=text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
         welcome_text=text("BRIDGE_WELCOME_TEXT", ""),
         paused_reply=text("BRIDGE_PAUSED_REPLY", DEFAULT_PAUSED),
+        truncated_notice=text("BRIDGE_TRUNCATED_NOTICE", DEFAULT_TRUNCATED),
     )
 
 
@@ -544,6 +547,7 @@ _APP_KEYS = frozenset(
         "unsupported_reply",
         "welcome_text",
         "paused_reply",
+        "truncated_notice",
     ]
     + [
         f"dify_{k}"

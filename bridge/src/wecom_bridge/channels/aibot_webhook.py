@@ -120,6 +120,7 @@ class AibotWebhookOutbound:
     and files reach the member as links in the text."""
 
     part_limit_bytes = STREAM_CONTENT_LIMIT
+    max_parts: int | None = 2  # the stream, then the response_url WeCom takes once
 
     def __init__(
         self,

@@ -45,9 +45,15 @@ from wecom_bridge.jobs.kinds import (
     decode,
     target_of,
 )
-from wecom_bridge.jobs.media import MediaJob, MediaSender, plan_answer, stored_media
+from wecom_bridge.jobs.media import (
+    AnswerPlan,
+    MediaJob,
+    MediaSender,
+    plan_answer,
+    stored_media,
+)
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
-from wecom_bridge.jobs.splitter import split_message
+from wecom_bridge.jobs.splitter import cap_parts, split_message
 from wecom_bridge.jobs.store import Job, Store
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
@@ -190,11 +196,36 @@ class JobProcessor:
             plan = plan_answer(
                 answer.text, answer.files, app.config.dify, app.config.media, limit, inline=inline
             )
-            parts, result = plan.parts, {**answer.result, **plan.result()}
+            parts = self._capped(job, plan.parts, app)
+            # Media parts a cap cut off (or turned into the notice) are not media any more.
+            kept = {i: ref for i, ref in plan.media.items() if i < len(parts)}
+            if len(parts) < len(plan.parts):
+                kept.pop(len(parts) - 1, None)
+            result = {**answer.result, **AnswerPlan(parts, kept).result()}
         else:
-            parts = split_message(answer.text, limit) if answer.text else []
+            parts = self._split(job, answer.text, app)
         self._until_recorded(job, "answer", lambda: self.store.save_parts(job.id, parts, result))
         return parts, result
+
+    def _split(self, job: Job, text: str, app: AppRuntime) -> list[str]:
+        limit = app.outbound.part_limit_bytes
+        return self._capped(job, split_message(text, limit) if text else [], app)
+
+    def _capped(self, job: Job, parts: list[str], app: AppRuntime) -> list[str]:
+        limit, max_parts = app.outbound.part_limit_bytes, app.outbound.max_parts
+        capped = cap_parts(parts, max_parts, limit, app.config.replies.truncated_notice)
+        if len(capped) < len(parts):
+            log.warning(
+                "answer cut to the channel's limit of parts per message",
+                extra={
+                    "job_id": job.id,
+                    "event": "answer_truncated",
+                    "parts": len(parts),
+                    "max_parts": max_parts,
+                    "app": app.config.name,
+                },
+            )
+        return capped
 
     def _until_recorded(self, job: Job, what: str, write: Callable[[], None]) -> None:
         """Run a progress write until it lands. Dify's answer and the parts WeCom accepted
