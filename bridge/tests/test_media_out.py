@@ -328,6 +328,8 @@ def test_ai_bot_long_connection_streams_the_text_then_uploads_and_sends_the_imag
     assert sent == [("image", ""), ("markdown", "以上是图表。")]  # in the answer's order
     data = b"".join(upload.chunks[i] for i in range(upload.total_chunks))
     assert (upload.type, data) == ("image", tiny_png(2))
+    # The chat page (and the control API) list it by name, in its place.
+    assert aibot.answers(msgid)[1] == f"[图片] {upload.filename}"
 
 
 def test_ai_bot_answer_that_starts_with_a_file_finishes_its_stream_with_the_caption(

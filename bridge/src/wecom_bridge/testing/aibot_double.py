@@ -234,8 +234,16 @@ class AibotDouble:
             d = self.deliveries[msgid]
             texts = [d.finished] if d.finished is not None else []
             return texts + [
-                m.content for m in self.sent if m.chat == d.chat and m.at >= d.pushed_at
+                self._shown(m) for m in self.sent if m.chat == d.chat and m.at >= d.pushed_at
             ]
+
+    def _shown(self, message: SentMessage) -> str:
+        """A sent message as the chat page lists it: its text, or an uploaded file's name."""
+        if message.msgtype == "markdown":
+            return message.content
+        upload = self.media.get(message.media_id)
+        label = "图片" if message.msgtype == "image" else "文件"
+        return f"[{label}] {upload.filename if upload else message.media_id}"
 
     def view(self, msgid: str) -> dict[str, Any] | None:
         """What the member saw of `msgid` so far (the control API's and chat page's shape)."""
