@@ -321,6 +321,7 @@ def test_ai_bot_long_connection_streams_the_text_then_uploads_and_sends_the_imag
     aibot.wait(lambda: len(aibot.messages_to("lisi")) >= 2)
     transcript = aibot.transcript(msgid)
     assert transcript.finished == "Dify double answer: 报表 #md-image"  # the text before
+    assert not any("![" in u.content for u in transcript.updates)  # no raw image while written
     with aibot.lock:
         sent = [(m.msgtype, m.content) for m in aibot.sent if m.chat == "lisi"]
         media = next(m.media_id for m in aibot.sent if m.msgtype == "image")

@@ -13,7 +13,14 @@ from flask import Flask, Response
 from wecom_bridge.config import MediaSettings
 from wecom_bridge.dify.client import DifyFile, DifySettings
 from wecom_bridge.dify.files import DifyFileFetcher, FileFetchError, is_public
-from wecom_bridge.jobs.media import AnswerPlan, fetch_url, plan_answer, sniff, stored_media
+from wecom_bridge.jobs.media import (
+    AnswerPlan,
+    fetch_url,
+    plan_answer,
+    sniff,
+    stored_media,
+    without_images,
+)
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.testing.dify_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
@@ -200,3 +207,8 @@ def test_inline_plan_for_channels_without_media_keeps_the_parts_few() -> None:
         "前言\n\n图一：http://127.0.0.1:8080/files/tools/a.png?sign=1\n\n后记\n\n"
         "b.png：http://127.0.0.1:8080/files/tools/b.png?sign=2"
     ]
+
+
+def test_the_stream_shows_the_text_without_its_images() -> None:
+    text = "前 ![图](/files/tools/a.png?sign=1) 后 [报告](/files/b/file-preview) ![半"
+    assert without_images(text) == "前  后 [报告](/files/b/file-preview) ![半"

@@ -199,6 +199,12 @@ def plan_answer(
     return AnswerPlan(parts, refs)
 
 
+def without_images(text: str) -> str:
+    """`text` without its markdown images (a stream shows the text while it is written; the
+    images follow as images once the answer is complete)."""
+    return _MARKDOWN_LINK.sub(lambda m: "" if m.group("bang") else m.group(0), text)
+
+
 def sniff(head: bytes) -> str | None:
     """The image format the first bytes say, or None."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":

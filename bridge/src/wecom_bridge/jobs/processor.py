@@ -51,6 +51,7 @@ from wecom_bridge.jobs.media import (
     MediaSender,
     plan_answer,
     stored_media,
+    without_images,
 )
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import cap_parts, split_message
@@ -290,7 +291,8 @@ class JobProcessor:
                         job.user,
                         conversation,
                         on_accepted=lambda ids: self._note_accepted(job, ids),
-                        on_text=on_text,
+                        # The stream shows the text; its images come as images afterwards.
+                        on_text=(lambda text: on_text(without_images(text))) if on_text else None,
                         member_inputs=_member_inputs(app.config, spec),
                     )
         except DifyPausedError as exc:
