@@ -32,7 +32,7 @@ from wecom_bridge.channels.base import MediaOutbound, Outbound, Target
 from wecom_bridge.config import MediaSettings
 from wecom_bridge.dify.client import DifyFile, DifySettings
 from wecom_bridge.dify.files import DifyFileFetcher, FileFetchError, absolute, origin_of
-from wecom_bridge.errors import WeComApiError
+from wecom_bridge.errors import BridgeError, WeComApiError
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
@@ -212,7 +212,7 @@ def sniff(head: bytes) -> str | None:
     return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
 
 
-class MediaRefusedError(Exception):
+class MediaRefusedError(BridgeError):
     """A media part that will not be sent as media: `text` is what the member gets instead
     (None: the part's link text)."""
 
@@ -222,7 +222,7 @@ class MediaRefusedError(Exception):
         self.text = text
 
 
-class _MediaIdGoneError(Exception):
+class _MediaIdGoneError(BridgeError):
     """WeCom refused a stored media_id (40007)."""
 
 
@@ -393,7 +393,7 @@ class MediaSender:
                 )
                 raise MediaRefusedError(exc.reason, exc.detail, text) from None
         kind = self._kind_of(ref, dest, fetched.size, media)
-        filename = _filename(ref, fetched.filename, dest, kind)
+        filename = _filename(ref, fetched.filename, dest)
         prepared = Prepared(dest, kind, filename)
         downloaded = {
             "stage": "downloaded",
@@ -478,7 +478,7 @@ def _uploaded(progress: Mapping[str, object]) -> tuple[UploadedMedia, str] | Non
     return UploadedMedia(media_id, float(created_at), kind), kind
 
 
-def _filename(ref: MediaRef, served: str, dest: Path, kind: str) -> str:
+def _filename(ref: MediaRef, served: str, dest: Path) -> str:
     """The name the member sees: the link's text when it has an extension, else the server's."""
     for name in (ref.name, served):
         if "." in name and "/" not in name and len(name) <= 128:
