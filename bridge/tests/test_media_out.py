@@ -317,11 +317,14 @@ def aibot_bridge(tmp_path, aibot, dify_double, secrets) -> Iterator[Bridge]:
 def test_ai_bot_long_connection_streams_the_text_then_uploads_and_sends_the_image(
     aibot_bridge: Bridge, aibot: AibotDouble, dify_double: ServerThread
 ) -> None:
+    dify_state(dify_double).set_pace(chunk_chars=12, chunk_interval=0.05)  # seen while written
     msgid = aibot.deliver_text("lisi", "报表 #md-image")
     aibot.wait(lambda: len(aibot.messages_to("lisi")) >= 2)
     transcript = aibot.transcript(msgid)
     assert transcript.finished == "Dify double answer: 报表 #md-image"  # the text before
-    assert not any("![" in u.content for u in transcript.updates)  # no raw image while written
+    partial = [u.content for u in transcript.updates if not u.finish and u.content != "…"]
+    assert len(partial) >= 3  # the member saw it grow…
+    assert not any("![" in text or "/files/" in text for text in partial)  # …without the image
     with aibot.lock:
         sent = [(m.msgtype, m.content) for m in aibot.sent if m.chat == "lisi"]
         media = next(m.media_id for m in aibot.sent if m.msgtype == "image")

@@ -201,8 +201,10 @@ def plan_answer(
 
 def without_images(text: str) -> str:
     """`text` without its markdown images (a stream shows the text while it is written; the
-    images follow as images once the answer is complete)."""
-    return _MARKDOWN_LINK.sub(lambda m: "" if m.group("bang") else m.group(0), text)
+    images follow as images once the answer is complete), nor one still being written."""
+    cleaned = _MARKDOWN_LINK.sub(lambda m: "" if m.group("bang") else m.group(0), text)
+    unfinished = cleaned.rfind("![")
+    return cleaned[:unfinished] if unfinished >= 0 else cleaned
 
 
 def sniff(head: bytes) -> str | None:
