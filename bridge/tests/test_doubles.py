@@ -677,6 +677,15 @@ def test_dify_double_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "250")
     state = dify_double_from_env().extensions["dify_double"]
     assert (state.api_key, state.mode, state.delay) == (DIFY_KEY, "workflow", 0.25)
+    assert state.answer_files.files_url == ""  # no FILES_URL: relative links, as in Dify
+    monkeypatch.setenv("FILES_URL", "https://kb.example.com/")
+    monkeypatch.setenv("SECRET_KEY", "sk-test")
+    files = dify_double_from_env().extensions["dify_double"].answer_files
+    assert (files.files_url, files.secret_key) == ("https://kb.example.com", "sk-test")
+    file_id = files.add(tiny_png(), ".png", "image/png")
+    assert files.tool_url(file_id).startswith(f"https://kb.example.com/files/tools/{file_id}.png?")
+    monkeypatch.delenv("FILES_URL")
+    monkeypatch.delenv("SECRET_KEY")
     with pytest.raises(ValueError, match="mode"):
         create_dify_double(api_key="k", mode="chatbot")
     monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "soon")

@@ -24,11 +24,13 @@ from conftest import (
 from test_aibot import BOT_ID, BOT_SECRET, Bridge, aibot_env
 
 from wecom_bridge.channels.wecom_app import WeComAppOutbound
+from wecom_bridge.config import load_config
 from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.jobs.kinds import ChatJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import SqliteStore
 from wecom_bridge.metrics import Metrics
+from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.aibot_double import AibotDouble
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.dify_files import tiny_png
@@ -355,3 +357,27 @@ def test_ai_bot_uploads_a_large_file_in_512_kb_chunks(
     with aibot.lock:
         (upload,) = [u for u in aibot.media.values() if u.type == "file"]
     assert upload.total_chunks == -(-upload.total_size // (512 * 1024)) > 20
+
+
+def test_links_under_dify_s_public_files_url_are_fetched_through_the_api_base(
+    bridge_env: dict[str, str],
+    secrets: AppSecrets,
+    wecom_double: ServerThread,
+    dify_double: ServerThread,
+) -> None:
+    """Dify with FILES_URL set writes absolute links under its public name (unreachable here:
+    .invalid never resolves). With DIFY_FILES_URL naming it, the bridge downloads the same
+    signed path from DIFY_API_BASE's origin, and a link a member gets keeps the public name."""
+    public = "https://kb.example.invalid"
+    dify_state(dify_double).answer_files.files_url = public
+    app = create_app(load_config({**bridge_env, "DIFY_FILES_URL": public}))
+    try:
+        with ServerThread(app) as server:
+            client = CallbackClient(f"{server.url}/wxcomapp", secrets.crypto(), secrets.agent_id)
+            client.send_text("pub", "图 #image", msg_id="7001")
+            assert [m["msgtype"] for m in answer_of(wecom_double, "pub", 2)] == ["text", "image"]
+            client.send_text("pub", "大 #huge-file", msg_id="7002")
+            too_large = answer_of(wecom_double, "pub", 4)[3]["text"]["content"]
+            assert too_large.startswith(f"文件过大，请在此查看：{public}/files/")
+    finally:
+        app.extensions["wecom_bridge"].pool.stop()

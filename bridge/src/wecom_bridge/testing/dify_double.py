@@ -286,6 +286,8 @@ def create_dify_double(
     answer_template: str = "Dify double answer: {query}",
     setup_file: Path | None = None,
     ping_interval: float = PING_INTERVAL,
+    files_url: str = "",
+    secret_key: str = "",
 ) -> Flask:
     """`setup_file`: where the first admin's setup time is kept across restarts (real Dify keeps
     it in PostgreSQL); without one it is forgotten with the process."""
@@ -300,6 +302,9 @@ def create_dify_double(
     )
     if setup_file is not None and setup_file.exists():
         state.setup_at = setup_file.read_text(encoding="utf-8").strip() or None
+    state.answer_files.files_url = files_url.rstrip("/")  # Dify's FILES_URL: absolute links
+    if secret_key:  # Dify's SECRET_KEY signs its file links
+        state.answer_files.secret_key = secret_key
     app = Flask("dify_double")
     app.extensions["dify_double"] = state
     mount_answer_files(app, state.answer_files)
@@ -871,7 +876,8 @@ def _control_routes(app: Flask, state: DifyDoubleState) -> None:
 def dify_double_from_env() -> Flask:
     """DIFY_API_KEY (the key it accepts), DIFY_DOUBLE_MODE (chat), DIFY_DOUBLE_DELAY_MS (0),
     DIFY_DOUBLE_PING_SECONDS (10, Dify's keep-alive interval), DIFY_DOUBLE_STATE_DIR (where the
-    setup state survives restarts; unset: in memory)."""
+    setup state survives restarts; unset: in memory), and Dify's own FILES_URL (absolute file links)
+    and SECRET_KEY (signs them)."""
     mode = os.environ.get("DIFY_DOUBLE_MODE", "chat")
     if mode not in MODES:
         raise ConfigError("DIFY_DOUBLE_MODE", f"must be one of {', '.join(MODES)}")
@@ -887,6 +893,10 @@ def dify_double_from_env() -> Flask:
         raise ConfigError("DIFY_DOUBLE_PING_SECONDS", "must be more than 0")
     state_dir = os.environ.get("DIFY_DOUBLE_STATE_DIR", "").strip()
     return create_dify_double(
+        # Dify's own variable (the compose file passes it to the api container): file links
+        # in answers are absolute under it, relative when it is empty.
+        files_url=os.environ.get("FILES_URL", "").strip(),
+        secret_key=os.environ.get("SECRET_KEY", "").strip(),
         ping_interval=ping_interval,
         api_key=required_env("DIFY_API_KEY"),
         mode=mode,
