@@ -206,3 +206,14 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_a_webhook_bot_sends_dify_images_as_links(wecom, dify_double):
+    """The upload frames exist only on the long connection: in webhook mode an image in the
+    answer reaches the member as its absolute link, in the answer's order, within the one
+    finished stream (a webhook bot has the stream and one response_url call, no more)."""
+    exchange = wecom.ask("qian", "报表 #md-image")
+    answer = exchange.finished
+    assert answer.startswith("Dify double answer: 报表 #md-image")
+    link = f"chart：{dify_double.url}/files/tools/"
+    assert link in answer and answer.index(link) < answer.index("以上是图表。")

@@ -86,6 +86,20 @@ def test_reply_appears_in_the_page(chat: ServerThread, tmp_path: Path) -> None:
     assert f'data-msgid="{message["msgid"]}"' in dom
 
 
+def test_an_image_the_member_received_is_shown_and_a_file_is_a_link(
+    chat: ServerThread, tmp_path: Path
+) -> None:
+    url = page_url(chat, "qianba", "图和文件 #image #file")
+    result = chromium(tmp_path, url, "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    messages = wecom_state(chat).snapshot()
+    image = next(m for m in messages if m["msgtype"] == "image")
+    report = next(m for m in messages if m["msgtype"] == "file")
+    assert f'<img src="/_double/uploads/{image["image"]["media_id"]}"' in dom
+    assert f'href="/_double/uploads/{report["file"]["media_id"]}" download="report.pdf"' in dom
+
+
 def test_screenshot_shows_the_reply(chat: ServerThread, tmp_path: Path) -> None:
     shot = tmp_path / "chat.png"
     result = chromium(tmp_path, page_url(chat, "sunqi", "你好"), f"--screenshot={shot}")

@@ -271,3 +271,49 @@ def test_each_channel_still_names_its_own_missing_variable() -> None:
         load_config({**CORP, **DIFY, "WECOM_KF_SECRET": "kf-secret"})
     with pytest.raises(ConfigError, match="WECOM_TOKEN"):
         load_config({**CORP, **KF, **DIFY, "WECOM_AGENT_ID": "1000002"})  # the app is meant
+
+
+def test_media_settings_and_the_files_base() -> None:
+    default = load_config(base_env()).apps[0]
+    assert default.media.enabled and default.media.timeout == 30.0
+    assert default.dify.files_base == "http://127.0.0.1:8080"
+    app = load_config(
+        base_env(
+            DIFY_FILES_URL="https://kb.example.com",
+            BRIDGE_MEDIA_OUT="false",
+            BRIDGE_MEDIA_TIMEOUT="10",
+            BRIDGE_MEDIA_TOO_LARGE_TEXT="太大了：{url}",
+        )
+    ).apps[0]
+    assert app.dify.files_base == "https://kb.example.com"
+    assert (app.media.enabled, app.media.timeout) == (False, 10.0)
+    assert app.media.too_large_text == "太大了：{url}"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DIFY_FILES_URL", "kb.example.com"),
+        ("BRIDGE_MEDIA_TIMEOUT", "0.1"),
+        ("BRIDGE_MEDIA_LINK_TEXT", "看 {link}"),
+        ("BRIDGE_MEDIA_REFUSED_TEXT", "{0}"),
+    ],
+)
+def test_a_bad_media_setting_is_named(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(base_env(**{name: value}))
+    assert caught.value.variable == name
+
+
+def test_apps_file_takes_media_keys(tmp_path: Path) -> None:
+    text = TWO_APPS.replace(
+        'dify_api_key = "app-it"', 'dify_api_key = "app-it"\nmedia_out = "false"'
+    ).replace('dify_api_key = "app-hr"', 'dify_api_key = "app-hr"\ndify_files_url = "https://f.cn"')
+    env = {
+        "WECOM_CORP_ID": "ww1",
+        "DIFY_API_BASE": "http://127.0.0.1:8080/v1",
+        "BRIDGE_APPS_FILE": str(_apps_file(tmp_path, text)),
+    }
+    hr, it = load_config(env).apps
+    assert hr.dify.files_base == "https://f.cn" and hr.media.enabled
+    assert not it.media.enabled

@@ -73,6 +73,30 @@ def test_streaming_chat_answer_is_assembled(make_client, dify_server) -> None:
     assert "wecom_bridge_dify_latency_seconds_count 1" in metrics.render()
 
 
+def test_message_file_events_are_kept_with_the_answer(make_client, dify_server) -> None:
+    answer = make_client().ask("画图 #image", user="zhangsan")
+    (attached,) = answer.files
+    assert (attached.type, attached.belongs_to) == ("image", "assistant")
+    assert attached.url.startswith(f"/files/tools/{attached.id}.png?timestamp=")
+
+
+def test_a_resumed_answer_brings_its_files_from_the_message_history(
+    make_client, dify_server
+) -> None:
+    client = make_client()
+    first = client.ask("画图 #image", user="li")
+    ids = {"conversation_id": first.conversation_id, "message_id": first.message_id}
+    resumed = client.resume(ids, "画图 #image", "li")
+    assert resumed.files == first.files and resumed.text == first.text
+
+
+def test_files_base_is_the_api_origin_unless_files_url_is_set() -> None:
+    settings = DifySettings(api_base="http://127.0.0.1:8080/v1", api_key="k")
+    assert settings.files_base == "http://127.0.0.1:8080"
+    moved = DifySettings(api_base="http://dify/v1", api_key="k", files_url="https://kb.example/")
+    assert moved.files_base == "https://kb.example"
+
+
 def test_conversation_id_is_passed_on(make_client, dify_server) -> None:
     client = make_client()
     first = client.ask("one", user="u1")
@@ -542,3 +566,12 @@ def test_query_input_names_the_workflow_variable(make_client, dify_server) -> No
     answer = make_client(query_input="question", inputs={"lang": "zh"}).ask("请假", user="u")
     assert answer.text == "Dify double answer: 请假"
     assert answer_requests(dify_server)[-1]["json"]["inputs"] == {"lang": "zh", "question": "请假"}
+
+
+@pytest.mark.parametrize("dify_mode", ["workflow"])
+def test_a_workflow_s_file_outputs_become_the_answer_s_files(make_client, dify_server) -> None:
+    answer = make_client().ask("出图 #image", user="wf")
+    assert answer.text == "Dify double answer: 出图 #image"  # the answer output, not the files
+    (attached,) = answer.files
+    assert attached.type == "image" and attached.filename.endswith(".png")
+    assert attached.url.startswith("/files/tools/")

@@ -20,6 +20,7 @@ from wecom_bridge.testing.callbacks import (
     build_url_verification,
 )
 from wecom_bridge.testing.dify_double import create_dify_double, dify_double_from_env
+from wecom_bridge.testing.dify_files import DifyAnswerFiles, tiny_png
 from wecom_bridge.testing.server import ServerThread, parse_listen
 from wecom_bridge.testing.wecom_double import create_wecom_double, wecom_double_from_env
 from wecom_bridge.wecom.crypto import WeComCrypto
@@ -312,10 +313,45 @@ def test_send_validates_the_body(wecom: ServerThread) -> None:
     text = {"msgtype": "text", "text": {"content": "x"}, "touser": "u"}
     assert post({**text, "agentid": 999}) == 40056
     assert post({**text, "agentid": int(AGENT_ID), "touser": ""}) == 81013
-    assert post({"msgtype": "image", "agentid": int(AGENT_ID), "touser": "u"}) == 47001
+    # An image message names an uploaded media_id (media/upload), else 40007.
+    assert post({"msgtype": "image", "agentid": int(AGENT_ID), "touser": "u"}) == 40007
+    assert post({"msgtype": "news", "agentid": int(AGENT_ID), "touser": "u"}) == 47001
     assert post({**text, "agentid": AGENT_ID, "text": {"content": ""}}) == 44004
     markdown = {"msgtype": "markdown", "markdown": {"content": "**b**"}, "touser": "u"}
     assert post({**markdown, "agentid": AGENT_ID}) == 0
+
+
+def test_media_upload_takes_wecom_types_and_limits(wecom: ServerThread) -> None:
+    """media/upload (doc 90389): multipart `media`, type image|voice|video|file, an image is
+    JPG/PNG of at most 10 MB, a file at most 20 MB, everything more than 5 bytes; the media_id
+    it returns is what an image/file message names."""
+    token = gettoken(wecom)["access_token"]
+    url = wecom.url + "/cgi-bin/media/upload"
+
+    def upload(kind: str, data: bytes, name: str = "a.png") -> dict:
+        params = {"access_token": token, "type": kind}
+        files = {"media": (name, data, "application/octet-stream")}
+        return requests.post(url, params=params, files=files, timeout=30).json()
+
+    png = tiny_png()
+    assert upload("sticker", png)["errcode"] == 40005
+    assert upload("image", b"")["errcode"] == 44001
+    assert upload("file", b"12345")["errcode"] == 40006
+    assert upload("image", b"GIF89a" + bytes(100))["errcode"] == 40004
+    assert upload("image", png + bytes(10 * 1024 * 1024))["errcode"] == 40009
+    assert upload("file", bytes(20 * 1024 * 1024 + 1), "big.bin")["errcode"] == 40006
+    done = upload("image", png)
+    assert done["errcode"] == 0 and done["type"] == "image" and done["created_at"].isdigit()
+    body = {"msgtype": "image", "agentid": AGENT_ID, "touser": "u"}
+    sent = requests.post(
+        wecom.url + "/cgi-bin/message/send",
+        params={"access_token": token},
+        json={**body, "image": {"media_id": done["media_id"]}},
+        timeout=5,
+    ).json()
+    assert sent["errcode"] == 0
+    (message,) = wecom.app.extensions["wecom_double"].snapshot()
+    assert message["media"] == {"type": "image", "filename": "a.png", "bytes": len(png)}
 
 
 def test_over_long_text_is_truncated_silently(wecom: ServerThread) -> None:
@@ -476,6 +512,34 @@ def test_dify_streaming_chat(dify: ServerThread) -> None:
     assert end["conversation_id"]
 
 
+def test_dify_answers_with_signed_files_as_dify_does(dify: ServerThread) -> None:
+    """message_file events (id, type, belongs_to, url) and markdown links carry relative URLs
+    signed as Dify's api/core/file/helpers.py and api/core/tools/signature.py sign them; the
+    files are served with the signature checked (no API key), 403 when wrong or expired, 404
+    when unknown; GET /messages lists them as message_files."""
+    events = sse(v1(dify, "/chat-messages", chat("看图 #image #md-image")))
+    (attached,) = [e for e in events if e.get("event") == "message_file"]
+    assert {"id", "type", "belongs_to", "url", "conversation_id"} <= set(attached)
+    assert (attached["type"], attached["belongs_to"]) == ("image", "assistant")
+    assert attached["url"].startswith(f"/files/tools/{attached['id']}.png?timestamp=")
+    assert events.index(attached) < len(events) - 1 and events[-1]["event"] == "message_end"
+    text = "".join(e["answer"] for e in events if e.get("event") == "message")
+    assert "![chart](/files/tools/" in text
+    image = requests.get(dify.url + attached["url"], timeout=5)
+    assert image.status_code == 200 and image.content == tiny_png(1)
+    assert image.headers["Content-Type"] == "image/png"
+    forged = attached["url"].replace("sign=", "sign=x")
+    assert requests.get(dify.url + forged, timeout=5).status_code == 403
+    files: DifyAnswerFiles = dify.app.extensions["dify_double"].answer_files
+    expired = files.tool_url(attached["id"], timestamp=int(time.time()) - 301)
+    assert requests.get(dify.url + expired, timeout=5).status_code == 403
+    unknown = files.preview_url("00000000-0000-0000-0000-000000000000")
+    assert requests.get(dify.url + unknown, timeout=5).status_code == 404
+    history = v1(dify, f"/messages?conversation_id={attached['conversation_id']}&user=u").json()
+    stored = history["data"][-1]["message_files"]
+    assert stored == [{k: attached[k] for k in ("id", "type", "url", "belongs_to")}]
+
+
 def test_dify_blocking_chat_and_conversations(dify: ServerThread) -> None:
     first = v1(dify, "/chat-messages", chat("one", mode="blocking")).json()
     assert first["answer"] == "Dify double answer: one"
@@ -613,6 +677,15 @@ def test_dify_double_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "250")
     state = dify_double_from_env().extensions["dify_double"]
     assert (state.api_key, state.mode, state.delay) == (DIFY_KEY, "workflow", 0.25)
+    assert state.answer_files.files_url == ""  # no FILES_URL: relative links, as in Dify
+    monkeypatch.setenv("FILES_URL", "https://kb.example.com/")
+    monkeypatch.setenv("SECRET_KEY", "sk-test")
+    files = dify_double_from_env().extensions["dify_double"].answer_files
+    assert (files.files_url, files.secret_key) == ("https://kb.example.com", "sk-test")
+    file_id = files.add(tiny_png(), ".png", "image/png")
+    assert files.tool_url(file_id).startswith(f"https://kb.example.com/files/tools/{file_id}.png?")
+    monkeypatch.delenv("FILES_URL")
+    monkeypatch.delenv("SECRET_KEY")
     with pytest.raises(ValueError, match="mode"):
         create_dify_double(api_key="k", mode="chatbot")
     monkeypatch.setenv("DIFY_DOUBLE_DELAY_MS", "soon")

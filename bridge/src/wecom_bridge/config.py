@@ -62,6 +62,54 @@ class Replies:
     truncated_notice: str = DEFAULT_TRUNCATED  # ends an answer cut to the channel's max parts
 
 
+DEFAULT_MEDIA_LINK_TEXT = "{name}：{url}"
+DEFAULT_MEDIA_TOO_LARGE_TEXT = "文件过大，请在此查看：{url}"
+DEFAULT_MEDIA_REFUSED_TEXT = "此文件无法发送（{name}）。"
+# The apps file's keys of MediaSettings (BRIDGE_<KEY> in the environment).
+MEDIA_KEYS = (
+    "media_out",
+    "media_timeout",
+    "media_link_text",
+    "media_too_large_text",
+    "media_refused_text",
+)
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Dify's images and files in answers: sent as WeCom image/file messages, or as a link.
+
+    The texts take {name} (the file's name or alt text) and {url} (its absolute link)."""
+
+    enabled: bool = True  # False: every file of an answer is sent as a link
+    timeout: float = 30.0  # seconds to download one file from Dify, at most
+    link_text: str = DEFAULT_MEDIA_LINK_TEXT  # what a file becomes when it cannot be sent
+    too_large_text: str = DEFAULT_MEDIA_TOO_LARGE_TEXT  # over WeCom's 20 MB file limit
+    refused_text: str = DEFAULT_MEDIA_REFUSED_TEXT  # an unsafe address, or not what it claims
+
+
+def _media_settings(env: Mapping[str, str]) -> MediaSettings:
+    return MediaSettings(
+        enabled=_bool(env, "BRIDGE_MEDIA_OUT", True),
+        timeout=_float(env, "BRIDGE_MEDIA_TIMEOUT", 30.0, 1.0),
+        link_text=_media_text(env, "BRIDGE_MEDIA_LINK_TEXT", DEFAULT_MEDIA_LINK_TEXT),
+        too_large_text=_media_text(
+            env, "BRIDGE_MEDIA_TOO_LARGE_TEXT", DEFAULT_MEDIA_TOO_LARGE_TEXT
+        ),
+        refused_text=_media_text(env, "BRIDGE_MEDIA_REFUSED_TEXT", DEFAULT_MEDIA_REFUSED_TEXT),
+    )
+
+
+def _media_text(env: Mapping[str, str], name: str, default: str) -> str:
+    """A member-facing text with {name}/{url} fields; never empty (a file is never silence)."""
+    value = env.get(name, "").strip() or default
+    try:
+        value.format(name="x", url="y")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(name, "may use only the fields {name} and {url}") from None
+    return value
+
+
 @dataclass(frozen=True)
 class AibotSettings:
     """The AI bot (智能机器人) side of an app: how it connects and how it streams."""
@@ -97,6 +145,7 @@ class AppConfig:
     replies: Replies = Replies()
     channel: str = CHANNEL_APP
     aibot: AibotSettings | None = None
+    media: MediaSettings = MediaSettings()
 
     @property
     def takes_callbacks(self) -> bool:
@@ -327,7 +376,13 @@ def _dify_settings(get: Mapping[str, str], prefix: str = "DIFY_") -> DifySetting
         recover_seconds=_float(get, f"{prefix}RECOVER_SECONDS", 120.0),
         strip_reasoning=_bool(get, f"{prefix}STRIP_REASONING", True),
         max_concurrency=_int(get, f"{prefix}MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, 1),
+        files_url=_optional_url(get, f"{prefix}FILES_URL"),
     )
+
+
+def _optional_url(get: Mapping[str, str], name: str) -> str:
+    value = get.get(name, "").strip()
+    return _url(value, name) if value else ""
 
 
 def _replies(get: Mapping[str, str]) -> Replies:
@@ -419,6 +474,7 @@ def aibot_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppC
         dify=_dify_settings(env) if require_dify else None,
         reply_msgtype="markdown",
         replies=_replies(env),
+        media=_media_settings(env),
         channel=CHANNEL_AIBOT,
         aibot=aibot,
     )
@@ -460,6 +516,7 @@ def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppCon
         dify=_dify_settings(env) if require_dify else None,
         reply_msgtype=_choice(env, "BRIDGE_REPLY_MSGTYPE", "text", ("text", "markdown")),
         replies=_replies(env),
+        media=_media_settings(env),
     )
 
 
@@ -507,8 +564,10 @@ _APP_KEYS = frozenset(
             "inputs",
             "recover_seconds",
             "strip_reasoning",
+            "files_url",
         )
     ]
+    + list(MEDIA_KEYS)
 )
 
 

@@ -70,6 +70,11 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "counter",
         "Send API requests (POST /api/v1/messages), by outcome.",
     ),
+    "wecom_bridge_media_out_total": (
+        "counter",
+        "Dify's images and files: sent as media, or degraded to a text (by reason).",
+    ),
+    "wecom_bridge_media_uploads_total": ("counter", "WeCom media/upload calls accepted, by type."),
 }
 
 

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from wecom_bridge.channels.base import InboundKind, InboundMessage, Reply, Target, TextProgress
@@ -30,6 +31,7 @@ from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom import aibot_frames as frames
 from wecom_bridge.wecom.aibot_frames import STREAM_CONTENT_LIMIT, AibotMessage, Frame
 from wecom_bridge.wecom.messages import SendResult
+from wecom_bridge.wecom.uploads import UploadedMedia
 
 log = logging.getLogger("wecom_bridge.aibot")
 
@@ -266,6 +268,50 @@ class AibotOutbound:
                 return SendResult(msgid=stream_id)
             self._mark_finished(stream_id)
         self.link.request(frames.markdown_message(context["chat"], text))
+        self.metrics.inc("wecom_bridge_aibot_messages_sent_total", {"app": self.app.name})
+        return SendResult(msgid="")
+
+    # --- media (the long connection's upload frames; a webhook bot sends links instead) ----
+
+    def upload_media(self, kind: str, path: Path, filename: str) -> UploadedMedia:
+        data = path.read_bytes()
+        chunks = -(-len(data) // frames.UPLOAD_CHUNK_BYTES)
+        if chunks > frames.UPLOAD_MAX_CHUNKS:
+            raise WeComApiError(None, f"{len(data)} bytes take more than 100 upload chunks")
+        init = self.link.request(frames.upload_init(kind, filename, data))
+        upload_id = str(init.body.get("upload_id") or "")
+        if not upload_id:
+            raise WeComApiError(None, "upload init answered without upload_id", retryable=True)
+        for index in range(chunks):
+            start = index * frames.UPLOAD_CHUNK_BYTES
+            chunk = data[start : start + frames.UPLOAD_CHUNK_BYTES]
+            self.link.request(frames.upload_chunk(upload_id, index, chunk))
+        finish = self.link.request(frames.upload_finish(upload_id))
+        media_id = str(finish.body.get("media_id") or "")
+        if not media_id:
+            raise WeComApiError(None, "upload finish answered without media_id", retryable=True)
+        try:
+            created_at = float(finish.body.get("created_at") or time.time())
+        except (TypeError, ValueError):
+            created_at = time.time()
+        return UploadedMedia(media_id, created_at, kind)
+
+    def send_media(self, target: Target, kind: str, media_id: str, caption: str) -> SendResult:
+        if not isinstance(target, Reply) or not target.context.get("chat"):
+            raise WeComApiError(None, "the AI bot answers messages only (no send API yet)")
+        context = target.context
+        stream_id = context.get("stream_id", "")
+        if stream_id and context.get("reply") == "stream" and not self._is_finished(stream_id):
+            # A stream must not stay open behind a file: finish it with the file's caption
+            # (a stream frame cannot carry a file; the file follows as a message of its own).
+            frame = frames.stream_reply(context["req_id"], stream_id, caption, finish=True)
+            try:
+                self.link.request(frame)
+            except WeComApiError as exc:
+                if exc.errcode not in frames.STREAM_GONE:
+                    raise
+            self._mark_finished(stream_id)
+        self.link.request(frames.media_message(target.context["chat"], kind, media_id))
         self.metrics.inc("wecom_bridge_aibot_messages_sent_total", {"app": self.app.name})
         return SendResult(msgid="")
 

@@ -115,7 +115,9 @@ class AibotWebhookInbound:
 
 
 class AibotWebhookOutbound:
-    """The job side of a webhook bot: stores the stream for WeCom to pull, else response_url."""
+    """The job side of a webhook bot: stores the stream for WeCom to pull, else response_url.
+    Not a MediaOutbound: the upload frames exist only on the long connection, so Dify's images
+    and files reach the member as links in the text."""
 
     part_limit_bytes = STREAM_CONTENT_LIMIT
     max_parts: int | None = 2  # the stream, then the response_url WeCom takes once

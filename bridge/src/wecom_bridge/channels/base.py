@@ -12,10 +12,12 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from wecom_bridge.channels.proactive import SendRequest
 from wecom_bridge.wecom.messages import SendResult
+from wecom_bridge.wecom.uploads import UploadedMedia
 
 
 class InboundKind(StrEnum):
@@ -86,4 +88,18 @@ class StreamingOutbound(Protocol):
     def streaming(self, target: Target) -> AbstractContextManager[TextProgress | None]:
         """While the answer is produced: a callback for its progress (None: not streamed).
         The parts are sent after the block ends."""
+        ...
+
+
+@runtime_checkable
+class MediaOutbound(Protocol):
+    """A channel that can send images and files (the others get a link instead)."""
+
+    def upload_media(self, kind: str, path: Path, filename: str) -> UploadedMedia:
+        """Upload a file as `kind` (image | file); raises WeComApiError when refused."""
+        ...
+
+    def send_media(self, target: Target, kind: str, media_id: str, caption: str) -> SendResult:
+        """Send an uploaded file; `caption` is for channels that must say something first
+        (the AI bot finishes its stream with it when the answer starts with a file)."""
         ...

@@ -96,7 +96,8 @@ def signal_message(app: str, signal: KfSignal | None) -> InboundMessage:
 
 @dataclass(frozen=True)
 class KfOutbound:
-    """Answers through kf/send_msg, as the kf account the customer wrote to."""
+    """Answers through kf/send_msg, as the kf account the customer wrote to. Not a
+    MediaOutbound: Dify's images and files reach customers as links in the text."""
 
     app: str
     client: KfClient

@@ -8,8 +8,11 @@ recipients the request names), within the app's per-member rate limit.
 
 from __future__ import annotations
 
+import dataclasses
+import mimetypes
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from wecom_bridge.channels.base import InboundKind, InboundMessage, Reply, Target
 from wecom_bridge.config import AppConfig
@@ -24,6 +27,7 @@ from wecom_bridge.wecom.messages import (
     parse_envelope,
     parse_message,
 )
+from wecom_bridge.wecom.uploads import UploadedMedia
 
 # Events that mean "the member opened the app": the moment for a welcome text.
 WELCOME_EVENTS = frozenset({"enter_agent", "subscribe"})
@@ -121,3 +125,11 @@ class WeComAppOutbound:
         return self.client.send(
             outbound_message(target, self.app.agent_id, self.app.reply_msgtype, text)
         )
+
+    def upload_media(self, kind: str, path: Path, filename: str) -> UploadedMedia:
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        return self.client.upload_media(kind, path.read_bytes(), filename, content_type)
+
+    def send_media(self, target: Target, kind: str, media_id: str, caption: str) -> SendResult:
+        text = outbound_message(target, self.app.agent_id, self.app.reply_msgtype, "")
+        return self.client.send(dataclasses.replace(text, msgtype=kind, media_id=media_id))

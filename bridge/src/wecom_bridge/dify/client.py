@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from urllib3.exceptions import ReadTimeoutError
@@ -80,6 +81,67 @@ class DifySettings:
     recover_seconds: float = 120.0  # how long a broken stream's answer is looked for
     strip_reasoning: bool = True  # remove <think>…</think> from what members receive
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY  # this app's jobs running at once, at most
+    # Where Dify's relative file links (/files/…) point: Dify's FILES_URL ("" = the origin of
+    # api_base, which is where Dify's nginx serves /files too).
+    files_url: str = ""
+
+    @property
+    def files_base(self) -> str:
+        """The origin relative file links are resolved against (no trailing slash)."""
+        if self.files_url:
+            return self.files_url.rstrip("/")
+        parts = urlsplit(self.api_base)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass(frozen=True)
+class DifyFile:
+    """A file Dify attached to its answer (a `message_file` event, or `message_files` of
+    GET /messages): a tool's image or document. `url` may be relative (/files/…)."""
+
+    id: str
+    type: str  # image | document | audio | video | custom
+    url: str
+    belongs_to: str = "assistant"
+    filename: str = ""  # workflow file outputs name their file
+
+    def payload(self) -> dict[str, str]:
+        return {"id": self.id, "type": self.type, "url": self.url, "belongs_to": self.belongs_to}
+
+
+FILE_MODEL_IDENTITY = "__dify__file__"  # how Dify marks a serialised File (File.to_dict)
+
+
+def _file_values(value: object) -> list[Mapping[str, Any]]:
+    """The File objects a workflow output holds (one, or a list of them), else []."""
+    items: list[object] = list(value) if isinstance(value, list) else [value]
+    found: list[Mapping[str, Any]] = [i for i in items if isinstance(i, dict)]
+    is_files = bool(found) and len(found) == len(items)
+    is_files = is_files and all(i.get("dify_model_identity") == FILE_MODEL_IDENTITY for i in found)
+    return found if is_files else []
+
+
+def output_files(outputs: Mapping[str, Any]) -> tuple[DifyFile, ...]:
+    """A workflow's file outputs (File.to_dict: type, filename, url signed as for messages)."""
+    files = []
+    for value in outputs.values():
+        for item in _file_values(value):
+            url = str(item.get("url") or item.get("remote_url") or "")
+            if url:
+                file_id = str(item.get("related_id") or item.get("id") or "")
+                kind = str(item.get("type") or "custom")
+                files.append(DifyFile(file_id, kind, url, filename=str(item.get("filename") or "")))
+    return tuple(files)
+
+
+def dify_file(data: Mapping[str, Any]) -> DifyFile | None:
+    """One file of an event or a stored message; None without a URL or when it is the user's."""
+    url = str(data.get("url") or data.get("remote_url") or "")
+    belongs_to = str(data.get("belongs_to") or "assistant")
+    if not url or belongs_to != "assistant":
+        return None
+    kind = str(data.get("type") or "").lower() or "custom"
+    return DifyFile(id=str(data.get("id") or ""), type=kind, url=url, belongs_to=belongs_to)
 
 
 @dataclass(frozen=True)
@@ -87,6 +149,7 @@ class DifyAnswer:
     text: str
     conversation_id: str = ""
     message_id: str = ""
+    files: tuple[DifyFile, ...] = ()  # message_file events, in the order Dify sent them
 
 
 @dataclass
@@ -97,6 +160,7 @@ class _Progress:
     message_id: str = ""
     workflow_run_id: str = ""
     answer: str = ""
+    files: list[DifyFile] = field(default_factory=list)
 
 
 class _StreamBroken(DifyError):
@@ -356,7 +420,8 @@ class DifyClient:
         from Dify; the question is not POSTed again."""
         started = time.monotonic()
         progress = _Progress(
-            **{k: str(accepted.get(k) or "") for k in ("conversation_id", "message_id")},
+            conversation_id=str(accepted.get("conversation_id") or ""),
+            message_id=str(accepted.get("message_id") or ""),
             workflow_run_id=str(accepted.get("workflow_run_id") or ""),
         )
         try:
@@ -372,7 +437,9 @@ class DifyClient:
     def _cleaned(self, answer: DifyAnswer) -> DifyAnswer:
         if not self._settings.strip_reasoning:
             return answer
-        return DifyAnswer(strip_reasoning(answer.text), answer.conversation_id, answer.message_id)
+        return DifyAnswer(
+            strip_reasoning(answer.text), answer.conversation_id, answer.message_id, answer.files
+        )
 
     # --- modes -----------------------------------------------------------------------------
 
@@ -417,9 +484,14 @@ class DifyClient:
         """A finished run (workflow_finished's data, or GET /workflows/run/<id>) as an answer."""
         status = str(data.get("status") or "")
         if status in WORKFLOW_OK:
-            outputs = data.get("outputs") or {}
-            text = self._pick_output(outputs if isinstance(outputs, dict) else {})
-            return DifyAnswer(text=text, message_id=run_id)
+            raw = data.get("outputs") or {}
+            outputs = raw if isinstance(raw, dict) else {}
+            files = output_files(outputs)
+            text_outputs = {k: v for k, v in outputs.items() if not _file_values(v)}
+            if files and not text_outputs and self._settings.workflow_output is None:
+                return DifyAnswer(text="", message_id=run_id, files=files)  # files only
+            text = self._pick_output(text_outputs if files else outputs)
+            return DifyAnswer(text=text, message_id=run_id, files=files)
         if status == "paused":
             raise DifyPausedError(run_id, data.get("reasons"))
         raise DifyError(
@@ -566,9 +638,14 @@ class DifyClient:
                 data = event.get("data") or {}
                 progress.answer += str(data.get("text", "")) if isinstance(data, dict) else ""
                 call.grew(progress.answer)
+            elif kind == "message_file":
+                attached = dify_file(event)
+                if attached is not None:
+                    progress.files.append(attached)
             elif kind == "message_end":
                 message_id = progress.message_id or str(event.get("id", ""))
-                return DifyAnswer(progress.answer, progress.conversation_id, message_id)
+                files = tuple(progress.files)
+                return DifyAnswer(progress.answer, progress.conversation_id, message_id, files)
             elif kind == "workflow_finished" and path == "/workflows/run":
                 data = event.get("data") or {}
                 return self._workflow_result(data, progress.workflow_run_id)
@@ -577,7 +654,7 @@ class DifyClient:
                 raise DifyPausedError(progress.workflow_run_id, data.get("reasons"))
             elif kind == "error":
                 raise _stream_error(event)
-            # ping, agent_thought, message_file, tts_*, node events: nothing to send
+            # ping, agent_thought, tts_*, node events: nothing to send
         raise _StreamBroken(path, "stream_incomplete", progress)
 
     # --- recovery of a broken stream -------------------------------------------------------
@@ -652,7 +729,11 @@ class DifyClient:
         answer = str(message.get("answer") or "")
         if not answer:
             return None
-        return DifyAnswer(answer, progress.conversation_id, str(message.get("id") or ""))
+        stored = message.get("message_files") or []
+        files = tuple(
+            f for f in (dify_file(d) for d in stored if isinstance(d, dict)) if f is not None
+        )
+        return DifyAnswer(answer, progress.conversation_id, str(message.get("id") or ""), files)
 
     def _fetch_run(self, run_id: str) -> DifyAnswer | None:
         """The run's result from GET /workflows/run/<id> (None: still running)."""

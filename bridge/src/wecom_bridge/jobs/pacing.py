@@ -88,8 +88,10 @@ def send_paced(
     on_sent: Callable[[int, SendResult], None],
     start: int = 0,
     sleep: Callable[[float], None] = time.sleep,
+    send: Callable[[int, Target, str], SendResult] | None = None,
 ) -> None:
     """Send parts[start:] one by one; `on_sent(index, result)` after each accepted part.
+    `send(index, target, text)` replaces `outbound.send_part` (a part that is an image).
 
     A WeComApiError stops at the failing part (the ones before it were reported as sent).
     """
@@ -98,4 +100,7 @@ def send_paced(
         wait = limiter.reserve_all(keys)
         if wait > 0:
             sleep(wait)
-        on_sent(index, outbound.send_part(target, parts[index]))
+        if send is not None:
+            on_sent(index, send(index, target, parts[index]))
+        else:
+            on_sent(index, outbound.send_part(target, parts[index]))

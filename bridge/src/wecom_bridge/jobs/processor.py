@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wecom_bridge.channels.base import (
+    MediaOutbound,
     Outbound,
     Reply,
     StreamingOutbound,
@@ -25,7 +27,7 @@ from wecom_bridge.channels.base import (
     TextProgress,
 )
 from wecom_bridge.config import AppConfig
-from wecom_bridge.dify.client import DifyClient
+from wecom_bridge.dify.client import DifyClient, DifyFile
 from wecom_bridge.errors import (
     DifyError,
     DifyPausedError,
@@ -42,6 +44,14 @@ from wecom_bridge.jobs.kinds import (
     SendJob,
     decode,
     target_of,
+)
+from wecom_bridge.jobs.media import (
+    AnswerPlan,
+    MediaJob,
+    MediaSender,
+    plan_answer,
+    stored_media,
+    without_images,
 )
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import cap_parts, split_message
@@ -75,6 +85,10 @@ class Answer:
 
     text: str
     result: dict[str, object] = field(default_factory=dict)
+    # Dify's answers: the files Dify attached, and whether its images and file links become
+    # media parts (jobs/media.py).
+    files: tuple[DifyFile, ...] = ()
+    media: bool = False
 
 
 # Each handler takes its own kind (the table is keyed by the kind's class, so it always does).
@@ -100,8 +114,11 @@ class JobProcessor:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         channel_handlers: Mapping[type[JobSpec], Handler] | None = None,
+        media_dir: Path | None = None,
     ) -> None:
-        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull)."""
+        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull).
+        `media_dir`: where Dify's files wait between download and upload (None: every file
+        of an answer is sent as its link)."""
         self.store = store
         self.apps = apps
         self.metrics = metrics
@@ -120,6 +137,9 @@ class JobProcessor:
             SendJob: self._proactive,
             **(channel_handlers or {}),
         }
+        self._media = (
+            MediaSender(media_dir, metrics=metrics, clock=clock) if media_dir is not None else None
+        )
 
     def process(self, job: Job) -> None:
         fields: dict[str, object] = {
@@ -143,7 +163,7 @@ class JobProcessor:
             return
         try:
             parts, result = self._parts(job, spec, app)
-            self._send(job, spec, app, parts)
+            self._send(job, spec, app, parts, result)
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
             return
@@ -151,6 +171,8 @@ class JobProcessor:
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
         with self._sent_lock:
             self._sent.pop(job.id, None)
+        if self._media is not None:
+            self._media.cleanup(job.id)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "done"})
         done = "sent" if isinstance(spec, SendJob) else "answered"
         log.info(done, extra={**fields, "event": "job_done", "parts": len(parts)})
@@ -164,15 +186,34 @@ class JobProcessor:
         if job.parts is not None:
             return job.parts, job.result or {}
         answer = self._handlers[type(spec)](job, spec, app)
-        parts = self._split(job, answer.text, app)
-        self._until_recorded(
-            job, "answer", lambda: self.store.save_parts(job.id, parts, answer.result)
-        )
-        return parts, answer.result
+        limit = app.outbound.part_limit_bytes
+        result = answer.result
+        if answer.media and app.config.dify is not None:
+            inline = (
+                self._media is None
+                or not app.config.media.enabled
+                or not isinstance(app.outbound, MediaOutbound)
+            )
+            plan = plan_answer(
+                answer.text, answer.files, app.config.dify, app.config.media, limit, inline=inline
+            )
+            parts = self._capped(job, plan.parts, app)
+            # Media parts a cap cut off (or turned into the notice) are not media any more.
+            kept = {i: ref for i, ref in plan.media.items() if i < len(parts)}
+            if len(parts) < len(plan.parts):
+                kept.pop(len(parts) - 1, None)
+            result = {**answer.result, **AnswerPlan(parts, kept).result()}
+        else:
+            parts = self._split(job, answer.text, app)
+        self._until_recorded(job, "answer", lambda: self.store.save_parts(job.id, parts, result))
+        return parts, result
 
     def _split(self, job: Job, text: str, app: AppRuntime) -> list[str]:
+        limit = app.outbound.part_limit_bytes
+        return self._capped(job, split_message(text, limit) if text else [], app)
+
+    def _capped(self, job: Job, parts: list[str], app: AppRuntime) -> list[str]:
         limit, max_parts = app.outbound.part_limit_bytes, app.outbound.max_parts
-        parts = split_message(text, limit) if text else []
         capped = cap_parts(parts, max_parts, limit, app.config.replies.truncated_notice)
         if len(capped) < len(parts):
             log.warning(
@@ -250,7 +291,8 @@ class JobProcessor:
                         job.user,
                         conversation,
                         on_accepted=lambda ids: self._note_accepted(job, ids),
-                        on_text=on_text,
+                        # The stream shows the text; its images come as images afterwards.
+                        on_text=(lambda text: on_text(without_images(text))) if on_text else None,
                         member_inputs=_member_inputs(app.config, spec),
                     )
         except DifyPausedError as exc:
@@ -279,7 +321,8 @@ class JobProcessor:
             "conversation_id": answer.conversation_id,
             "message_id": answer.message_id,
         }
-        return Answer(answer.text.strip() or fallback, result)
+        text = answer.text.strip() or ("" if answer.files else fallback)
+        return Answer(text, result, answer.files, media=True)
 
     @staticmethod
     @contextlib.contextmanager
@@ -304,7 +347,14 @@ class JobProcessor:
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _send(self, job: Job, spec: JobSpec, app: AppRuntime, parts: list[str]) -> None:
+    def _send(
+        self,
+        job: Job,
+        spec: JobSpec,
+        app: AppRuntime,
+        parts: list[str],
+        result: Mapping[str, object],
+    ) -> None:
         def sent(index: int, result: SendResult) -> None:
             invalid = {
                 "invaliduser": result.invaliduser,
@@ -330,7 +380,31 @@ class JobProcessor:
             on_sent=sent,
             start=start,
             sleep=self._sleep,
+            send=self._media_parts(job, app, result),
         )
+
+    def _media_parts(
+        self, job: Job, app: AppRuntime, result: Mapping[str, object]
+    ) -> Callable[[int, Target, str], SendResult] | None:
+        """How the answer's parts go out when some of them are media (None: all are text)."""
+        media, refs = self._media, stored_media(result)
+        if media is None or not refs:
+            return None
+        transfer = MediaJob(
+            job_id=job.id,
+            result=result,
+            note=lambda key, value: self.store.note_result(job.id, key, value),
+            record=lambda what, write: self._until_recorded(job, what, write),
+        )
+        settings = (app.config.dify, app.config.media)
+
+        def send(index: int, target: Target, text: str) -> SendResult:
+            ref = refs.get(index)
+            if ref is None:
+                return app.outbound.send_part(target, text)
+            return media.send(transfer, index, ref, target, app.outbound, settings, text)
+
+        return send
 
     def _send_failed(self, job: Job, exc: WeComApiError, fields: dict[str, object]) -> None:
         age = self._clock() - job.received_at

@@ -27,6 +27,7 @@ from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
 from wecom_bridge.jobs.intake import GroupCommitter
 from wecom_bridge.jobs.kf import KfJobs
+from wecom_bridge.jobs.media import MEDIA_DIR
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool
@@ -163,6 +164,7 @@ def build_pool(
         limiter=open_pacer(store),
         send_max_age=config.send_max_age_seconds,
         channel_handlers=kf_jobs.handlers() if kf_jobs else None,
+        media_dir=config.data_dir / MEDIA_DIR,
     )
     pool = WorkerPool(
         store,

@@ -12,7 +12,11 @@ its Node SDK (WecomTeam/aibot-node-sdk) describe it.
   without updates for `stream_idle_expiry`, or older than `stream_max_age` (6 min), or already
   finished, is refused with 846608.
 - `enter_chat` is pushed as `aibot_event_callback`; the welcome must come within 5 s.
-- `aibot_send_msg` {chatid, markdown} is a new message from the bot.
+- `aibot_send_msg` {chatid, markdown} is a new message from the bot; {chatid, msgtype image|file,
+  image|file: {media_id}} sends a file uploaded with `aibot_upload_media_init` {type, filename,
+  total_size, total_chunks, md5} → upload_id, `…_chunk` {upload_id, chunk_index (0-based),
+  base64_data (≤ 512 KB)} and `…_finish` {upload_id} → {type, media_id, created_at} (the flow of
+  WeCom's SDKs; the same type limits as media/upload, at most 100 chunks).
 
 The test API (`deliver_text`, `enter_chat`, `transcript`, `view`, `kick`, `drop`) is what tests
 use; testing/aibot_control.py puts an HTTP control API and the chat page in front of it (and of
@@ -21,8 +25,11 @@ the webhook mode's `AibotWebhookSender`) for the simulator, molecule and the dem
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -36,6 +43,7 @@ from wecom_bridge.wecom import aibot_frames as frames
 from wecom_bridge.wecom.aibot_frames import STREAM_CONTENT_LIMIT, Frame
 
 ERR_BAD_SECRET = 40001
+UPLOAD_LIMITS = {"image": 10 << 20, "voice": 2 << 20, "video": 10 << 20, "file": 20 << 20}
 ERR_BAD_PARAM = 40058
 WELCOME_WINDOW = 5.0
 STREAM_MAX_AGE = 360.0
@@ -79,6 +87,21 @@ class SentMessage:
     at: float
     chat: str
     content: str
+    msgtype: str = "markdown"  # markdown | image | file
+    media_id: str = ""
+
+
+@dataclass
+class Upload:
+    """One upload over the long connection (init → chunks → finish)."""
+
+    type: str
+    filename: str
+    total_size: int
+    total_chunks: int
+    md5: str
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    media_id: str = ""
 
 
 class AibotDouble:
@@ -101,6 +124,8 @@ class AibotDouble:
         self.deliveries: dict[str, Delivery] = {}  # by msgid
         self._by_req: dict[str, Delivery] = {}
         self.sent: list[SentMessage] = []
+        self.uploads: dict[str, Upload] = {}  # by upload_id
+        self.media: dict[str, Upload] = {}  # finished uploads, by media_id
         self.subscriptions = 0
         self.refused_subscriptions = 0
         self.pings = 0
@@ -209,8 +234,16 @@ class AibotDouble:
             d = self.deliveries[msgid]
             texts = [d.finished] if d.finished is not None else []
             return texts + [
-                m.content for m in self.sent if m.chat == d.chat and m.at >= d.pushed_at
+                self._shown(m) for m in self.sent if m.chat == d.chat and m.at >= d.pushed_at
             ]
+
+    def _shown(self, message: SentMessage) -> str:
+        """A sent message as the chat page lists it: its text, or an uploaded file's name."""
+        if message.msgtype == "markdown":
+            return message.content
+        upload = self.media.get(message.media_id)
+        label = "图片" if message.msgtype == "image" else "文件"
+        return f"[{label}] {upload.filename if upload else message.media_id}"
 
     def view(self, msgid: str) -> dict[str, Any] | None:
         """What the member saw of `msgid` so far (the control API's and chat page's shape)."""
@@ -357,15 +390,67 @@ class AibotDouble:
     def _answer(self, frame: Frame, connection: int) -> Frame:
         with self._changed:
             try:
+                if frame.cmd.startswith("aibot_upload_media_"):
+                    code, message, body = self._upload(frame)
+                    return Frame(frame.req_id, body=body, errcode=code, errmsg=message)
                 code, message = self._apply(frame, connection)
             finally:
                 self._changed.notify_all()
         return frames.ack(frame.req_id, code, message)
 
+    def _upload(self, frame: Frame) -> tuple[int, str, dict[str, Any]]:
+        """The upload frames, checked as WeCom does: a known type within its size limit, at
+        most 100 chunks of at most 512 KB, every chunk present and the md5 right at finish."""
+        body = frame.body
+        if frame.cmd == frames.CMD_UPLOAD_INIT:
+            kind, size, count = body.get("type"), body.get("total_size"), body.get("total_chunks")
+            if kind not in UPLOAD_LIMITS or not isinstance(size, int) or not isinstance(count, int):
+                return ERR_BAD_PARAM, "type, total_size and total_chunks are required", {}
+            if not 5 < size <= UPLOAD_LIMITS[kind] or not 0 < count <= frames.UPLOAD_MAX_CHUNKS:
+                return ERR_BAD_PARAM, "file size or chunk count out of range", {}
+            upload_id = secrets.token_hex(8)
+            self.uploads[upload_id] = Upload(
+                str(kind), str(body.get("filename") or ""), size, count, str(body.get("md5"))
+            )
+            return 0, "ok", {"upload_id": upload_id}
+        upload = self.uploads.get(str(body.get("upload_id") or ""))
+        if upload is None:
+            return ERR_BAD_PARAM, "unknown upload_id", {}
+        if frame.cmd == frames.CMD_UPLOAD_CHUNK:
+            index = int(str(body.get("chunk_index", -1)))
+            data = base64.b64decode(str(body.get("base64_data") or ""))
+            if not 0 <= index < upload.total_chunks or len(data) > frames.UPLOAD_CHUNK_BYTES:
+                return ERR_BAD_PARAM, "bad chunk", {}
+            upload.chunks[index] = data
+            return 0, "ok", {}
+        if frame.cmd != frames.CMD_UPLOAD_FINISH:
+            return ERR_BAD_PARAM, f"unknown cmd {frame.cmd}", {}
+        data = b"".join(upload.chunks.get(i, b"") for i in range(upload.total_chunks))
+        if len(upload.chunks) != upload.total_chunks or len(data) != upload.total_size:
+            return ERR_BAD_PARAM, "chunks missing", {}
+        if hashlib.md5(data).hexdigest() != upload.md5:  # noqa: S324 - WeCom's check
+            return ERR_BAD_PARAM, "md5 mismatch", {}
+        upload.media_id = f"m{secrets.token_hex(12)}"
+        self.media[upload.media_id] = upload
+        return (
+            0,
+            "ok",
+            {"type": upload.type, "media_id": upload.media_id, "created_at": str(int(time.time()))},
+        )
+
     def _apply(self, frame: Frame, connection: int) -> tuple[int, str]:
         now = time.time()
         if frame.cmd == frames.CMD_PING:
             self.pings += 1
+            return 0, "ok"
+        if frame.cmd == frames.CMD_SEND and frame.body.get("msgtype") in UPLOAD_LIMITS:
+            kind = str(frame.body["msgtype"])
+            media = frame.body.get(kind) or {}
+            media_id = str(media.get("media_id", "")) if isinstance(media, dict) else ""
+            chat = str(frame.body.get("chatid") or "")
+            if not chat or media_id not in self.media:
+                return ERR_BAD_PARAM, "chatid and a known media_id are required"
+            self.sent.append(SentMessage(now, chat, "", kind, media_id))
             return 0, "ok"
         if frame.cmd == frames.CMD_SEND:
             markdown = frame.body.get("markdown") or {}

@@ -12,7 +12,8 @@ streams send `ping` every `ping_interval` seconds while the model thinks, a bloc
 nothing until the end; workflow runs stream `text_chunk` and end with `workflow_finished` (status
 succeeded, partial-succeeded, failed or stopped) or `workflow_paused`, and are listed by
 `GET /v1/workflows/run/<id>`; only declared inputs are kept and a missing required one is 400
-`invalid_param`; a conversation id that is not a UUID is 400 `invalid_param`.
+`invalid_param`; a conversation id that is not a UUID is 400 `invalid_param`. Answers can carry
+files (`message_file` events, markdown links to signed /files/… URLs it serves: dify_files.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.dify_files import DifyAnswerFiles, mount_answer_files
 from wecom_bridge.testing.server import required_env
 
 DIFY_VERSION = "1.17.1"
@@ -87,6 +89,8 @@ class DifyDoubleState:
     input_form: list[dict[str, Any]] | None = None  # None: QUERY_FORM (completion/workflow) or []
     messages: list[dict[str, Any]] = field(default_factory=list)  # every message created
     workflow_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files answers link to (testing/dify_files.py: signed /files/… links, markers like #image).
+    answer_files: DifyAnswerFiles = field(default_factory=DifyAnswerFiles)
 
     def workflow_status_next(self, status: str, times: int = 1) -> None:
         """The next workflow runs end with `status` (succeeded by default)."""
@@ -222,6 +226,7 @@ class _Turn:
     hang: Hang | None
     fault: Fault | None
     inputs: dict[str, Any] = field(default_factory=dict)
+    files: tuple[dict[str, Any], ...] = ()  # message_file events, sent after the text
     message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     task_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -281,6 +286,8 @@ def create_dify_double(
     answer_template: str = "Dify double answer: {query}",
     setup_file: Path | None = None,
     ping_interval: float = PING_INTERVAL,
+    files_url: str = "",
+    secret_key: str = "",
 ) -> Flask:
     """`setup_file`: where the first admin's setup time is kept across restarts (real Dify keeps
     it in PostgreSQL); without one it is forgotten with the process."""
@@ -295,8 +302,12 @@ def create_dify_double(
     )
     if setup_file is not None and setup_file.exists():
         state.setup_at = setup_file.read_text(encoding="utf-8").strip() or None
+    state.answer_files.files_url = files_url.rstrip("/")  # Dify's FILES_URL: absolute links
+    if secret_key:  # Dify's SECRET_KEY signs its file links
+        state.answer_files.secret_key = secret_key
     app = Flask("dify_double")
     app.extensions["dify_double"] = state
+    mount_answer_files(app, state.answer_files)
 
     @app.before_request
     def authenticate() -> Response | None:
@@ -506,8 +517,10 @@ def _prepare(state: DifyDoubleState, body: dict[str, Any], *, chat: bool) -> _Tu
         hang = None
     if fault is not None and not (fault.in_stream and streaming):
         return _error(fault.status, fault.code, fault.message)
+    answer, files = state.answer_files.answer_with_files(query, state.answer_for(query))
     turn = _Turn(
-        answer=state.answer_for(query),
+        answer=answer,
+        files=tuple(files),
         conversation_id=conversation_id,
         streaming=streaming,
         replacement=replacement,
@@ -534,7 +547,9 @@ def _record_message(state: DifyDoubleState, turn: _Turn, body: dict[str, Any], q
         "inputs": turn.inputs,
         "query": query,
         "answer": "" if failed else (turn.replacement or turn.answer),
-        "message_files": [],
+        "message_files": [
+            {k: f[k] for k in ("id", "type", "url", "belongs_to")} for f in turn.files
+        ],
         "feedback": None,
         "retriever_resources": [],
         "agent_thoughts": [],
@@ -609,6 +624,8 @@ def _stream(state: DifyDoubleState, turn: _Turn, query: str) -> Iterator[str]:
         yield _sse({"event": "message_replace", **common, "answer": turn.replacement})
     if turn.cut:
         return
+    for attached in turn.files:  # a tool's files, once the text is written
+        yield _sse({**attached, "conversation_id": turn.conversation_id})
     if state.mode == "advanced-chat":
         yield _sse({"event": "node_finished", **common, "data": {"node_type": "llm"}})
         yield _sse({"event": "workflow_finished", **common, "data": {"status": "succeeded"}})
@@ -616,6 +633,30 @@ def _stream(state: DifyDoubleState, turn: _Turn, query: str) -> Iterator[str]:
     yield _sse(
         {"event": "message_end", "id": turn.message_id, **common, "metadata": {"usage": usage}}
     )
+
+
+def _outputs(answer: str, turn: _Turn) -> dict[str, Any]:
+    """A run's outputs; a tool's files (#image) as a `files` output of File objects, the way
+    Dify serialises them (api/core/file/models.py File.to_dict)."""
+    outputs: dict[str, Any] = {"answer": answer}
+    if turn.files:
+        outputs["files"] = [
+            {
+                "dify_model_identity": "__dify__file__",
+                "id": None,
+                "type": f["type"],
+                "transfer_method": "tool_file",
+                "remote_url": None,
+                "related_id": f["id"],
+                "filename": f"{f['id']}.png",
+                "extension": ".png",
+                "mime_type": "image/png",
+                "size": -1,
+                "url": f["url"],
+            }
+            for f in turn.files
+        ]
+    return outputs
 
 
 def _run_record(run_id: str, status: str, answer: str, query: str, turn: _Turn) -> dict[str, Any]:
@@ -628,7 +669,7 @@ def _run_record(run_id: str, status: str, answer: str, query: str, turn: _Turn) 
         "workflow_id": "double-workflow",
         "status": status,
         "inputs": turn.inputs,
-        "outputs": {"answer": answer} if ok or status == "paused" else {},
+        "outputs": _outputs(answer, turn) if ok or status == "paused" else {},
         "error": errors.get(status) or (turn.fault.message if turn.fault else None),
         "elapsed_time": turn.delay,
         "total_tokens": len(query) + len(answer),
@@ -835,7 +876,8 @@ def _control_routes(app: Flask, state: DifyDoubleState) -> None:
 def dify_double_from_env() -> Flask:
     """DIFY_API_KEY (the key it accepts), DIFY_DOUBLE_MODE (chat), DIFY_DOUBLE_DELAY_MS (0),
     DIFY_DOUBLE_PING_SECONDS (10, Dify's keep-alive interval), DIFY_DOUBLE_STATE_DIR (where the
-    setup state survives restarts; unset: in memory)."""
+    setup state survives restarts; unset: in memory), and Dify's own FILES_URL (absolute file links)
+    and SECRET_KEY (signs them)."""
     mode = os.environ.get("DIFY_DOUBLE_MODE", "chat")
     if mode not in MODES:
         raise ConfigError("DIFY_DOUBLE_MODE", f"must be one of {', '.join(MODES)}")
@@ -851,6 +893,10 @@ def dify_double_from_env() -> Flask:
         raise ConfigError("DIFY_DOUBLE_PING_SECONDS", "must be more than 0")
     state_dir = os.environ.get("DIFY_DOUBLE_STATE_DIR", "").strip()
     return create_dify_double(
+        # Dify's own variable (the compose file passes it to the api container): file links
+        # in answers are absolute under it, relative when it is empty.
+        files_url=os.environ.get("FILES_URL", "").strip(),
+        secret_key=os.environ.get("SECRET_KEY", "").strip(),
         ping_interval=ping_interval,
         api_key=required_env("DIFY_API_KEY"),
         mode=mode,

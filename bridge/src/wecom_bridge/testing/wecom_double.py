@@ -3,6 +3,9 @@
 It issues and checks access tokens, records every message/send body, truncates over-long texts and
 drops sends beyond the per-member rate limit silently (as WeCom does), and answers with injected
 errcodes on demand. A JSON control API under /_double/ lets out-of-process tests drive it.
+`media/upload` takes files with WeCom's types and limits (doc 90389: image JPG/PNG ≤ 10 MB, voice
+AMR ≤ 2 MB, video ≤ 10 MB, file ≤ 20 MB, each more than 5 bytes; errcodes 40004/40005/40006/40009/
+44001) and gives media_ids valid 3 days, which image/file messages must name (else 40007).
 
 It also plays the member's side for people: `GET /_double/chat` is a chat page whose messages go
 out as real signed, encrypted callbacks to the bridge (`ChatCallback`), and whose replies are the
@@ -36,9 +39,12 @@ from wecom_bridge.testing.server import required_env
 from wecom_bridge.wecom.crypto import WeComCrypto
 
 TEXT_LIMIT = 2048
+# media/upload's limits by type (WeCom doc 90389) and a media_id's lifetime.
+UPLOAD_LIMITS = {"image": 10 << 20, "voice": 2 << 20, "video": 10 << 20, "file": 20 << 20}
+MEDIA_ID_LIFETIME = 3 * 24 * 3600
 DEFAULT_FAULT_IP = "203.0.113.7"
 DEFAULT_RATE_LIMITS: tuple[tuple[int, float], ...] = ((30, 60.0), (1000, 3600.0))
-APIS = ("gettoken", "send", "getcallbackip")
+APIS = ("gettoken", "send", "getcallbackip", "upload")
 MAX_WAIT = 30.0  # seconds a long-polling GET /_double/messages may hold the request
 
 ERRMSGS = {
@@ -155,6 +161,9 @@ class WeComDoubleState:
     journal: Journal | None = None
     _sent_at: dict[str, deque[float]] = field(default_factory=dict)
     _msg_seq: int = 0
+    # media/upload: media_id -> {type, filename, content_type, data, created_at (epoch)}
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    upload_calls: int = 0
 
     def __post_init__(self) -> None:
         # Wakes long-polling readers of /_double/messages when a message is recorded.
@@ -231,6 +240,8 @@ class WeComDoubleState:
             self.faults.clear()
             self.gettoken_calls = 0
             self.send_calls = 0
+            self.upload_calls = 0
+            self.uploads.clear()
             self._log("reset")
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -400,6 +411,39 @@ def create_wecom_double(
                 return _error(state, problem or 47001)
             return jsonify(_record_send(state, body))
 
+    @app.post("/cgi-bin/media/upload")
+    def media_upload() -> Response:
+        media = request.files.get("media")
+        data = media.read() if media is not None else b""
+        with state.lock:
+            state.upload_calls += 1
+            problem = state.token_error(request.args.get("access_token"))
+            if problem is None:
+                problem = state.take_fault("upload")
+            kind = request.args.get("type", "")
+            if problem is None:
+                problem = _check_upload(kind, data)
+            if problem is not None:
+                return _error(state, problem)
+            media_id = f"{kind[:1]}{secrets.token_hex(16)}"
+            created_at = int(time.time())
+            state.uploads[media_id] = {
+                "type": kind,
+                "filename": (media.filename if media is not None else "") or "media",
+                "content_type": media.mimetype if media is not None else "",
+                "data": data,
+                "created_at": created_at,
+            }
+        return jsonify(
+            {
+                "errcode": 0,
+                "errmsg": "ok",
+                "type": kind,
+                "media_id": media_id,
+                "created_at": str(created_at),
+            }
+        )
+
     @app.get("/cgi-bin/getcallbackip")
     def getcallbackip() -> Response:
         with state.lock:
@@ -417,15 +461,51 @@ def create_wecom_double(
     return app
 
 
+def _check_upload(kind: str, data: bytes) -> int | None:
+    """media/upload's checks (doc 90389): the type, more than 5 bytes, each type's limit and
+    format (an image is JPG/PNG, a voice AMR)."""
+    if kind not in UPLOAD_LIMITS:
+        return 40005
+    if not data:
+        return 44001
+    if len(data) <= 5:
+        return 40006
+    if len(data) > UPLOAD_LIMITS[kind]:
+        return {"image": 40009, "video": 40011}.get(kind, 40006)
+    if kind == "image" and not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+        return 40004
+    if kind == "voice" and not data.startswith(b"#!AMR"):
+        return 40004
+    return None
+
+
+def _check_media(state: WeComDoubleState, body: Any) -> int | None:
+    """An image/file/voice/video message names a media_id WeCom knows (for 3 days)."""
+    media_id = body.get("media_id") if isinstance(body, dict) else None
+    upload = state.uploads.get(media_id) if isinstance(media_id, str) else None
+    if upload is None or time.time() - upload["created_at"] > MEDIA_ID_LIFETIME:
+        return 40007
+    return None
+
+
 def _check_send(state: WeComDoubleState, body: Any) -> int | None:
     if not isinstance(body, dict):
         return 47001
     msgtype = body.get("msgtype")
+    if msgtype in UPLOAD_LIMITS:
+        problem = _check_media(state, body.get(msgtype))
+        if problem is not None:
+            return problem
+        return _check_recipients(state, body)
     content = (body.get(msgtype) or {}).get("content") if isinstance(msgtype, str) else None
     if msgtype not in ("text", "markdown") or not isinstance(content, str):
         return 47001
     if not content:
         return 44004
+    return _check_recipients(state, body)
+
+
+def _check_recipients(state: WeComDoubleState, body: dict[str, Any]) -> int | None:
     if state.agent_id and str(body.get("agentid")) != state.agent_id:
         return 40056
     if not (body.get("touser") or body.get("toparty") or body.get("totag")):
@@ -441,7 +521,14 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
     """Store what a member would see; the rate limit drops silently, as WeCom does."""
     record = {**body, "received_at": time.time()}
     msgtype = body["msgtype"]
-    content = body[msgtype]["content"]
+    content = str(body[msgtype].get("content", ""))
+    upload = state.uploads.get(str(body[msgtype].get("media_id", "")))
+    if upload is not None:  # what the member sees of a file: its name and size
+        record["media"] = {
+            "type": upload["type"],
+            "filename": upload["filename"],
+            "bytes": len(upload["data"]),
+        }
     size = len(content.encode("utf-8"))
     if size > TEXT_LIMIT:
         record[msgtype] = {**body[msgtype], "content": _truncate(content, TEXT_LIMIT)}
@@ -482,6 +569,15 @@ def _record_send(state: WeComDoubleState, body: dict[str, Any]) -> dict[str, Any
 
 
 def _control_routes(app: Flask, state: WeComDoubleState) -> None:
+    @app.get("/_double/uploads/<media_id>")
+    def uploaded(media_id: str) -> Response | tuple[Response, int]:
+        """An uploaded file's bytes (the chat page shows images the member received)."""
+        with state.lock:
+            upload = state.uploads.get(media_id)
+        if upload is None:
+            return jsonify({"error": "no such media_id"}), 404
+        return Response(upload["data"], mimetype=upload["content_type"] or None)
+
     @app.get("/_double/messages")
     def list_messages() -> Response | tuple[Response, int]:
         """All messages; `?user=U&after=T&wait=S` filters and long-polls (chat page, simulator)."""

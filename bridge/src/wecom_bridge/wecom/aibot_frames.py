@@ -10,6 +10,8 @@ encrypted, over HTTP.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 import time
@@ -26,6 +28,13 @@ CMD_EVENT_CALLBACK = "aibot_event_callback"
 CMD_RESPOND = "aibot_respond_msg"
 CMD_RESPOND_WELCOME = "aibot_respond_welcome_msg"
 CMD_SEND = "aibot_send_msg"
+# Uploading a file for a reply (long connection only): init → chunks → finish gives a media_id
+# (3 days), sent as an image or file message with aibot_send_msg.
+CMD_UPLOAD_INIT = "aibot_upload_media_init"
+CMD_UPLOAD_CHUNK = "aibot_upload_media_chunk"
+CMD_UPLOAD_FINISH = "aibot_upload_media_finish"
+UPLOAD_CHUNK_BYTES = 512 * 1024
+UPLOAD_MAX_CHUNKS = 100
 
 # The longest stream content WeCom shows (UTF-8 bytes).
 STREAM_CONTENT_LIMIT = 20480
@@ -122,6 +131,37 @@ def markdown_message(chatid: str, content: str) -> Frame:
         CMD_SEND,
         {"chatid": chatid, "msgtype": "markdown", "markdown": {"content": content}},
     )
+
+
+def upload_init(kind: str, filename: str, data: bytes) -> Frame:
+    chunks = -(-len(data) // UPLOAD_CHUNK_BYTES)
+    body = {
+        "type": kind,
+        "filename": filename,
+        "total_size": len(data),
+        "total_chunks": chunks,
+        "md5": hashlib.md5(data).hexdigest(),  # noqa: S324 - WeCom's integrity check, not security
+    }
+    return Frame(new_req_id(CMD_UPLOAD_INIT), CMD_UPLOAD_INIT, body)
+
+
+def upload_chunk(upload_id: str, index: int, chunk: bytes) -> Frame:
+    body = {
+        "upload_id": upload_id,
+        "chunk_index": index,  # 0-based
+        "base64_data": base64.b64encode(chunk).decode("ascii"),
+    }
+    return Frame(new_req_id(CMD_UPLOAD_CHUNK), CMD_UPLOAD_CHUNK, body)
+
+
+def upload_finish(upload_id: str) -> Frame:
+    return Frame(new_req_id(CMD_UPLOAD_FINISH), CMD_UPLOAD_FINISH, {"upload_id": upload_id})
+
+
+def media_message(chatid: str, kind: str, media_id: str) -> Frame:
+    """An uploaded image or file, as a message the bot starts."""
+    body = {"chatid": chatid, "msgtype": kind, kind: {"media_id": media_id}}
+    return Frame(new_req_id(CMD_SEND), CMD_SEND, body)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from wecom_bridge.http_session import session_for
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.errcodes import Handling, codes, hint_for, ip_in, lookup
 from wecom_bridge.wecom.messages import OutboundMessage, SendResult
+from wecom_bridge.wecom.uploads import UploadedMedia
 
 log = logging.getLogger("wecom_bridge.wecom")
 
@@ -251,6 +252,29 @@ class WeComClient:
                 )
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- media out -----------------------------------------------------------------------
+
+    def upload_media(
+        self, kind: str, data: bytes, filename: str, content_type: str
+    ) -> UploadedMedia:
+        """media/upload (multipart field `media`): a media_id valid for 3 days. The bytes are
+        given whole so that a retry after a token refresh sends them again."""
+        data_out = self.call(
+            "POST",
+            "/cgi-bin/media/upload",
+            params={"type": kind},
+            files={"media": (filename, data, content_type or "application/octet-stream")},
+        )
+        media_id = str(data_out.get("media_id") or "")
+        if not media_id:
+            raise WeComApiError(None, "media/upload answered without media_id", retryable=True)
+        try:
+            created_at = float(data_out.get("created_at") or self._clock())
+        except (TypeError, ValueError):
+            created_at = self._clock()
+        self._metrics.inc("wecom_bridge_media_uploads_total", {"type": kind})
+        return UploadedMedia(media_id, created_at, str(data_out.get("type") or kind))
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self._base + path

@@ -191,19 +191,21 @@ class OutboundMessage:
 
     agent_id: str
     content: str
-    msgtype: str = "text"  # text | markdown
+    msgtype: str = "text"  # text | markdown | image | file (media_id instead of content)
     touser: str = ""
     toparty: str = ""
     totag: str = ""
     safe: int = 0
     enable_duplicate_check: int = 0
     duplicate_check_interval: int = 1800
+    media_id: str = ""  # image and file messages: what media/upload returned
 
     def payload(self) -> dict[str, object]:
+        inner = {"media_id": self.media_id} if self.media_id else {"content": self.content}
         body: dict[str, object] = {
             "msgtype": self.msgtype,
             "agentid": int(self.agent_id) if self.agent_id.isdigit() else self.agent_id,
-            self.msgtype: {"content": self.content},
+            self.msgtype: inner,
             "safe": self.safe,
             "enable_duplicate_check": self.enable_duplicate_check,
             "duplicate_check_interval": self.duplicate_check_interval,
