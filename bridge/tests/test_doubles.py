@@ -20,7 +20,7 @@ from wecom_bridge.testing.callbacks import (
     build_url_verification,
 )
 from wecom_bridge.testing.dify_double import create_dify_double, dify_double_from_env
-from wecom_bridge.testing.dify_files import DifyAnswerFiles, tiny_png
+from wecom_bridge.testing.dify_signed_files import DifyAnswerFiles, tiny_png
 from wecom_bridge.testing.server import ServerThread, parse_listen
 from wecom_bridge.testing.wecom_double import create_wecom_double, wecom_double_from_env
 from wecom_bridge.wecom.crypto import WeComCrypto

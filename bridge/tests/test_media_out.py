@@ -33,7 +33,7 @@ from wecom_bridge.metrics import Metrics
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.aibot_double import AibotDouble
 from wecom_bridge.testing.callbacks import CallbackClient
-from wecom_bridge.testing.dify_files import tiny_png
+from wecom_bridge.testing.dify_signed_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.wecom.api import MemoryTokenCache, WeComClient
 

@@ -13,7 +13,7 @@ from flask import Flask, Response
 from wecom_bridge.config import MediaSettings
 from wecom_bridge.dify.client import DifyFile, DifySettings
 from wecom_bridge.dify.files import DifyFileFetcher, FileFetchError, is_public
-from wecom_bridge.jobs.media import (
+from wecom_bridge.jobs.media_out import (
     AnswerPlan,
     fetch_url,
     plan_answer,
@@ -22,7 +22,7 @@ from wecom_bridge.jobs.media import (
     without_images,
 )
 from wecom_bridge.jobs.splitter import split_message
-from wecom_bridge.testing.dify_files import tiny_png
+from wecom_bridge.testing.dify_signed_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
 
 DIFY = DifySettings(api_base="http://127.0.0.1:8080/v1", api_key="k")

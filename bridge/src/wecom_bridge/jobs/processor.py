@@ -45,7 +45,7 @@ from wecom_bridge.jobs.kinds import (
     decode,
     target_of,
 )
-from wecom_bridge.jobs.media import (
+from wecom_bridge.jobs.media_out import (
     AnswerPlan,
     MediaJob,
     MediaSender,
@@ -86,7 +86,7 @@ class Answer:
     text: str
     result: dict[str, object] = field(default_factory=dict)
     # Dify's answers: the files Dify attached, and whether its images and file links become
-    # media parts (jobs/media.py).
+    # media parts (jobs/media_out.py).
     files: tuple[DifyFile, ...] = ()
     media: bool = False
 

@@ -27,7 +27,7 @@ from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
 from wecom_bridge.jobs.intake import GroupCommitter
 from wecom_bridge.jobs.kf import KfJobs
-from wecom_bridge.jobs.media import MEDIA_DIR
+from wecom_bridge.jobs.media_out import MEDIA_DIR
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
 from wecom_bridge.jobs.workers import WorkerPool

@@ -13,7 +13,8 @@ nothing until the end; workflow runs stream `text_chunk` and end with `workflow_
 succeeded, partial-succeeded, failed or stopped) or `workflow_paused`, and are listed by
 `GET /v1/workflows/run/<id>`; only declared inputs are kept and a missing required one is 400
 `invalid_param`; a conversation id that is not a UUID is 400 `invalid_param`. Answers can carry
-files (`message_file` events, markdown links to signed /files/… URLs it serves: dify_files.py).
+files (`message_file` events, markdown links to signed /files/… URLs it serves:
+dify_signed_files.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.errors import ConfigError
-from wecom_bridge.testing.dify_files import DifyAnswerFiles, mount_answer_files
+from wecom_bridge.testing.dify_signed_files import DifyAnswerFiles, mount_answer_files
 from wecom_bridge.testing.server import required_env
 
 DIFY_VERSION = "1.17.1"
@@ -89,7 +90,7 @@ class DifyDoubleState:
     input_form: list[dict[str, Any]] | None = None  # None: QUERY_FORM (completion/workflow) or []
     messages: list[dict[str, Any]] = field(default_factory=list)  # every message created
     workflow_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Files answers link to (testing/dify_files.py: signed /files/… links, markers like #image).
+    # Files answers link to (dify_signed_files.py: signed /files/… links, markers like #image).
     answer_files: DifyAnswerFiles = field(default_factory=DifyAnswerFiles)
 
     def workflow_status_next(self, status: str, times: int = 1) -> None:
