@@ -33,6 +33,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.dify_files import DifyFiles, describe, mount_files
 from wecom_bridge.testing.server import required_env
 
 DIFY_VERSION = "1.17.1"
@@ -87,6 +88,7 @@ class DifyDoubleState:
     input_form: list[dict[str, Any]] | None = None  # None: QUERY_FORM (completion/workflow) or []
     messages: list[dict[str, Any]] = field(default_factory=list)  # every message created
     workflow_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: DifyFiles = field(default_factory=DifyFiles)  # uploads, file and speech settings
 
     def workflow_status_next(self, status: str, times: int = 1) -> None:
         """The next workflow runs end with `status` (succeeded by default)."""
@@ -170,6 +172,7 @@ class DifyDoubleState:
             self.input_form = None
             self.messages.clear()
             self.workflow_runs.clear()
+        self.files.reset()
         self.wake.set()
         self.wake.clear()
 
@@ -334,8 +337,7 @@ def create_dify_double(
                 "suggested_questions": [],
                 "suggested_questions_after_answer": {"enabled": False},
                 "user_input_form": state.form(),
-                "file_upload": {"image": {"enabled": False}},
-                "system_parameters": {"file_size_limit": 15, "image_file_size_limit": 10},
+                **state.files.parameters(),
             }
         )
 
@@ -410,6 +412,7 @@ def create_dify_double(
         return response
 
     _control_routes(app, state)
+    mount_files(app, state.files)
     return app
 
 
@@ -500,6 +503,9 @@ def _prepare(state: DifyDoubleState, body: dict[str, Any], *, chat: bool) -> _Tu
                 conversation_id = str(uuid.uuid4())
                 state.conversations[conversation_id] = {"user": body["user"], "turns": 0}
             state.conversations[conversation_id]["turns"] += 1
+    used_files = state.files.check_message_files(body) if chat else []
+    if isinstance(used_files, Response):
+        return used_files
     fault, hang, replacement, cut, delay = state.take()
     if hang is not None and not hang.mid_stream:
         state.wake.wait(hang.seconds)
@@ -507,7 +513,7 @@ def _prepare(state: DifyDoubleState, body: dict[str, Any], *, chat: bool) -> _Tu
     if fault is not None and not (fault.in_stream and streaming):
         return _error(fault.status, fault.code, fault.message)
     turn = _Turn(
-        answer=state.answer_for(query),
+        answer=state.answer_for(query) + describe(used_files),
         conversation_id=conversation_id,
         streaming=streaming,
         replacement=replacement,

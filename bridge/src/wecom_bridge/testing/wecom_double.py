@@ -32,6 +32,7 @@ from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.kf_double import DEFAULT_ACCOUNT, KfCallback, KfDoubleState, mount_kf
+from wecom_bridge.testing.media_double import MediaShelf, mount_media_get
 from wecom_bridge.testing.server import required_env
 from wecom_bridge.wecom.crypto import WeComCrypto
 
@@ -412,9 +413,22 @@ def create_wecom_double(
 
     _control_routes(app, state)
     _chat_routes(app, state)
+    _media_routes(app, state)
     if kf is not None:
         mount_kf(app, kf, lambda errcode: errmsg(errcode, state.fault_ip))
     return app
+
+
+def _media_routes(app: Flask, state: WeComDoubleState) -> None:
+    """media/get of what members sent (testing/media_double.py)."""
+    shelf = MediaShelf()
+    app.extensions["wecom_media"] = shelf
+
+    def token_error(token: str) -> int | None:
+        with state.lock:
+            return state.token_error(token)
+
+    mount_media_get(app, shelf, token_error)
 
 
 def _check_send(state: WeComDoubleState, body: Any) -> int | None:
