@@ -303,8 +303,8 @@ def test_welcome_reset_and_unsupported_types(start_bridge, aibot, dify_double):
     reset = aibot.deliver_text("zhangsan", "新对话")
     assert finished(aibot, reset) == "好的，已开始新的对话。"
     assert store.get_conversation("", f"aibot:{BOT_ID}", "zhangsan") == ""
-    image = aibot.deliver("zhangsan", "image", {"url": "https://example.invalid/x", "aeskey": "k"})
-    assert finished(aibot, image) == "暂时只支持文字消息，请用文字提问。"
+    video = aibot.deliver("zhangsan", "video", {"url": "https://example.invalid/x"})
+    assert finished(aibot, video) == "暂时只支持文字消息，请用文字提问。"
 
 
 def test_group_chat_keyed_per_member_with_the_member_passed_to_dify(

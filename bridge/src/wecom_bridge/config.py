@@ -27,6 +27,30 @@ DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
 DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
+# What a member hears when the media they sent cannot go to Dify ({kind}: 图片/文件/语音,
+# {limit}: e.g. 10 MB), by the media stage's reason.
+DEFAULT_MEDIA_REPLIES = {
+    "type": "这个知识库暂不接收{kind}，请用文字描述您的问题。",
+    "too_large": "{kind}太大（上限 {limit}），请压缩后再发，或用文字提问。",
+    "corrupt": "无法识别这个{kind}（内容损坏或与类型不符），请重新发送。",
+    "expired": "这个{kind}已过期，请重新发送。",
+    "failed": "{kind}接收失败，请稍后重新发送。",
+    "voice_off": "暂时不能识别语音，请用文字提问。",
+    "no_speech": "没有听清您的语音，请再说一遍或用文字提问。",
+}
+# Their variables: BRIDGE_<NAME> (apps file: <name> in lower case).
+MEDIA_REPLY_VARIABLES = {
+    "type": "MEDIA_TYPE_REPLY",
+    "too_large": "MEDIA_TOO_LARGE_REPLY",
+    "corrupt": "MEDIA_CORRUPT_REPLY",
+    "expired": "MEDIA_EXPIRED_REPLY",
+    "failed": "MEDIA_FAILED_REPLY",
+    "voice_off": "VOICE_OFF_REPLY",
+    "no_speech": "VOICE_UNHEARD_REPLY",
+}
+DEFAULT_CAPTION_SECONDS = 4.0
+DEFAULT_MEDIA_QUERY = "请看我发的{kind}。"
+MAX_CAPTION_SECONDS = 60.0
 DEFAULT_CALLBACK_PATH = "/wxcomapp"
 # The channels an app can be: the self-built app (自建应用) or the AI bot (智能机器人).
 CHANNEL_APP = "app"
@@ -58,6 +82,28 @@ class Replies:
     unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
     welcome_text: str = ""  # "" = no welcome when a member enters the app
     paused_reply: str = DEFAULT_PAUSED  # a workflow paused for human input
+    # Refused media, by reason (see DEFAULT_MEDIA_REPLIES); "" = stay silent.
+    media_replies: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MEDIA_REPLIES))
+    voice_echo: str = ""  # e.g. "识别为：{text}", sent before the answer to a voice note
+
+    def media_reply(self, reason: str, **values: str) -> str:
+        """The member's text for refused media, its {kind} and {limit} filled in."""
+        template = self.media_replies.get(reason, self.media_replies.get("failed", ""))
+        try:
+            return template.format(**{"kind": "", "limit": "", **values})
+        except (KeyError, IndexError, ValueError):
+            return template  # an operator's text with other braces: as written
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """How an app takes the images, files and voice notes members send."""
+
+    # An image or file followed within this many seconds by a text of the same member is
+    # one question (0: never wait).
+    caption_seconds: float = DEFAULT_CAPTION_SECONDS
+    # The question when the member sent media without a word ({kind}: 图片/文件).
+    default_query: str = DEFAULT_MEDIA_QUERY
 
 
 @dataclass(frozen=True)
@@ -95,6 +141,7 @@ class AppConfig:
     replies: Replies = Replies()
     channel: str = CHANNEL_APP
     aibot: AibotSettings | None = None
+    media: MediaSettings = MediaSettings()
 
     @property
     def takes_callbacks(self) -> bool:
@@ -339,7 +386,22 @@ def _replies(get: Mapping[str, str]) -> Replies:
         unsupported_reply=text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
         welcome_text=text("BRIDGE_WELCOME_TEXT", ""),
         paused_reply=text("BRIDGE_PAUSED_REPLY", DEFAULT_PAUSED),
+        media_replies={
+            reason: text(f"BRIDGE_{name}", DEFAULT_MEDIA_REPLIES[reason])
+            for reason, name in MEDIA_REPLY_VARIABLES.items()
+        },
+        voice_echo=text("BRIDGE_VOICE_ECHO", ""),
     )
+
+
+def _media_settings(get: Mapping[str, str]) -> MediaSettings:
+    caption = _float(get, "BRIDGE_MEDIA_CAPTION_SECONDS", DEFAULT_CAPTION_SECONDS, 0.0)
+    if caption > MAX_CAPTION_SECONDS:
+        raise ConfigError(
+            "BRIDGE_MEDIA_CAPTION_SECONDS", f"must be at most {MAX_CAPTION_SECONDS:g} seconds"
+        )
+    query = get.get("BRIDGE_MEDIA_DEFAULT_QUERY", "").strip() or DEFAULT_MEDIA_QUERY
+    return MediaSettings(caption_seconds=caption, default_query=query)
 
 
 def _api_token(env: Mapping[str, str]) -> str | None:
@@ -418,6 +480,7 @@ def aibot_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppC
         replies=_replies(env),
         channel=CHANNEL_AIBOT,
         aibot=aibot,
+        media=_media_settings(env),
     )
 
 
@@ -457,6 +520,7 @@ def app_from_env(env: Mapping[str, str], *, require_dify: bool = True) -> AppCon
         dify=_dify_settings(env) if require_dify else None,
         reply_msgtype=_choice(env, "BRIDGE_REPLY_MSGTYPE", "text", ("text", "markdown")),
         replies=_replies(env),
+        media=_media_settings(env),
     )
 
 
@@ -487,6 +551,10 @@ _APP_KEYS = frozenset(
         "unsupported_reply",
         "welcome_text",
         "paused_reply",
+        "voice_echo",
+        "media_caption_seconds",
+        "media_default_query",
+        *(name.lower() for name in MEDIA_REPLY_VARIABLES.values()),
     ]
     + [
         f"dify_{k}"

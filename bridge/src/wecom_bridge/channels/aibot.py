@@ -23,7 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from wecom_bridge.channels.base import InboundKind, InboundMessage, Reply, Target, TextProgress
+from wecom_bridge.channels.base import (
+    InboundKind,
+    InboundMessage,
+    MediaRef,
+    Reply,
+    Target,
+    TextProgress,
+)
 from wecom_bridge.config import AibotSettings, AppConfig
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.metrics import Metrics
@@ -57,6 +64,10 @@ def _kind(message: AibotMessage) -> InboundKind:
             if message.event_type == frames.EVENT_ENTER_CHAT
             else (InboundKind.EVENT)
         )
+    if message.media:  # image, file, or a mixed message with images
+        return InboundKind.MEDIA
+    if message.msgtype == "mixed" and message.text:
+        return InboundKind.TEXT
     return InboundKind.UNSUPPORTED
 
 
@@ -85,6 +96,7 @@ def inbound_message(app: AppConfig, message: AibotMessage, req_id: str) -> Inbou
         msg_id=message.msgid,
         msg_type=message.msgtype if kind is not InboundKind.EVENT else message.event_type,
         context=context,
+        media=tuple(MediaRef(m.kind, url=m.url, aeskey=m.aeskey) for m in message.media),
     )
 
 

@@ -29,7 +29,10 @@ from wecom_bridge.dify.client import DifyClient
 from wecom_bridge.errors import (
     DifyError,
     DifyPausedError,
+    JobDeferredError,
     JobPayloadError,
+    MediaRefusedError,
+    MediaTransientError,
     StoreUnavailableError,
     WeComApiError,
     WeComConfigError,
@@ -37,12 +40,14 @@ from wecom_bridge.errors import (
 from wecom_bridge.jobs.kinds import (
     ChatJob,
     JobSpec,
+    MediaJob,
     NoticeJob,
     ResetJob,
     SendJob,
     decode,
     target_of,
 )
+from wecom_bridge.jobs.media import KIND_WORDS, MediaStage
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.jobs.store import Job, Store
@@ -58,6 +63,9 @@ RECORD_RETRY_FIRST = 0.05
 RECORD_RETRY_MAX = 2.0
 # The job's result key for the ids of the message Dify accepted (see DifyClient.ask).
 DIFY_ACCEPTED = "dify_accepted"
+# A media download or upload failing transiently is tried again this long after the message.
+MEDIA_RETRY_SECONDS = 600.0
+MEDIA_RETRY_MAX_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,10 @@ class JobProcessor:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         channel_handlers: Mapping[type[JobSpec], Handler] | None = None,
+        media: MediaStage | None = None,
     ) -> None:
-        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull)."""
+        """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull).
+        `media`: the media stage (None: media jobs get the "failed" text)."""
         self.store = store
         self.apps = apps
         self.metrics = metrics
@@ -113,8 +123,10 @@ class JobProcessor:
         # process before its "sent" mark could be stored, those parts are not sent again.
         self._sent: dict[int, int] = {}
         self._sent_lock = threading.Lock()
+        self.media = media
         self._handlers: dict[type[JobSpec], Handler] = {
             ChatJob: self._ask_dify,
+            MediaJob: self._ask_with_media,
             ResetJob: self._reset,
             NoticeJob: self._notice,
             SendJob: self._proactive,
@@ -146,6 +158,13 @@ class JobProcessor:
             self._send(job, spec, app, parts)
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
+            return
+        except JobDeferredError as exc:
+            self.store.retry_later(job.id, exc.delay, exc.reason, None)
+            log.info(
+                "job deferred",
+                extra={**fields, "event": "job_deferred", "reason": exc.reason, "delay": exc.delay},
+            )
             return
         dify_error = result.get("dify_error")
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
@@ -213,7 +232,64 @@ class JobProcessor:
     def _proactive(self, job: Job, spec: SendJob, app: AppRuntime) -> Answer:
         return Answer(spec.request.content)
 
-    def _ask_dify(self, job: Job, spec: ChatJob, app: AppRuntime) -> Answer:
+    def _ask_with_media(self, job: Job, spec: MediaJob, app: AppRuntime) -> Answer:
+        """The media stage (jobs/media.py), then Dify asked with the uploaded files."""
+        replies = app.config.replies
+        kind = spec.media[0].kind
+        try:
+            if self.media is None or app.dify is None:
+                raise MediaRefusedError("failed", "media handling is not configured")
+            # The AI bot's caption comes in the same (mixed) message, and a text absorbed
+            # into another answer would leave its own stream open: no window there.
+            window = 0.0 if isinstance(app.outbound, StreamingOutbound) else None
+            prepared = self.media.prepare(
+                job,
+                spec,
+                app.config,
+                app.dify,
+                self._until_recorded,
+                caption_seconds=app.config.media.caption_seconds if window is None else window,
+            )
+        except MediaRefusedError as exc:
+            return self._media_refused(job, kind, exc, replies.media_reply)
+        except MediaTransientError as exc:
+            if self._clock() - job.received_at < MEDIA_RETRY_SECONDS:
+                delay = min(MEDIA_RETRY_MAX_DELAY, 5.0 * 2 ** max(0, job.attempts - 1))
+                raise JobDeferredError(delay, f"media: {exc}") from None
+            refused = MediaRefusedError(
+                "failed", f"gave up after {MEDIA_RETRY_SECONDS:.0f}s: {exc}"
+            )
+            return self._media_refused(job, kind, refused, replies.media_reply)
+        question = ChatJob(query=prepared.query, msg_id=spec.msg_id, context=spec.context)
+        answer = self._ask_dify(job, question, app, files=prepared.files)
+        if prepared.echo:
+            return Answer(f"{prepared.echo}\n\n{answer.text}", answer.result)
+        return answer
+
+    def _media_refused(
+        self, job: Job, kind: str, exc: MediaRefusedError, text: Callable[..., str]
+    ) -> Answer:
+        log.warning(
+            "media refused, telling the member",
+            extra={
+                "job_id": job.id,
+                "user": job.user,
+                "event": "media_refused",
+                "reason": exc.reason,
+                "error": exc.detail,
+            },
+        )
+        self.metrics.inc("wecom_bridge_media_refused_total", {"reason": exc.reason})
+        values = {"kind": KIND_WORDS.get(kind, ""), **exc.values}
+        return Answer(text(exc.reason, **values), {"media_refused": exc.reason})
+
+    def _ask_dify(
+        self,
+        job: Job,
+        spec: ChatJob,
+        app: AppRuntime,
+        files: list[dict[str, str]] | None = None,
+    ) -> Answer:
         cfg = app.config
         fallback = cfg.replies.fallback_reply
         if app.dify is None:  # only a configuration loaded without Dify has none
@@ -236,6 +312,7 @@ class JobProcessor:
                         on_accepted=lambda ids: self._note_accepted(job, ids),
                         on_text=on_text,
                         member_inputs=_member_inputs(app.config, spec),
+                        files=files or (),
                     )
         except DifyPausedError as exc:
             fields: dict[str, object] = {"event": "dify_paused", "workflow_run_id": exc.run_id}
