@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import AppSecrets, dify_state, wait_for, wecom_state
 
 from wecom_bridge.channels.base import MediaRef
@@ -98,6 +99,7 @@ def start(bridge_env: dict[str, str]) -> Iterator:
         app = create_app(load_config({**bridge_env, "BRIDGE_MEDIA_CAPTION_SECONDS": "0", **extra}))
         server = ServerThread(app).start()
         started.append((app, server))
+        run.last = server  # type: ignore[attr-defined]
         return server
 
     yield run
@@ -210,6 +212,8 @@ def test_an_app_that_takes_no_images_says_so(start, secrets, wecom_double, dify_
     text = refusal_case(start, secrets, wecom_double, dify_double, "image", png(), "c.png")
     assert text == "这个知识库暂不接收图片，请用文字描述您的问题。"
     assert shelf(wecom_double).downloads == []  # refused before downloading
+    metrics = requests.get(f"{start.last.url}/metrics", timeout=5).text
+    assert 'wecom_bridge_media_refused_total{reason="type"} 1' in metrics
     assert dify_state(dify_double).files.upload_calls == 0 and not chat_requests(dify_double)
 
 
@@ -468,3 +472,45 @@ def test_an_ai_bot_image_over_the_long_connection_reaches_dify(
             bridge.stop()
     assert text is not None and text.startswith("Dify double answer: 这是报错截图 [files: image:")
     assert dify_state(dify_double).files.upload_calls == 1
+
+
+def test_a_busy_wecom_defers_the_job_and_it_is_answered_once_later(
+    start, secrets, wecom_double, dify_double
+):
+    dify_state(dify_double).files.configure(enabled=True, allowed_file_types=["image"])
+    bridge = start()
+    shelf(wecom_double).fail_next(1)  # -1, system busy: the job is deferred (5 s), not refused
+    media_id = shelf(wecom_double).add("image", png(), "later.png")
+    client(bridge, secrets).send_media("member", "image", media_id)
+    store = bridge.app.extensions["wecom_bridge"].store
+    wait_for(lambda: any(j.error and "media" in j.error for j in store.jobs()), timeout=20)
+    text = wait_for(lambda: sent_texts(wecom_double, "member"), timeout=30)
+    assert text == ["Dify double answer: 请看我发的图片。 [files: image:later.png]"]
+    assert dify_state(dify_double).files.upload_calls == 1
+
+
+def test_an_ai_bot_webhook_image_is_decrypted_with_the_bots_key(
+    tmp_path, aibot_media, dify_double, secrets
+):
+    from test_aibot_webhook import AES_KEY, TOKEN
+
+    from wecom_bridge.testing.aibot_double import AibotWebhookSender
+
+    dify_state(dify_double).files.configure(enabled=True, allowed_file_types=["image"])
+    env = {
+        "WECOM_AIBOT_MODE": "webhook",
+        "WECOM_AIBOT_TOKEN": TOKEN,
+        "WECOM_AIBOT_ENCODING_AES_KEY": AES_KEY,
+        "WECOM_AIBOT_STREAM_INTERVAL": "0.2",
+        "DIFY_API_BASE": f"{dify_double.url}/v1",
+        "DIFY_API_KEY": secrets.dify_key,
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+    }
+    app = create_app(load_config(env))
+    link = aibot_media.publish("image", png(), "w.png", key=parse_encoding_aes_key(AES_KEY))
+    with ServerThread(app) as bridge:
+        url = f"{bridge.url}/wxcomaibot"
+        with AibotWebhookSender(url, TOKEN, AES_KEY, refresh_interval=0.1) as wecom:
+            exchange = wecom.ask("zhangsan", "", media=("image", {"url": link.url}))
+    app.extensions["wecom_bridge"].pool.stop()
+    assert exchange.finished == "Dify double answer: 请看我发的图片。 [files: image:w.png]"

@@ -70,6 +70,14 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "counter",
         "Send API requests (POST /api/v1/messages), by outcome.",
     ),
+    "wecom_bridge_media_in_total": (
+        "counter",
+        "Members' media handed to Dify, by kind (image, file: uploaded; voice: transcribed).",
+    ),
+    "wecom_bridge_media_refused_total": (
+        "counter",
+        "Members' media refused with a text, by reason (type, too_large, corrupt, expired, …).",
+    ),
 }
 
 

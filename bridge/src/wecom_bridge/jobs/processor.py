@@ -260,6 +260,7 @@ class JobProcessor:
                 "failed", f"gave up after {MEDIA_RETRY_SECONDS:.0f}s: {exc}"
             )
             return self._media_refused(job, kind, refused, replies.media_reply)
+        self.metrics.inc("wecom_bridge_media_in_total", {"kind": kind})
         question = ChatJob(query=prepared.query, msg_id=spec.msg_id, context=spec.context)
         answer = self._ask_dify(job, question, app, files=prepared.files)
         if prepared.echo:

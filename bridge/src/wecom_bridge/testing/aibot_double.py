@@ -20,6 +20,7 @@ simulator and molecule use; `serve_aibot_double` adds a small HTTP control API f
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import Server, ServerConnection, serve
 
+from wecom_bridge.testing.media_double import EncryptedMediaServer
 from wecom_bridge.wecom import aibot_frames as frames
 from wecom_bridge.wecom.aibot_frames import STREAM_CONTENT_LIMIT, Frame
 
@@ -403,6 +405,30 @@ def control_app(double: AibotDouble) -> Any:
         )
         return jsonify({"msgid": msgid})
 
+    media = EncryptedMediaServer()
+    media.mount(app)
+
+    @app.post("/control/media")
+    def push_media() -> Response:
+        """{"userid", "kind": image|file, "filename", "content_base64", "text"?}: the member
+        sends media (with a text: a mixed message), served encrypted by this control API."""
+        data = request.get_json(force=True)
+        media.base_url = request.host_url.rstrip("/")
+        kind = str(data.get("kind") or "image")
+        content = base64.b64decode(str(data["content_base64"]))
+        link = media.publish(kind, content, str(data.get("filename") or "media.bin"))
+        item = {"url": link.url, "aeskey": link.aeskey}
+        text = str(data.get("text") or "")
+        if text and kind == "image":
+            mixed = [
+                {"msgtype": "text", "text": {"content": text}},
+                {"msgtype": "image", "image": item},
+            ]
+            msgid = double.deliver(str(data["userid"]), "mixed", {"msg_item": mixed})
+        else:
+            msgid = double.deliver(str(data["userid"]), kind, item)
+        return jsonify({"msgid": msgid})
+
     @app.get("/control/messages/<msgid>")
     def show(msgid: str) -> Response:
         with double.lock:
@@ -528,17 +554,25 @@ class AibotWebhookSender:
         return 200, json.loads(self.crypto.decrypt(sealed["encrypt"]))
 
     def message(
-        self, userid: str, text: str, *, chatid: str = "", msgid: str | None = None
+        self,
+        userid: str,
+        text: str,
+        *,
+        chatid: str = "",
+        msgid: str | None = None,
+        media: tuple[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        """A text message, or (`media`: msgtype and its content) an image, file or mixed one."""
         msgid = msgid or uuid.uuid4().hex
+        msgtype, content = media or ("text", {"content": text})
         body: dict[str, Any] = {
             "msgid": msgid,
             "aibotid": "webhook-bot",
             "chattype": "group" if chatid else "single",
             "from": {"userid": userid},
             "response_url": f"{self._server.url}/response/{msgid}",
-            "msgtype": "text",
-            "text": {"content": text},
+            "msgtype": msgtype,
+            msgtype: content,
         }
         if chatid:
             body["chatid"] = chatid
@@ -552,10 +586,11 @@ class AibotWebhookSender:
         chatid: str = "",
         msgid: str | None = None,
         wait: float = 30.0,
+        media: tuple[str, dict[str, Any]] | None = None,
     ) -> WebhookExchange:
-        """Send a text message and refresh its stream as WeCom does; returns when finished,
-        when the window is over, or after `wait` seconds."""
-        body = self.message(userid, text, chatid=chatid, msgid=msgid)
+        """Send a message (text, or `media` as in `message`) and refresh its stream as WeCom
+        does; returns when finished, when the window is over, or after `wait` seconds."""
+        body = self.message(userid, text, chatid=chatid, msgid=msgid, media=media)
         status, first = self.post(body)
         exchange = WebhookExchange(str(body["msgid"]), status, first)
         stream = (first or {}).get("stream") if (first or {}).get("msgtype") == "stream" else None

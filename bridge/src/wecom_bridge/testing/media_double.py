@@ -54,6 +54,7 @@ class MediaShelf:
     lock: threading.Lock = field(default_factory=threading.Lock)
     items: dict[str, StoredMedia] = field(default_factory=dict)
     downloads: list[str] = field(default_factory=list)  # media ids fetched, in order
+    busy: int = 0  # the next media/get calls answer -1 (system busy, try again)
 
     def add(self, kind: str, content: bytes, filename: str, *, age: float = 0.0) -> str:
         """A member sent this (`age`: that many seconds ago); its new MediaId."""
@@ -77,10 +78,20 @@ class MediaShelf:
             self.downloads.append(media_id)
             return item
 
+    def fail_next(self, times: int) -> None:
+        with self.lock:
+            self.busy += times
+
+    def take_busy(self) -> bool:
+        with self.lock:
+            busy, self.busy = self.busy > 0, max(0, self.busy - 1)
+            return busy
+
     def reset(self) -> None:
         with self.lock:
             self.items.clear()
             self.downloads.clear()
+            self.busy = 0
 
 
 def _attachment(item: StoredMedia, body: bytes) -> Response:
@@ -102,6 +113,8 @@ def mount_media_get(
         problem = token_error(request.args.get("access_token", ""))
         if problem is not None:
             return jsonify({"errcode": problem, "errmsg": "invalid access_token"})
+        if shelf.take_busy():
+            return jsonify({"errcode": -1, "errmsg": "system busy"})
         item = shelf.take(request.args.get("media_id", ""), MEDIA_LIFETIME)
         if item is None:
             return jsonify({"errcode": ERR_INVALID_MEDIA, "errmsg": "invalid media_id"})
@@ -133,21 +146,25 @@ class EncryptedLink:
 
 
 class EncryptedMediaServer:
-    """The AI bot's media downloads: GET /aibot-media/<id> → the encrypted bytes (5 minutes)."""
+    """The AI bot's media downloads: GET /aibot-media/<id> → the encrypted bytes (5 minutes),
+    served by its own app (`app`) or mounted on another (`mount`, the AI-bot double's control)."""
 
     def __init__(self, shelf: MediaShelf | None = None) -> None:
         self.shelf = shelf or MediaShelf()
         self.keys: dict[str, bytes] = {}
         self.app = Flask("aibot_media_double")
-        self.base_url = ""  # set once served (ServerThread.url)
+        self.base_url = ""  # where it is served (ServerThread.url)
+        self.mount(self.app)
 
-        @self.app.get("/aibot-media/<media_id>")
+    def mount(self, app: Flask) -> None:
         def download(media_id: str) -> Response | tuple[str, int]:
             item = self.shelf.take(media_id, URL_LIFETIME)
             key = self.keys.get(media_id)
             if item is None or key is None:
                 return "expired", 404
             return _attachment(item, encrypt_media(item.content, key))
+
+        app.add_url_rule("/aibot-media/<media_id>", "aibot_media", download, methods=["GET"])
 
     def publish(
         self, kind: str, content: bytes, filename: str, *, key: bytes | None = None
