@@ -375,16 +375,23 @@ class MediaStage:
 
     def clean(self) -> int:
         """Remove what a killed process left in the temporary dir (at the job side's start:
-        nothing else writes there). Returns how many files went."""
-        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        nothing else writes there). Returns how many files went. An unusable data dir is
+        not fatal here (the bridge stays up, not ready); media jobs wait until it is usable."""
         removed = 0
-        for leftover in self.tmp_dir.iterdir():
-            if leftover.is_file() or leftover.is_symlink():
-                leftover.unlink(missing_ok=True)
+        try:
+            self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for leftover in self.tmp_dir.iterdir():
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
                 removed += 1
-            elif leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-                removed += 1
+        except OSError as exc:
+            log.warning(
+                "cannot clean the temporary media dir",
+                extra={"event": "media_tmp_unusable", "path": str(self.tmp_dir), "error": str(exc)},
+            )
+            return removed
         if removed:
             log.info("removed %d stale temporary media file(s)", removed)
         return removed
@@ -573,11 +580,14 @@ class MediaStage:
     @contextmanager
     def _temporary(self, job: Job) -> Iterator[Path]:
         """A private temporary file in the data dir, removed afterwards whatever happens."""
-        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        used = sum(p.stat().st_size for p in self.tmp_dir.iterdir() if p.is_file())
-        if used > TMP_BUDGET:
-            raise MediaTransientError(f"temporary media uses {used} bytes: waiting for room")
-        fd, name = tempfile.mkstemp(prefix=f"job{job.id}-", dir=self.tmp_dir)
+        try:
+            self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            used = sum(p.stat().st_size for p in self.tmp_dir.iterdir() if p.is_file())
+            if used > TMP_BUDGET:
+                raise MediaTransientError(f"temporary media uses {used} bytes: waiting for room")
+            fd, name = tempfile.mkstemp(prefix=f"job{job.id}-", dir=self.tmp_dir)
+        except OSError as exc:  # a full or unwritable data dir: later, not never
+            raise MediaTransientError(f"no temporary file in {self.tmp_dir}: {exc}") from None
         os.close(fd)
         path = Path(name)
         try:
