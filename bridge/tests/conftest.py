@@ -247,6 +247,7 @@ class RecordingChannel:
     sent: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     part_limit_bytes: int = 2048
+    max_parts: int | None = None
 
     def pacing_keys(self, target: Target) -> list[str]:
         return []

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 import requests
-from conftest import dify_state, wait_for
+from conftest import dify_state, free_port, wait_for
 
 from wecom_bridge.channels.aibot_webhook import AibotWebhookOutbound
 from wecom_bridge.channels.base import Reply
@@ -109,6 +111,18 @@ def test_beyond_20480_bytes_the_rest_comes_through_response_url_once(wecom, dify
     assert exchange.finished + "".join(late) == answer
 
 
+def test_beyond_two_parts_the_member_is_told_the_rest_is_missing(wecom, dify_double):
+    # WeCom takes the stream and one response_url call: a third 20480-byte part has no way out.
+    answer = ("很长的回答。" * 6000).strip()  # ~108 KB: six parts on an unlimited channel
+    dify_state(dify_double).set_answer(answer)
+    exchange = wecom.ask("zhaoliu", "全部")
+    late = wait_for(lambda: wecom.late_for(exchange.msgid))
+    delivered = exchange.finished + "".join(late)
+    assert len(late) == 1 and len(late[0].encode()) <= 20480
+    assert delivered.endswith("其余部分未能发送）")
+    assert answer.startswith(delivered[: len(delivered) - len("其余部分未能发送）") - 30])
+
+
 def test_an_answer_that_outlives_the_window_goes_through_response_url_exactly_once(tmp_path, env):
     (app,) = load_config(env).apps
     store = SqliteStore(tmp_path / "store")
@@ -147,3 +161,48 @@ def test_doctor_checks_the_webhook_bots_signed_handshake(bridge, env, monkeypatc
     main(["doctor", "--json", "--timeout", "3", "--callback-url", f"{bridge.url}/wxcomaibot"])
     wrong = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert wrong["callback"]["status"] == "FAIL"
+
+
+def test_the_simulator_plays_the_member_through_the_webhook_double_process(
+    bridge, dify_double, capsys
+):
+    """`aibot-double --webhook` as its own process: WeCom's side calling the bridge's callback
+    URL and refreshing the stream; `simulate-aibot` prints the stream as it arrives."""
+    control_port = free_port()
+    env = {**os.environ, "WECOM_AIBOT_TOKEN": TOKEN, "WECOM_AIBOT_ENCODING_AES_KEY": AES_KEY}
+    double = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "wecom_bridge", "aibot-double"),
+            *("--webhook", f"{bridge.url}/wxcomaibot", "--control", f"127.0.0.1:{control_port}"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    control = f"http://127.0.0.1:{control_port}"
+    try:
+        wait_for(lambda: _answers(f"{control}/control/status"))
+        state = dify_state(dify_double)
+        state.set_answer("第一句。第二句。第三句。" * 10)
+        state.set_pace(chunk_chars=6, chunk_interval=0.05)
+        code = main(["simulate-aibot", "年假？", "--control", control, "--group", "grp9"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "update:" in out and "finished: " + "第一句。第二句。第三句。" * 10 in out
+        assert requests.get(f"{control}/control/status", timeout=5).json()["mode"] == "webhook"
+    finally:
+        double.terminate()
+        double.wait(10)
+
+
+def test_the_webhook_double_refuses_without_its_crypto(capsys):
+    code = main(["aibot-double", "--webhook", "http://127.0.0.1:1/wxcomaibot"])
+    assert code == 2
+    assert "WECOM_AIBOT_TOKEN" in capsys.readouterr().err
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False

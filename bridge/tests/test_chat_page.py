@@ -7,6 +7,7 @@ Chromium is required (Debian package `chromium`): missing, these tests fail rath
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import struct
@@ -17,8 +18,12 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
-from conftest import AppSecrets, wecom_state
+from conftest import AppSecrets, dify_state, wecom_state
 
+from wecom_bridge.config import load_config
+from wecom_bridge.service.app import create_app
+from wecom_bridge.testing.aibot_control import control_app
+from wecom_bridge.testing.aibot_double import AibotDouble, AibotWebhookSender
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import ChatCallback
 
@@ -168,3 +173,97 @@ def _unfilter(kind: int, line: bytearray, prev: bytearray, bpp: int) -> bytearra
             best = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
             line[i] = (line[i] + best) & 0xFF
     return line
+
+
+# --- the AI bot (the page served by the AI-bot double) ------------------------------------------
+
+AIBOT_ANSWER = "第一句。第二句。第三句。" * 8
+
+
+def aibot_page_url(control: ServerThread, user: str, text: str, group: str = "") -> str:
+    query = {
+        "user": user,
+        "text": text,
+        "once": "1",
+        "wait": "2",
+        **({"group": group} if group else {}),
+    }
+    return f"{control.url}/chat?{urlencode(query)}"
+
+
+def assert_streamed_answer(dom: str) -> None:
+    assert 'data-channel="aibot"' in dom and '<body data-state="done"' in dom
+    assert f'<div class="bubble">{AIBOT_ANSWER}</div>' in dom
+    shown = re.search(r'class="row reply"[^>]*data-shown="(\d+)"|data-shown="(\d+)"', dom)
+    assert shown, dom[-2000:]
+    # The bubble was rewritten as the stream grew, not filled once at the end.
+    assert int(shown.group(1) or shown.group(2)) >= 2
+    assert 'class="row reply streaming"' not in dom  # finished
+
+
+def test_the_page_plays_the_ai_bot_over_the_long_connection(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    state = dify_state(dify_double)
+    state.set_answer(AIBOT_ANSWER)
+    state.set_pace(chunk_chars=6, chunk_interval=0.08)
+    with AibotDouble("bot-page", "page-secret") as double:
+        env = {
+            "WECOM_AIBOT_MODE": "ws",
+            "WECOM_AIBOT_BOT_ID": "bot-page",
+            "WECOM_AIBOT_SECRET": "page-secret",
+            "WECOM_AIBOT_WS_URL": double.url,
+            "WECOM_AIBOT_STREAM_INTERVAL": "0.2",
+            "DIFY_API_BASE": f"{dify_double.url}/v1",
+            "DIFY_API_KEY": secrets.dify_key,
+            "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+        }
+        app = create_app(load_config(env))
+        runtime = app.extensions["wecom_bridge"]
+        try:
+            double.wait_connected()
+            with ServerThread(control_app(double)) as control:
+                url = aibot_page_url(control, "zhaoliu", "年假？", group="grp-page")
+                result = chromium(tmp_path, url, "--dump-dom")
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert_streamed_answer(result.stdout)
+            assert '<div class="bubble">@bot 年假？</div>' in result.stdout
+            (delivery,) = double.deliveries.values()  # through the real long connection
+            assert delivery.chat == "grp-page" and delivery.finished == AIBOT_ANSWER
+        finally:
+            for link in runtime.links:
+                link.stop()
+            runtime.pool.stop()
+
+
+def test_the_page_plays_the_ai_bot_through_its_webhook(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    state = dify_state(dify_double)
+    state.set_answer(AIBOT_ANSWER)
+    state.set_pace(chunk_chars=6, chunk_interval=0.08)
+    env = {
+        "WECOM_AIBOT_MODE": "webhook",
+        "WECOM_AIBOT_TOKEN": "PageToken42",
+        "WECOM_AIBOT_ENCODING_AES_KEY": secrets.aes_key,
+        "WECOM_AIBOT_STREAM_INTERVAL": "0.2",
+        "DIFY_API_BASE": f"{dify_double.url}/v1",
+        "DIFY_API_KEY": secrets.dify_key,
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+    }
+    app = create_app(load_config(env))
+    try:
+        with ServerThread(app) as bridge:
+            sender = AibotWebhookSender(
+                f"{bridge.url}/wxcomaibot", "PageToken42", secrets.aes_key, refresh_interval=0.2
+            )
+            with sender, ServerThread(control_app(sender)) as control:
+                result = chromium(
+                    tmp_path, aibot_page_url(control, "sunqi", "报销？"), "--dump-dom"
+                )
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert_streamed_answer(result.stdout)
+            (exchange,) = sender.exchanges.values()  # through real encrypted callbacks
+            assert exchange.finished == AIBOT_ANSWER and len(exchange.updates) > 2
+    finally:
+        app.extensions["wecom_bridge"].pool.stop()

@@ -358,6 +358,20 @@ def test_window_used_up_is_recorded_not_retried(bridge: Bridge, kf_state: KfDoub
         assert [r["errcode"] for r in kf_state.refused] == [95001]
 
 
+def test_a_long_answer_is_cut_to_the_five_messages_wecom_takes(
+    bridge: Bridge, kf_state: KfDoubleState, kf_dify: ServerThread
+) -> None:
+    dify_state(kf_dify).set_answer("很长的回答。" * 2000)  # 36 KB: 18 parts of 2048 bytes
+    assert say(kf_state, "全部告诉我") == 200
+    wait_for(lambda: len(received(kf_state)) == 5)
+    time.sleep(0.5)
+    parts = received(kf_state)
+    assert len(parts) == 5 and parts[-1].endswith("其余部分未能发送）")
+    assert not bridge.store.jobs("failed")
+    with kf_state.lock:
+        assert kf_state.refused == []  # the sixth message was never tried
+
+
 # --- hand-over --------------------------------------------------------------------------------
 
 

@@ -6,7 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wecom_bridge.jobs.splitter import WECOM_TEXT_LIMIT, is_cluster_boundary, split_message
+from wecom_bridge.jobs.splitter import (
+    WECOM_TEXT_LIMIT,
+    cap_parts,
+    is_cluster_boundary,
+    split_message,
+)
 
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"  # 👨‍👩‍👧‍👦, 25 bytes
 FLAG_CN = "\U0001f1e8\U0001f1f3"  # 🇨🇳, two regional indicators
@@ -161,3 +166,18 @@ def test_property_join_sizes_no_empty(parts: list[str], limit: int) -> None:
 @given(st.text(min_size=0, max_size=3000))
 def test_property_default_limit(text: str) -> None:
     check(split_message(text), text)
+
+
+def test_cap_keeps_parts_within_the_limit_and_says_the_rest_is_missing() -> None:
+    parts = split_message("句子。" * 3000, 2048)
+    assert len(parts) > 5
+    capped = cap_parts(parts, 5, 2048, "【未完】")
+    assert capped[:4] == parts[:4]
+    assert capped[4].endswith("【未完】") and len(capped[4].encode()) <= 2048
+    assert parts[4].startswith(capped[4].removesuffix("【未完】"))
+
+
+def test_cap_leaves_an_answer_that_fits_alone() -> None:
+    parts = split_message("短" * 3000, 2048)
+    assert cap_parts(parts, len(parts), 2048, "【未完】") == parts
+    assert cap_parts(parts, None, 2048, "【未完】") == parts

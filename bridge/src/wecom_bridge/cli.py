@@ -177,17 +177,24 @@ def _run_double(factory_name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_aibot_double(args: argparse.Namespace) -> int:
-    from wecom_bridge.testing.aibot_double import serve_aibot_double
+    from wecom_bridge.testing.aibot_control import serve_aibot_double, serve_aibot_webhook_double
     from wecom_bridge.testing.server import required_env
 
     setup_logging("text", "INFO")
     try:
-        bot_id = required_env("WECOM_AIBOT_BOT_ID")
-        secret = required_env("WECOM_AIBOT_SECRET")
+        if args.webhook:
+            token = required_env("WECOM_AIBOT_TOKEN")
+            aes_key = required_env("WECOM_AIBOT_ENCODING_AES_KEY")
+        else:
+            bot_id = required_env("WECOM_AIBOT_BOT_ID")
+            secret = required_env("WECOM_AIBOT_SECRET")
     except ConfigError as exc:
         print(f"wecom-bridge: configuration error: {exc}", file=sys.stderr)
         return 2
-    serve_aibot_double(bot_id, secret, args.listen, args.control)
+    if args.webhook:
+        serve_aibot_webhook_double(args.webhook, token, aes_key, args.control)
+    else:
+        serve_aibot_double(bot_id, secret, args.listen, args.control)
     return 0
 
 
@@ -210,10 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_aibot_parser(sub)
     aibot = sub.add_parser(
         "aibot-double",
-        help="run the AI-bot double (WebSocket server + control API); "
+        help="run the AI-bot double (WebSocket server + control API + chat page at /chat); "
         "WECOM_AIBOT_BOT_ID / WECOM_AIBOT_SECRET are the bot it accepts",
     )
     aibot.add_argument("--listen", default="127.0.0.1:9300", help="the WebSocket host:port")
+    aibot.add_argument(
+        "--webhook",
+        metavar="CALLBACK_URL",
+        help="webhook mode: play WeCom calling the bridge's AI-bot callback URL "
+        "(signed with WECOM_AIBOT_TOKEN / WECOM_AIBOT_ENCODING_AES_KEY) instead of serving "
+        "the long connection",
+    )
     aibot.add_argument("--control", default="127.0.0.1:9301", help="the control API host:port")
     aibot.set_defaults(func=cmd_aibot_double)
     add_migrate_store_parser(sub)

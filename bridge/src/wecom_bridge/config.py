@@ -26,6 +26,7 @@ DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
 DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
+DEFAULT_TRUNCATED = "\n……（回答超出本渠道一次回复的条数上限，其余部分未能发送）"
 DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
 # What a member hears when the media they sent cannot go to Dify ({kind}: 图片/文件/语音,
 # {limit}: e.g. 10 MB), by the media stage's reason.
@@ -82,6 +83,7 @@ class Replies:
     unsupported_reply: str = DEFAULT_UNSUPPORTED  # "" = stay silent
     welcome_text: str = ""  # "" = no welcome when a member enters the app
     paused_reply: str = DEFAULT_PAUSED  # a workflow paused for human input
+    truncated_notice: str = DEFAULT_TRUNCATED  # ends an answer cut to the channel's max parts
     # Refused media, by reason (see DEFAULT_MEDIA_REPLIES); "" = stay silent.
     media_replies: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MEDIA_REPLIES))
     voice_echo: str = ""  # e.g. "识别为：{text}", sent before the answer to a voice note
@@ -391,6 +393,7 @@ def _replies(get: Mapping[str, str]) -> Replies:
             for reason, name in MEDIA_REPLY_VARIABLES.items()
         },
         voice_echo=text("BRIDGE_VOICE_ECHO", ""),
+        truncated_notice=text("BRIDGE_TRUNCATED_NOTICE", DEFAULT_TRUNCATED),
     )
 
 
@@ -555,6 +558,7 @@ _APP_KEYS = frozenset(
         "media_caption_seconds",
         "media_default_query",
         *(name.lower() for name in MEDIA_REPLY_VARIABLES.values()),
+        "truncated_notice",
     ]
     + [
         f"dify_{k}"

@@ -169,24 +169,27 @@ class StreamPump:
 
     def _run(self) -> None:
         last_sent = float("-inf")
+        words_sent = False  # only the placeholder so far: Dify's first words go out at once
         while True:
             with self._cond:
-                wait_until = last_sent + (
-                    self._interval if self._progress.changed else self._keepalive
-                )
+                wait_until = self._next_update(last_sent, words_sent)
                 while not self._closed and self._clock() < wait_until:
                     self._cond.wait(max(0.01, wait_until - self._clock()))
-                    wait_until = last_sent + (
-                        self._interval if self._progress.changed else self._keepalive
-                    )
+                    wait_until = self._next_update(last_sent, words_sent)
                 if self._closed:
                     return
                 text = self._progress.text
                 self._progress.changed = False
             if not self._send(text):
                 return
+            words_sent = words_sent or text != THINKING_TEXT
             # From the ack, not the send: a slow ack must not bunch the next update up.
             last_sent = self._clock()
+
+    def _next_update(self, last_sent: float, words_sent: bool) -> float:
+        if not self._progress.changed:
+            return last_sent + self._keepalive
+        return last_sent + self._interval if words_sent else last_sent
 
     def _send(self, text: str) -> bool:
         """One update; False when the stream can no longer be updated."""
@@ -214,6 +217,7 @@ class AibotOutbound:
     """Answers an AI-bot message: streamed updates, then the parts (see the module doc)."""
 
     part_limit_bytes = STREAM_CONTENT_LIMIT
+    max_parts: int | None = None  # parts beyond the stream are new messages (aibot_send_msg)
 
     def __init__(self, app: AppConfig, link: FrameLink, metrics: Metrics) -> None:
         assert app.aibot is not None  # noqa: S101 - built for AI-bot apps only

@@ -118,6 +118,7 @@ class AibotWebhookOutbound:
     """The job side of a webhook bot: stores the stream for WeCom to pull, else response_url."""
 
     part_limit_bytes = STREAM_CONTENT_LIMIT
+    max_parts: int | None = 2  # the stream, then the response_url WeCom takes once
 
     def __init__(
         self,

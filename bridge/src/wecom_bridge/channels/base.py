@@ -83,6 +83,11 @@ class Outbound(Protocol):
         """The longest part (UTF-8 bytes) the channel delivers whole."""
         ...
 
+    @property
+    def max_parts(self) -> int | None:
+        """The most parts one answer can have on the channel (None: no limit)."""
+        ...
+
     def pacing_keys(self, target: Target) -> list[str]:
         """Keys of the per-recipient rate limit one part to `target` counts against."""
         ...

@@ -20,7 +20,14 @@ from wecom_bridge.channels.wecom_app import SIGNED_QUERY, signed_query
 from wecom_bridge.config import KfConfig
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.wecom.crypto import WeComCrypto
-from wecom_bridge.wecom.kf_api import KF_EVENT, KF_TEXT_LIMIT, KfClient, KfSignal, parse_signal
+from wecom_bridge.wecom.kf_api import (
+    KF_EVENT,
+    KF_REPLIES_PER_MESSAGE,
+    KF_TEXT_LIMIT,
+    KfClient,
+    KfSignal,
+    parse_signal,
+)
 from wecom_bridge.wecom.messages import SendResult, parse_envelope
 
 CUSTOMER_PREFIX = "kf:"
@@ -94,6 +101,7 @@ class KfOutbound:
     app: str
     client: KfClient
     part_limit_bytes: int = KF_TEXT_LIMIT
+    max_parts: int | None = KF_REPLIES_PER_MESSAGE
 
     def pacing_keys(self, target: Target) -> list[str]:
         return [f"{self.app}:{target.user}"] if isinstance(target, Reply) else []

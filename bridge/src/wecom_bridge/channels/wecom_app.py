@@ -133,6 +133,7 @@ class WeComAppOutbound:
     app: AppConfig
     client: WeComClient
     part_limit_bytes: int = WECOM_TEXT_LIMIT
+    max_parts: int | None = None
 
     def pacing_keys(self, target: Target) -> list[str]:
         # WeCom silently drops more than 30 messages a minute from one app to one member.

@@ -49,7 +49,7 @@ from wecom_bridge.jobs.kinds import (
 )
 from wecom_bridge.jobs.media import KIND_WORDS, MediaStage
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
-from wecom_bridge.jobs.splitter import split_message
+from wecom_bridge.jobs.splitter import cap_parts, split_message
 from wecom_bridge.jobs.store import Job, Store
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
@@ -183,12 +183,28 @@ class JobProcessor:
         if job.parts is not None:
             return job.parts, job.result or {}
         answer = self._handlers[type(spec)](job, spec, app)
-        limit = app.outbound.part_limit_bytes
-        parts = split_message(answer.text, limit) if answer.text else []
+        parts = self._split(job, answer.text, app)
         self._until_recorded(
             job, "answer", lambda: self.store.save_parts(job.id, parts, answer.result)
         )
         return parts, answer.result
+
+    def _split(self, job: Job, text: str, app: AppRuntime) -> list[str]:
+        limit, max_parts = app.outbound.part_limit_bytes, app.outbound.max_parts
+        parts = split_message(text, limit) if text else []
+        capped = cap_parts(parts, max_parts, limit, app.config.replies.truncated_notice)
+        if len(capped) < len(parts):
+            log.warning(
+                "answer cut to the channel's limit of parts per message",
+                extra={
+                    "job_id": job.id,
+                    "event": "answer_truncated",
+                    "parts": len(parts),
+                    "max_parts": max_parts,
+                    "app": app.config.name,
+                },
+            )
+        return capped
 
     def _until_recorded(self, job: Job, what: str, write: Callable[[], None]) -> None:
         """Run a progress write until it lands. Dify's answer and the parts WeCom accepted

@@ -14,7 +14,7 @@ import unicodedata
 
 from wecom_bridge.wecom.messages import WECOM_TEXT_LIMIT
 
-__all__ = ["WECOM_TEXT_LIMIT", "is_cluster_boundary", "split_message"]
+__all__ = ["WECOM_TEXT_LIMIT", "cap_parts", "is_cluster_boundary", "split_message"]
 
 # Boundaries, best first. Each match ends where a part may end.
 _TIERS = (
@@ -114,3 +114,17 @@ def split_message(text: str, limit: int = WECOM_TEXT_LIMIT) -> list[str]:
         parts.append(text[start:end])
         start = end
     return parts
+
+
+def cap_parts(parts: list[str], max_parts: int | None, limit: int, notice: str) -> list[str]:
+    """At most `max_parts` parts, for a channel that delivers no more to one message (微信客服:
+    5 replies per customer message; the AI bot's webhook: the stream and one response_url).
+    The last part kept is cut to make room for `notice`, so the member learns the rest is
+    missing instead of the answer stopping mid-sentence."""
+    if max_parts is None or len(parts) <= max_parts:
+        return parts
+    kept = parts[:max_parts]
+    room = limit - len(notice.encode("utf-8"))
+    if notice and room >= 4:
+        kept[-1] = split_message(kept[-1], room)[0] + notice
+    return kept

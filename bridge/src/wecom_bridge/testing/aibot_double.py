@@ -14,13 +14,13 @@ its Node SDK (WecomTeam/aibot-node-sdk) describe it.
 - `enter_chat` is pushed as `aibot_event_callback`; the welcome must come within 5 s.
 - `aibot_send_msg` {chatid, markdown} is a new message from the bot.
 
-The test API (`deliver_text`, `enter_chat`, `transcript`, `kick`, `drop`) is what tests, the
-simulator and molecule use; `serve_aibot_double` adds a small HTTP control API for the latter.
+The test API (`deliver_text`, `enter_chat`, `transcript`, `view`, `kick`, `drop`) is what tests
+use; testing/aibot_control.py puts an HTTP control API and the chat page in front of it (and of
+the webhook mode's `AibotWebhookSender`) for the simulator, molecule and the demo.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import threading
@@ -32,7 +32,6 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import Server, ServerConnection, serve
 
-from wecom_bridge.testing.media_double import EncryptedMediaServer
 from wecom_bridge.wecom import aibot_frames as frames
 from wecom_bridge.wecom.aibot_frames import STREAM_CONTENT_LIMIT, Frame
 
@@ -69,6 +68,10 @@ class Delivery:
     def finished(self) -> str | None:
         last = self.updates[-1] if self.updates else None
         return last.content if last is not None and last.finish else None
+
+
+def _update_view(u: StreamUpdate) -> dict[str, Any]:
+    return {"at": u.at, "content": u.content, "finish": u.finish}
 
 
 @dataclass
@@ -157,6 +160,12 @@ class AibotDouble:
         self._push(frames.CMD_MSG_CALLBACK, body, userid, chatid or userid, text, "message")
         return msgid
 
+    # The long connection's media carries its own per-URL aeskey.
+    media_key: bytes | None = None
+
+    def deliver_media(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
+        return self.deliver(userid, msgtype, content)
+
     def deliver(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
         """Push a message of another type (image, file, mixed …)."""
         msgid = uuid.uuid4().hex
@@ -208,6 +217,34 @@ class AibotDouble:
             return texts + [
                 m.content for m in self.sent if m.chat == d.chat and m.at >= d.pushed_at
             ]
+
+    def view(self, msgid: str) -> dict[str, Any] | None:
+        """What the member saw of `msgid` so far (the control API's and chat page's shape)."""
+        with self.lock:
+            d = self.deliveries.get(msgid)
+            if d is None:
+                return None
+            return {
+                "msgid": d.msgid,
+                "userid": d.userid,
+                "chat": d.chat,
+                "updates": [_update_view(u) for u in d.updates],
+                "finished": d.finished,
+                "welcome": d.welcome,
+                "pushed_at": d.pushed_at,
+                "answers": self.answers(msgid),
+            }
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "mode": "ws",
+                "connected": self._active is not None,
+                "subscriptions": self.subscriptions,
+                "refused_subscriptions": self.refused_subscriptions,
+                "pings": self.pings,
+                "sent": [{"chat": m.chat, "content": m.content} for m in self.sent],
+            }
 
     def wait(self, predicate: Any, timeout: float = 15.0) -> Any:
         deadline = time.monotonic() + timeout
@@ -379,95 +416,6 @@ class AibotDouble:
         return 0, "ok"
 
 
-def _delivery_view(d: Delivery) -> dict[str, Any]:
-    return {
-        "msgid": d.msgid,
-        "userid": d.userid,
-        "chat": d.chat,
-        "updates": [{"at": u.at, "content": u.content, "finish": u.finish} for u in d.updates],
-        "finished": d.finished,
-        "welcome": d.welcome,
-        "pushed_at": d.pushed_at,
-    }
-
-
-def control_app(double: AibotDouble) -> Any:
-    """An HTTP API to drive the double from outside the process (molecule, the demo)."""
-    from flask import Flask, Response, jsonify, request
-
-    app = Flask("aibot_double")
-
-    @app.post("/control/messages")
-    def push() -> Response:
-        data = request.get_json(force=True)
-        msgid = double.deliver_text(
-            str(data["userid"]), str(data["text"]), chatid=str(data.get("chatid") or "")
-        )
-        return jsonify({"msgid": msgid})
-
-    media = EncryptedMediaServer()
-    media.mount(app)
-
-    @app.post("/control/media")
-    def push_media() -> Response:
-        """{"userid", "kind": image|file, "filename", "content_base64", "text"?}: the member
-        sends media (with a text: a mixed message), served encrypted by this control API."""
-        data = request.get_json(force=True)
-        media.base_url = request.host_url.rstrip("/")
-        kind = str(data.get("kind") or "image")
-        content = base64.b64decode(str(data["content_base64"]))
-        link = media.publish(kind, content, str(data.get("filename") or "media.bin"))
-        item = {"url": link.url, "aeskey": link.aeskey}
-        text = str(data.get("text") or "")
-        if text and kind == "image":
-            mixed = [
-                {"msgtype": "text", "text": {"content": text}},
-                {"msgtype": "image", "image": item},
-            ]
-            msgid = double.deliver(str(data["userid"]), "mixed", {"msg_item": mixed})
-        else:
-            msgid = double.deliver(str(data["userid"]), kind, item)
-        return jsonify({"msgid": msgid})
-
-    @app.get("/control/messages/<msgid>")
-    def show(msgid: str) -> Response:
-        with double.lock:
-            delivery = double.deliveries.get(msgid)
-            view = _delivery_view(delivery) if delivery else None
-        answers = double.answers(msgid) if view else []
-        return jsonify({**(view or {}), "answers": answers})
-
-    @app.get("/control/status")
-    def status() -> Response:
-        with double.lock:
-            return jsonify(
-                {
-                    "connected": double._active is not None,
-                    "subscriptions": double.subscriptions,
-                    "refused_subscriptions": double.refused_subscriptions,
-                    "pings": double.pings,
-                    "sent": [{"chat": m.chat, "content": m.content} for m in double.sent],
-                }
-            )
-
-    @app.post("/control/kick")
-    def kick() -> Response:
-        double.kick()
-        return jsonify({"ok": True})
-
-    return app
-
-
-def serve_aibot_double(bot_id: str, secret: str, listen: str, control: str) -> None:
-    """The double's CLI: the WebSocket server on `listen`, its control API on `control`."""
-    from wecom_bridge.testing.server import parse_listen, serve_forever
-
-    host, port = parse_listen(listen)
-    double = AibotDouble(bot_id, secret, host=host, port=port).start()
-    print(json.dumps({"ws": double.url, "control": control}), flush=True)
-    serve_forever(control_app(double), control)
-
-
 # --- webhook mode -------------------------------------------------------------------------------
 
 
@@ -480,6 +428,10 @@ class WebhookExchange:
     first: dict[str, Any] | None  # the decrypted passive reply
     updates: list[StreamUpdate] = field(default_factory=list)  # from the refreshes
     late: list[str] = field(default_factory=list)  # what came through response_url
+    userid: str = ""
+    chat: str = ""
+    pushed_at: float = 0.0
+    welcome: str | None = None  # the passive reply to enter_chat
 
     @property
     def finished(self) -> str | None:
@@ -502,14 +454,17 @@ class AibotWebhookSender:
         window: float = STREAM_MAX_AGE,
     ) -> None:
         from wecom_bridge.testing.server import ServerThread
-        from wecom_bridge.wecom.crypto import WeComCrypto
+        from wecom_bridge.wecom.crypto import WeComCrypto, parse_encoding_aes_key
 
         self.callback_url = callback_url
         self.crypto = WeComCrypto(token, encoding_aes_key, "")
+        # The webhook's media is encrypted with the bot's own key (the message carries none).
+        self.media_key: bytes | None = parse_encoding_aes_key(encoding_aes_key)
         self.refresh_interval = refresh_interval
         self.window = window
         self.lock = threading.Lock()
         self.late: dict[str, list[str]] = {}  # response_url posts, by msgid
+        self.exchanges: dict[str, WebhookExchange] = {}  # by msgid, growing while refreshed
         self._used: set[str] = set()
         self._server = ServerThread(self._response_url_app()).start()
 
@@ -591,32 +546,111 @@ class AibotWebhookSender:
         """Send a message (text, or `media` as in `message`) and refresh its stream as WeCom
         does; returns when finished, when the window is over, or after `wait` seconds."""
         body = self.message(userid, text, chatid=chatid, msgid=msgid, media=media)
+        exchange = self._exchange(body)
+        self._converse(body, exchange, wait)
+        exchange.late = self.late_for(exchange.msgid)
+        return exchange
+
+    def deliver_text(self, userid: str, text: str, *, chatid: str = "") -> str:
+        """`ask` in the background (the control API, the chat page); see `view`."""
+        return self._in_background(self.message(userid, text, chatid=chatid))
+
+    def deliver_media(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
+        """An image, file or mixed message, asked in the background like `deliver_text`."""
+        return self._in_background(self.message(userid, "", media=(msgtype, content)))
+
+    def _in_background(self, body: dict[str, Any]) -> str:
+        exchange = self._exchange(body)
+        threading.Thread(
+            target=self._converse, args=(body, exchange, self.window), daemon=True
+        ).start()
+        return exchange.msgid
+
+    def enter_chat(self, userid: str) -> str:
+        """The member opens the bot's chat: enter_chat, answered by the passive welcome."""
+        body = {
+            "msgid": uuid.uuid4().hex,
+            "aibotid": "webhook-bot",
+            "chattype": "single",
+            "from": {"userid": userid},
+            "msgtype": "event",
+            "event": {"eventtype": "enter_chat"},
+        }
+        exchange = self._exchange(body)
+        _, reply = self.post(body)
+        text = (reply or {}).get("text") if (reply or {}).get("msgtype") == "text" else None
+        with self.lock:
+            exchange.welcome = str(text.get("content", "")) if isinstance(text, dict) else None
+        return exchange.msgid
+
+    def view(self, msgid: str) -> dict[str, Any] | None:
+        """What the member saw of `msgid` so far (the same shape as AibotDouble.view)."""
+        with self.lock:
+            x = self.exchanges.get(msgid)
+            if x is None:
+                return None
+            finished = x.finished
+            return {
+                "msgid": x.msgid,
+                "userid": x.userid,
+                "chat": x.chat,
+                "updates": [_update_view(u) for u in x.updates],
+                "finished": finished,
+                "welcome": x.welcome,
+                "pushed_at": x.pushed_at,
+                "answers": ([finished] if finished is not None else [])
+                + list(self.late.get(msgid, [])),
+            }
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "mode": "webhook",
+                "callback_url": self.callback_url,
+                "asked": len(self.exchanges),
+            }
+
+    def _exchange(self, body: dict[str, Any]) -> WebhookExchange:
+        chat = str(body.get("chatid") or body["from"]["userid"])
+        exchange = WebhookExchange(
+            str(body["msgid"]),
+            0,
+            None,
+            userid=str(body["from"]["userid"]),
+            chat=chat,
+            pushed_at=time.time(),
+        )
+        with self.lock:
+            self.exchanges[exchange.msgid] = exchange
+        return exchange
+
+    def _converse(self, body: dict[str, Any], exchange: WebhookExchange, wait: float) -> None:
         status, first = self.post(body)
-        exchange = WebhookExchange(str(body["msgid"]), status, first)
+        exchange.status, exchange.first = status, first
         stream = (first or {}).get("stream") if (first or {}).get("msgtype") == "stream" else None
         if not isinstance(stream, dict):
-            return exchange
+            return
         started = time.time()
-        exchange.updates.append(
-            StreamUpdate(started, str(stream.get("content", "")), bool(stream.get("finish")))
-        )
+        self._record(exchange, stream)
         while not exchange.finished and time.time() - started < min(self.window, wait):
             time.sleep(self.refresh_interval)
             refresh = {
                 "msgid": uuid.uuid4().hex,
                 "aibotid": "webhook-bot",
                 "chattype": body["chattype"],
-                "from": {"userid": userid},
+                "from": {"userid": exchange.userid},
                 "msgtype": "stream",
                 "stream": {"id": stream["id"]},
             }
             _, reply = self.post(refresh)
-            got = (reply or {}).get("stream") or {}
-            exchange.updates.append(
-                StreamUpdate(time.time(), str(got.get("content", "")), bool(got.get("finish")))
-            )
-        exchange.late = self.late_for(exchange.msgid)
-        return exchange
+            self._record(exchange, (reply or {}).get("stream") or {})
+
+    def _record(self, exchange: WebhookExchange, stream: dict[str, Any]) -> None:
+        update = StreamUpdate(
+            time.time(), str(stream.get("content", "")), bool(stream.get("finish"))
+        )
+        with self.lock:
+            exchange.updates.append(update)
 
     def late_for(self, msgid: str) -> list[str]:
         with self.lock:

@@ -22,6 +22,8 @@ from wecom_bridge.wecom.messages import parse_xml
 KF_EVENT = "kf_msg_or_event"
 SYNC_LIMIT = 1000  # sync_msg's default and maximum page size
 KF_TEXT_LIMIT = 2048  # bytes of one text message
+# kf/send_msg takes at most 5 messages within 48 h of the customer's last message (then 95018).
+KF_REPLIES_PER_MESSAGE = 5
 PULL_TOKEN_SECONDS = 600.0  # a callback's Token is valid for 10 minutes
 
 
