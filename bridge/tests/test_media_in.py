@@ -514,3 +514,65 @@ def test_an_ai_bot_webhook_image_is_decrypted_with_the_bots_key(
             exchange = wecom.ask("zhangsan", "", media=("image", {"url": link.url}))
     app.extensions["wecom_bridge"].pool.stop()
     assert exchange.finished == "Dify double answer: 请看我发的图片。 [files: image:w.png]"
+
+
+# --- the doubles, as the real systems behave ------------------------------------------
+
+
+def test_dify_double_upload_errors_as_difys_file_controller(dify_double, secrets):
+    """langgenius/dify api/controllers/service_api/app/file.py, controllers/common/errors.py,
+    services/file_service.py (size limit by the extension's kind)."""
+    url = f"{dify_double.url}/v1/files/upload"
+    auth = {"Authorization": f"Bearer {secrets.dify_key}"}
+    none = requests.post(url, headers=auth, data={"user": "u"}, timeout=5)
+    assert (none.status_code, none.json()["code"]) == (400, "no_file_uploaded")
+    two = requests.post(
+        url, headers=auth, data={"user": "u"}, timeout=5,
+        files=[("file", ("a.png", png(), "image/png")), ("other", ("b.png", png(), "image/png"))],
+    )  # fmt: skip
+    assert (two.status_code, two.json()["code"]) == (400, "too_many_files")
+    dify_state(dify_double).files.configure(limits={"image": 1, "video": 1, "audio": 1, "file": 1})
+    big = requests.post(
+        url, headers=auth, data={"user": "u"}, files={"file": ("x.pdf", pdf(2 * MB))}, timeout=5
+    )
+    assert (big.status_code, big.json()["code"]) == (413, "file_too_large")
+    ok = requests.post(
+        url,
+        headers=auth,
+        data={"user": "u"},
+        files={"file": ("x.png", png(), "image/png")},
+        timeout=5,
+    )
+    assert (
+        ok.status_code == 201
+        and {"id", "name", "size", "extension", "mime_type"} <= ok.json().keys()
+    )
+
+
+def test_dify_double_drops_files_when_upload_is_off_and_validates_when_on(dify_double, secrets):
+    """core/app/apps/*_app_generator.py: no file_upload config, no files; factories/file_factory:
+    a file the config does not allow fails the message."""
+    dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
+    uploaded = dify.upload_file("u", "a.png", io.BytesIO(png()), "image/png")
+    files = [{"type": "image", "transfer_method": "local_file", "upload_file_id": uploaded["id"]}]
+    assert dify.ask("看图", "u", files=files).text == "Dify double answer: 看图"  # dropped
+    dify_state(dify_double).files.configure(enabled=True, allowed_file_types=["document"])
+    from wecom_bridge.errors import DifyError
+
+    with pytest.raises(DifyError) as refused:
+        dify.ask("看图", "u", files=files)
+    assert refused.value.code == "invalid_param"
+
+
+def test_dify_double_audio_to_text_as_difys_audio_service(dify_double, secrets):
+    """services/audio_service.py: speech to text off → refused; audio/<ext> mimetypes only."""
+    dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
+    from wecom_bridge.errors import DifyError
+
+    with pytest.raises(DifyError, match="Speech to text is not enabled"):
+        dify.audio_to_text("u", "v.mp3", io.BytesIO(b"ID3" + b"\0" * 100), "audio/mp3")
+    dify_state(dify_double).files.configure(speech_to_text=True)
+    with pytest.raises(DifyError) as wrong_type:
+        dify.audio_to_text("u", "v.mp3", io.BytesIO(b"ID3" + b"\0" * 100), "audio/x-mp3")
+    assert wrong_type.value.code == "unsupported_audio_type"
+    assert dify.audio_to_text("u", "v.mp3", io.BytesIO(b"ID3" + b"\0" * 100), "audio/mp3")
