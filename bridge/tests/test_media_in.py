@@ -576,3 +576,18 @@ def test_dify_double_audio_to_text_as_difys_audio_service(dify_double, secrets):
         dify.audio_to_text("u", "v.mp3", io.BytesIO(b"ID3" + b"\0" * 100), "audio/x-mp3")
     assert wrong_type.value.code == "unsupported_audio_type"
     assert dify.audio_to_text("u", "v.mp3", io.BytesIO(b"ID3" + b"\0" * 100), "audio/mp3")
+
+
+def test_doctor_reports_what_media_meets_and_a_missing_ffmpeg(bridge_env, dify_double):
+    from wecom_bridge.tools.doctor import Doctor, DoctorOptions, Status, check_dify_media
+    from wecom_bridge.tools.probe import Prober
+
+    doctor = Doctor(DoctorOptions(env=bridge_env), Prober())
+    dify_state(dify_double).files.configure(
+        enabled=True, allowed_file_types=["image", "document"], speech_to_text=True
+    )
+    found = check_dify_media(doctor)
+    assert found.status is Status.PASS
+    assert found.detail == "files: document, image; speech to text: on"
+    missing = check_dify_media(doctor, which=lambda name: None)
+    assert missing.status is Status.FAIL and "ffmpeg not found" in missing.detail
