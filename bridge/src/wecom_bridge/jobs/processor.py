@@ -257,14 +257,10 @@ class JobProcessor:
                 raise MediaRefusedError("failed", "media handling is not configured")
             # The AI bot's caption comes in the same (mixed) message, and a text absorbed
             # into another answer would leave its own stream open: no window there.
-            window = 0.0 if isinstance(app.outbound, StreamingOutbound) else None
+            streams = isinstance(app.outbound, StreamingOutbound)
+            window = 0.0 if streams else app.config.media.caption_seconds
             prepared = self.media.prepare(
-                job,
-                spec,
-                app.config,
-                app.dify,
-                self._until_recorded,
-                caption_seconds=app.config.media.caption_seconds if window is None else window,
+                job, spec, app.config, app.dify, self._until_recorded, caption_seconds=window
             )
         except MediaRefusedError as exc:
             return self._media_refused(job, kind, exc, replies.media_reply)
