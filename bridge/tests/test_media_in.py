@@ -591,3 +591,17 @@ def test_doctor_reports_what_media_meets_and_a_missing_ffmpeg(bridge_env, dify_d
     assert found.detail == "files: document, image; speech to text: on"
     missing = check_dify_media(doctor, which=lambda name: None)
     assert missing.status is Status.FAIL and "ffmpeg not found" in missing.detail
+
+
+def test_without_ffmpeg_a_voice_note_gets_the_voice_off_text(
+    start, secrets, wecom_double, dify_double, monkeypatch
+):
+    """An image built with WITH_FFMPEG=false: voice notes are refused, not failed."""
+    dify_state(dify_double).files.configure(speech_to_text=True)
+    bridge = start()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    client(bridge, secrets).send_media(
+        "m", "voice", shelf(wecom_double).add("voice", amr(), "v.amr")
+    )
+    assert answer(wecom_double, "m") == "暂时不能识别语音，请用文字提问。"
+    assert dify_state(dify_double).files.transcriptions == []

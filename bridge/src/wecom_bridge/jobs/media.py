@@ -569,8 +569,8 @@ class MediaStage:
             done = subprocess.run(  # noqa: S603 - a fixed argument list, no shell
                 command, capture_output=True, timeout=FFMPEG_TIMEOUT, check=False
             )
-        except FileNotFoundError:
-            raise MediaRefusedError("failed", f"ffmpeg not found ({self.ffmpeg})") from None
+        except FileNotFoundError:  # an image built without it (WITH_FFMPEG=false)
+            raise MediaRefusedError("voice_off", f"ffmpeg not found ({self.ffmpeg})") from None
         except subprocess.TimeoutExpired:
             raise MediaRefusedError("corrupt", "ffmpeg took too long on the voice note") from None
         if done.returncode != 0 or not target.exists() or target.stat().st_size == 0:
