@@ -605,3 +605,49 @@ def test_without_ffmpeg_a_voice_note_gets_the_voice_off_text(
     )
     assert answer(wecom_double, "m") == "暂时不能识别语音，请用文字提问。"
     assert dify_state(dify_double).files.transcriptions == []
+
+
+def test_a_voice_note_dify_hears_nothing_in_gets_the_unheard_text(
+    start, secrets, wecom_double, dify_double
+):
+    text = refusal_case(
+        start, secrets, wecom_double, dify_double, "voice", amr(), "v.amr",
+        speech_to_text=True, transcript="",
+    )  # fmt: skip
+    assert text == "没有听清您的语音，请再说一遍或用文字提问。"
+
+
+def test_media_still_failing_after_ten_minutes_gets_the_failed_text(
+    tmp_path: Path, secrets, wecom_double, dify_double
+):
+    from conftest import RecordingChannel, plain_app
+
+    from wecom_bridge.jobs.processor import MEDIA_RETRY_SECONDS
+
+    dify_state(dify_double).files.configure(enabled=True, allowed_file_types=["image"])
+    store = SqliteStore(tmp_path / "bridge.db")
+    wecom = WeComClient(
+        api_base=wecom_double.url,
+        corp_id=secrets.corp_id,
+        secret=secrets.secret,
+        token_cache=MemoryTokenCache(),
+    )
+    dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
+    channel = RecordingChannel()
+    app = dataclasses.replace(plain_app(), media=MediaSettings(caption_seconds=0))
+    later = time.time() + MEDIA_RETRY_SECONDS + 1
+    processor = JobProcessor(
+        store,
+        {"default": AppRuntime(app, dify, channel)},
+        Metrics(),
+        media=MediaStage(store, tmp_path, {"default": WeComMediaFetcher(wecom)}),
+        clock=lambda: later,
+    )
+    shelf(wecom_double).fail_next(100)
+    spec = MediaJob(
+        media=(MediaRef("image", media_id=shelf(wecom_double).add("image", png(), "f.png")),)
+    )
+    store.accept("default", "msg:9", new_job("member", spec))
+    processor.process(store.claim("w1", 30))
+    assert channel.sent == [("member", "图片接收失败，请稍后重新发送。")]
+    assert store.jobs()[0].status == "done" and store.jobs()[0].result["media_refused"] == "failed"
