@@ -412,7 +412,7 @@ class MediaStage:
         files = result.get(FILES_KEY)
         transcript = result.get(TRANSCRIPT_KEY)
         if not isinstance(files, list) and not isinstance(transcript, str):
-            files, transcript = self._transfer(job, spec, config, dify)
+            files, transcript = self._transfer(job, spec, dify)
             key, value = (
                 (TRANSCRIPT_KEY, transcript) if transcript is not None else (FILES_KEY, files)
             )
@@ -467,7 +467,7 @@ class MediaStage:
     # --- fetch, check, upload -----------------------------------------------------------------
 
     def _transfer(
-        self, job: Job, spec: MediaJob, config: AppConfig, dify: DifyClient
+        self, job: Job, spec: MediaJob, dify: DifyClient
     ) -> tuple[list[dict[str, str]], str | None]:
         fetcher = self.fetchers.get(job.app)
         if fetcher is None:
