@@ -303,8 +303,8 @@ def test_welcome_reset_and_unsupported_types(start_bridge, aibot, dify_double):
     reset = aibot.deliver_text("zhangsan", "新对话")
     assert finished(aibot, reset) == "好的，已开始新的对话。"
     assert store.get_conversation("", f"aibot:{BOT_ID}", "zhangsan") == ""
-    image = aibot.deliver("zhangsan", "image", {"url": "https://example.invalid/x", "aeskey": "k"})
-    assert finished(aibot, image) == "暂时只支持文字消息，请用文字提问。"
+    video = aibot.deliver("zhangsan", "video", {"url": "https://example.invalid/x"})
+    assert finished(aibot, video) == "暂时只支持文字消息，请用文字提问。"
 
 
 def test_group_chat_keyed_per_member_with_the_member_passed_to_dify(
@@ -504,6 +504,17 @@ def test_the_simulator_plays_the_member_through_the_double_process(
             assert code == 0
             assert "update:" in out and "finished: " + "第一句。第二句。第三句。" * 10 in out
             assert "group grp9" in out
+            # An image with its caption: the double serves it encrypted, as a mixed message.
+            from test_media_in import png
+
+            state.set_answer(None)
+            state.files.configure(enabled=True, allowed_file_types=["image"])
+            image = tmp_path / "shot.png"
+            image.write_bytes(png())
+            args = ["simulate-aibot", "这是什么", "--image", str(image), "--control", control]
+            assert main(args) == 0
+            out = capsys.readouterr().out
+            assert "finished: Dify double answer: 这是什么 [files: image:shot.png]" in out
         finally:
             bridge.stop()
     finally:

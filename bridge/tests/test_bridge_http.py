@@ -224,9 +224,9 @@ def test_unsupported_type_and_welcome(
             "ToUserName": secrets.corp_id,
             "FromUserName": "chu",
             "CreateTime": 1700000000,
-            "MsgType": "image",
-            "PicUrl": "http://example.invalid/x.png",
+            "MsgType": "video",  # images, files and voice go to Dify (test_media_in.py)
             "MediaId": "m",
+            "ThumbMediaId": "t",
             "MsgId": "880001",
             "AgentID": secrets.agent_id,
         },

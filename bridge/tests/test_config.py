@@ -317,3 +317,32 @@ def test_apps_file_takes_media_keys(tmp_path: Path) -> None:
     hr, it = load_config(env).apps
     assert hr.dify.files_base == "https://f.cn" and hr.media.enabled
     assert not it.media.enabled
+
+
+def test_media_settings_and_texts_from_the_environment_and_the_apps_file(tmp_path):
+    from conftest import AppSecrets, wecom_env
+
+    base = {
+        **wecom_env(AppSecrets(), "http://127.0.0.1:1"),
+        "DIFY_API_BASE": "http://127.0.0.1:2/v1",
+        "DIFY_API_KEY": "app-x",
+    }
+    app = load_config(
+        {**base, "BRIDGE_MEDIA_CAPTION_SECONDS": "2.5", "BRIDGE_VOICE_ECHO": "听到：{text}"}
+    ).apps[0]
+    assert app.media.caption_seconds == 2.5 and app.replies.voice_echo == "听到：{text}"
+    assert app.replies.media_reply("too_large", kind="文件", limit="15 MB").startswith(
+        "文件太大（上限 15 MB）"
+    )
+    with pytest.raises(ConfigError, match="BRIDGE_MEDIA_CAPTION_SECONDS"):
+        load_config({**base, "BRIDGE_MEDIA_CAPTION_SECONDS": "120"})
+    apps = tmp_path / "apps.toml"
+    apps.write_text(
+        '[[app]]\nname = "hr"\nmedia_caption_seconds = 0\nmedia_type_reply = "不收{kind}"\n',
+        encoding="utf-8",
+    )
+    apps.chmod(0o600)
+    (hr,) = load_config({**base, "BRIDGE_APPS_FILE": str(apps)}).apps
+    assert (
+        hr.media.caption_seconds == 0 and hr.replies.media_reply("type", kind="图片") == "不收图片"
+    )

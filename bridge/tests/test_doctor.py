@@ -111,8 +111,10 @@ def test_all_green(
         "wecom-trusted-ip": "PASS",
         "dify": "PASS",
         "dify-inputs": "PASS",
+        "dify-media": "PASS",
         "bridge-ready": "PASS",
     }
+    assert results["dify-media"]["detail"].startswith("files: none; speech to text: off")
     assert "127.0.0.1" in results["dns"]["detail"]
     assert "89 days left" in results["tls"]["detail"]
     assert "mode chat" in results["dify"]["detail"]
@@ -132,7 +134,7 @@ def test_table_output_and_exit_code(
     assert any(line.startswith("FAIL    verify-file missing1") for line in lines)
     assert "↳ serve WW_verify_missing1.txt at the root" in out
     assert "SKIP    bridge-ready" in out
-    assert out.rstrip().endswith("8 passed, 1 failed, 1 skipped")
+    assert out.rstrip().endswith("9 passed, 1 failed, 1 skipped")
 
 
 def test_nothing_configured_skips_everything(

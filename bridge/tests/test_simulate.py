@@ -181,3 +181,26 @@ def test_cli_serves_the_api_itself(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("Dify double answer: 你好")
+
+
+def test_the_simulator_sends_an_image_with_its_caption(
+    capsys: pytest.CaptureFixture[str],
+    sim_env: dict[str, str],
+    bridge: ServerThread,
+    wecom_double: ServerThread,
+    dify_double: ServerThread,
+    tmp_path: Path,
+) -> None:
+    from test_media_in import png
+
+    dify_state(dify_double).files.configure(enabled=True, allowed_file_types=["image"])
+    image = tmp_path / "截图.png"
+    image.write_bytes(png())
+    code, out, _ = simulate(
+        capsys, "--url", f"{bridge.url}/wxcomapp", "--api-url", wecom_double.url, "--user",
+        "sun", "--image", str(image), "这是什么？",
+    )  # fmt: skip
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == f"→ sun sends image {image} + '这是什么？' to {bridge.url}/wxcomapp"
+    assert lines[-1] == "Dify double answer: 这是什么？ [files: image:截图.png]"

@@ -70,6 +70,22 @@ def test_delayed_job_keeps_later_ones_waiting(store_backend: StoreBackend) -> No
     assert store.claim("w", 30).payload["query"] == "a1"
 
 
+def test_next_in_line_is_the_members_following_queued_job(store_backend: StoreBackend) -> None:
+    """What a media job's caption window looks at: the same member's next queued job only."""
+    store = store_backend()
+    first = store.enqueue("app", chat("alice", "image"))
+    store.enqueue("app", chat("bob", "b1"))
+    store.enqueue("other", chat("alice", "x1"))
+    second = store.enqueue("app", chat("alice", "caption"))
+    following = store.next_in_line("app", "alice", first)
+    assert following is not None and following.id == second
+    assert following.payload["query"] == "caption"
+    store.finish(second)  # absorbed: finished while still queued, never claimed
+    assert store.next_in_line("app", "alice", first) is None
+    job = store.claim("w", 30)
+    assert job is not None and job.id == first and store.claim("w", 30).payload["query"] == "b1"
+
+
 def test_expired_lease_requeued(store_backend: StoreBackend) -> None:
     clock = Clock()
     store = store_backend(clock=clock)

@@ -28,6 +28,30 @@ DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
 DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
 DEFAULT_TRUNCATED = "\n……（回答超出本渠道一次回复的条数上限，其余部分未能发送）"
 DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
+# What a member hears when the media they sent cannot go to Dify ({kind}: 图片/文件/语音,
+# {limit}: e.g. 10 MB), by the media stage's reason.
+DEFAULT_MEDIA_REPLIES = {
+    "type": "这个知识库暂不接收{kind}，请用文字描述您的问题。",
+    "too_large": "{kind}太大（上限 {limit}），请压缩后再发，或用文字提问。",
+    "corrupt": "无法识别这个{kind}（内容损坏或与类型不符），请重新发送。",
+    "expired": "这个{kind}已过期，请重新发送。",
+    "failed": "{kind}接收失败，请稍后重新发送。",
+    "voice_off": "暂时不能识别语音，请用文字提问。",
+    "no_speech": "没有听清您的语音，请再说一遍或用文字提问。",
+}
+# Their variables: BRIDGE_<NAME> (apps file: <name> in lower case).
+MEDIA_REPLY_VARIABLES = {
+    "type": "MEDIA_TYPE_REPLY",
+    "too_large": "MEDIA_TOO_LARGE_REPLY",
+    "corrupt": "MEDIA_CORRUPT_REPLY",
+    "expired": "MEDIA_EXPIRED_REPLY",
+    "failed": "MEDIA_FAILED_REPLY",
+    "voice_off": "VOICE_OFF_REPLY",
+    "no_speech": "VOICE_UNHEARD_REPLY",
+}
+DEFAULT_CAPTION_SECONDS = 4.0
+DEFAULT_MEDIA_QUERY = "请看我发的{kind}。"
+MAX_CAPTION_SECONDS = 60.0
 DEFAULT_CALLBACK_PATH = "/wxcomapp"
 # The channels an app can be: the self-built app (自建应用) or the AI bot (智能机器人).
 CHANNEL_APP = "app"
@@ -60,6 +84,17 @@ class Replies:
     welcome_text: str = ""  # "" = no welcome when a member enters the app
     paused_reply: str = DEFAULT_PAUSED  # a workflow paused for human input
     truncated_notice: str = DEFAULT_TRUNCATED  # ends an answer cut to the channel's max parts
+    # Refused media, by reason (see DEFAULT_MEDIA_REPLIES); "" = stay silent.
+    media_replies: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MEDIA_REPLIES))
+    voice_echo: str = ""  # e.g. "识别为：{text}", sent before the answer to a voice note
+
+    def media_reply(self, reason: str, **values: str) -> str:
+        """The member's text for refused media, its {kind} and {limit} filled in."""
+        template = self.media_replies.get(reason, self.media_replies.get("failed", ""))
+        try:
+            return template.format(**{"kind": "", "limit": "", **values})
+        except (KeyError, IndexError, ValueError):
+            return template  # an operator's text with other braces: as written
 
 
 DEFAULT_MEDIA_LINK_TEXT = "{name}：{url}"
@@ -77,10 +112,15 @@ MEDIA_KEYS = (
 
 @dataclass(frozen=True)
 class MediaSettings:
-    """Dify's images and files in answers: sent as WeCom image/file messages, or as a link.
+    """Media both ways. In: how an app takes the images, files and voice notes members send.
+    Out: Dify's images and files in answers, sent as WeCom image/file messages or as a link
+    (the texts take {name}, the file's name or alt text, and {url}, its absolute link)."""
 
-    The texts take {name} (the file's name or alt text) and {url} (its absolute link)."""
-
+    # An image or file followed within this many seconds by a text of the same member is
+    # one question (0: never wait).
+    caption_seconds: float = DEFAULT_CAPTION_SECONDS
+    # The question when the member sent media without a word ({kind}: 图片/文件).
+    default_query: str = DEFAULT_MEDIA_QUERY
     enabled: bool = True  # False: every file of an answer is sent as a link
     timeout: float = 30.0  # seconds to download one file from Dify, at most
     link_text: str = DEFAULT_MEDIA_LINK_TEXT  # what a file becomes when it cannot be sent
@@ -89,7 +129,14 @@ class MediaSettings:
 
 
 def _media_settings(env: Mapping[str, str]) -> MediaSettings:
+    caption = _float(env, "BRIDGE_MEDIA_CAPTION_SECONDS", DEFAULT_CAPTION_SECONDS, 0.0)
+    if caption > MAX_CAPTION_SECONDS:
+        raise ConfigError(
+            "BRIDGE_MEDIA_CAPTION_SECONDS", f"must be at most {MAX_CAPTION_SECONDS:g} seconds"
+        )
     return MediaSettings(
+        caption_seconds=caption,
+        default_query=env.get("BRIDGE_MEDIA_DEFAULT_QUERY", "").strip() or DEFAULT_MEDIA_QUERY,
         enabled=_bool(env, "BRIDGE_MEDIA_OUT", True),
         timeout=_float(env, "BRIDGE_MEDIA_TIMEOUT", 30.0, 1.0),
         link_text=_media_text(env, "BRIDGE_MEDIA_LINK_TEXT", DEFAULT_MEDIA_LINK_TEXT),
@@ -396,6 +443,11 @@ def _replies(get: Mapping[str, str]) -> Replies:
         unsupported_reply=text("BRIDGE_UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED),
         welcome_text=text("BRIDGE_WELCOME_TEXT", ""),
         paused_reply=text("BRIDGE_PAUSED_REPLY", DEFAULT_PAUSED),
+        media_replies={
+            reason: text(f"BRIDGE_{name}", DEFAULT_MEDIA_REPLIES[reason])
+            for reason, name in MEDIA_REPLY_VARIABLES.items()
+        },
+        voice_echo=text("BRIDGE_VOICE_ECHO", ""),
         truncated_notice=text("BRIDGE_TRUNCATED_NOTICE", DEFAULT_TRUNCATED),
     )
 
@@ -547,6 +599,10 @@ _APP_KEYS = frozenset(
         "unsupported_reply",
         "welcome_text",
         "paused_reply",
+        "voice_echo",
+        "media_caption_seconds",
+        "media_default_query",
+        *(name.lower() for name in MEDIA_REPLY_VARIABLES.values()),
         "truncated_notice",
     ]
     + [

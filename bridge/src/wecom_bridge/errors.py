@@ -162,3 +162,31 @@ class WeComConfigError(WeComApiError):
         super().__init__(errcode, errmsg, retryable=False)
         self.hint = hint
         self.ip = ip  # 60020: the egress IP to add to 企业可信IP, when WeCom named it
+
+
+# --- media a member sent ---------------------------------------------------------------------
+
+
+class MediaRefusedError(BridgeError):
+    """Media the bridge will not hand to Dify: the member hears why (`reason` picks the text:
+    type, too_large, corrupt, expired, failed, voice_off, no_speech). Never retried."""
+
+    def __init__(self, reason: str, detail: str, **values: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.values = values  # for the member's text, e.g. {"limit": "10 MB"}
+
+
+class MediaTransientError(BridgeError):
+    """A download or upload that may work later (network, 5xx, WeCom busy)."""
+
+
+class JobDeferredError(BridgeError):
+    """The job cannot go on yet (a caption may still come; a transient media failure): it is
+    queued again for `delay` seconds, keeping its place in the member's line."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.reason = reason

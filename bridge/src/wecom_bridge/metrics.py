@@ -75,6 +75,14 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
         "Dify's images and files: sent as media, or degraded to a text (by reason).",
     ),
     "wecom_bridge_media_uploads_total": ("counter", "WeCom media/upload calls accepted, by type."),
+    "wecom_bridge_media_in_total": (
+        "counter",
+        "Members' media handed to Dify, by kind (image, file: uploaded; voice: transcribed).",
+    ),
+    "wecom_bridge_media_refused_total": (
+        "counter",
+        "Members' media refused with a text, by reason (type, too_large, corrupt, expired, …).",
+    ),
 }
 
 

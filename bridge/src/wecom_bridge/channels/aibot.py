@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from wecom_bridge.channels.base import InboundKind, InboundMessage, Reply, Target, TextProgress
+from wecom_bridge.channels.base import (
+    InboundKind,
+    InboundMessage,
+    MediaRef,
+    Reply,
+    Target,
+    TextProgress,
+)
 from wecom_bridge.config import AibotSettings, AppConfig
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.metrics import Metrics
@@ -59,6 +66,10 @@ def _kind(message: AibotMessage) -> InboundKind:
             if message.event_type == frames.EVENT_ENTER_CHAT
             else (InboundKind.EVENT)
         )
+    if message.media:  # image, file, or a mixed message with images
+        return InboundKind.MEDIA
+    if message.msgtype == "mixed" and message.text:
+        return InboundKind.TEXT
     return InboundKind.UNSUPPORTED
 
 
@@ -87,6 +98,7 @@ def inbound_message(app: AppConfig, message: AibotMessage, req_id: str) -> Inbou
         msg_id=message.msgid,
         msg_type=message.msgtype if kind is not InboundKind.EVENT else message.event_type,
         context=context,
+        media=tuple(MediaRef(m.kind, url=m.url, aeskey=m.aeskey) for m in message.media),
     )
 
 

@@ -24,7 +24,28 @@ class InboundKind(StrEnum):
     TEXT = "text"  # a question (or a reset word)
     ENTER = "enter"  # the member opened the conversation (welcome time)
     EVENT = "event"  # any other event: nothing to answer
-    UNSUPPORTED = "unsupported"  # a message type the bridge cannot answer yet (image, voice, …)
+    UNSUPPORTED = "unsupported"  # a message type the bridge cannot answer yet (video, location, …)
+    MEDIA = "media"  # an image, file or voice note (with a caption, for the AI bot's mixed)
+
+
+# The kinds of media a member can send the bridge.
+MEDIA_IMAGE = "image"
+MEDIA_FILE = "file"
+MEDIA_VOICE = "voice"
+MEDIA_KINDS = (MEDIA_IMAGE, MEDIA_FILE, MEDIA_VOICE)
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """Where a member's media can be fetched, not its bytes: the job stores this, and its
+    media stage downloads the content when it runs."""
+
+    kind: str  # one of MEDIA_KINDS
+    media_id: str = ""  # self-built app: media/get (valid 3 days)
+    url: str = ""  # AI bot: an encrypted download (valid 5 minutes)
+    aeskey: str = ""  # AI bot long connection: the URL's own key ("": the bot's EncodingAESKey)
+    name: str = ""  # the file name, when the message names it
+    format: str = ""  # voice: amr
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,7 @@ class InboundMessage:
     # The channel's handle on this message, kept with its job for the answer (the AI bot's
     # req_id, chat and stream id); empty for channels that answer a member by id alone.
     context: Mapping[str, str] = field(default_factory=dict)
+    media: tuple[MediaRef, ...] = ()  # kind MEDIA: what the member sent
 
 
 @dataclass(frozen=True)

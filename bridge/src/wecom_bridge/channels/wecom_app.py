@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from wecom_bridge.channels.base import InboundKind, InboundMessage, Reply, Target
+from wecom_bridge.channels.base import (
+    MEDIA_FILE,
+    MEDIA_IMAGE,
+    MEDIA_VOICE,
+    InboundKind,
+    InboundMessage,
+    MediaRef,
+    Reply,
+    Target,
+)
 from wecom_bridge.config import AppConfig
 from wecom_bridge.errors import MissingParameterError
 from wecom_bridge.wecom.api import WeComClient
@@ -32,6 +41,8 @@ from wecom_bridge.wecom.uploads import UploadedMedia
 # Events that mean "the member opened the app": the moment for a welcome text.
 WELCOME_EVENTS = frozenset({"enter_agent", "subscribe"})
 SIGNED_QUERY = ("msg_signature", "timestamp", "nonce")
+# The message types whose MediaId the bridge downloads (media/get) and hands to Dify.
+MEDIA_TYPES = {"image": MEDIA_IMAGE, "file": MEDIA_FILE, "voice": MEDIA_VOICE}
 
 
 def signed_query(args: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
@@ -47,7 +58,19 @@ def _kind(message: CallbackMessage) -> InboundKind:
         return InboundKind.TEXT
     if message.is_event:
         return InboundKind.ENTER if message.event in WELCOME_EVENTS else InboundKind.EVENT
+    if message.msg_type in MEDIA_TYPES and message.extra.get("MediaId"):
+        return InboundKind.MEDIA
     return InboundKind.UNSUPPORTED
+
+
+def _media(message: CallbackMessage) -> tuple[MediaRef, ...]:
+    """The MediaId of an image, file or voice message (the bytes are fetched by the job)."""
+    kind = MEDIA_TYPES.get(message.msg_type)
+    media_id = message.extra.get("MediaId", "")
+    if kind is None or not media_id:
+        return ()
+    name = message.extra.get("FileName") or message.extra.get("Title") or ""
+    return (MediaRef(kind, media_id=media_id, name=name, format=message.extra.get("Format", "")),)
 
 
 class WeComAppInbound:
@@ -82,6 +105,7 @@ class WeComAppInbound:
             text=message.content,
             msg_id=message.msg_id,
             msg_type=message.msg_type,
+            media=_media(message),
         )
 
 

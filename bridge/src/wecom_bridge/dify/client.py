@@ -22,9 +22,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -248,6 +248,7 @@ class _Call:
     on_text: Callable[[str], None] | None = None
     clean: Callable[[str], str] = str
     extra: dict[str, object] = field(default_factory=dict)  # per-message inputs
+    files: list[Mapping[str, str]] = field(default_factory=list)  # chat-messages `files`
 
     def grew(self, text: str) -> None:
         if self.on_text is not None:
@@ -286,6 +287,8 @@ class DifyClient:
         self._mode_lock = threading.Lock()
         self._form: list[dict[str, Any]] | None = None
         self._form_read_at = 0.0
+        self._features: dict[str, Any] | None = None
+        self._features_read_at = 0.0
         self._clock = time.monotonic
         self._jitter = random.Random()  # noqa: S311 - backoff jitter, not security
 
@@ -377,15 +380,17 @@ class DifyClient:
         on_accepted: Callable[[dict[str, str]], None] | None = None,
         on_text: Callable[[str], None] | None = None,
         member_inputs: Mapping[str, str] | None = None,
+        files: Sequence[Mapping[str, str]] = (),
     ) -> DifyAnswer:
-        """Dify's answer to `query`. `on_accepted(ids)` is called as soon as Dify named the
-        message it accepted (conversation_id, message_id, workflow_run_id): keep them, and a
-        job resumed after a crash fetches that answer (`resume`) instead of asking again.
+        """Dify's answer to `query` (with `files`: uploaded files, see `upload_file`).
+        `on_accepted(ids)` is called as soon as Dify named the message it accepted
+        (conversation_id, message_id, workflow_run_id): keep them, and a job resumed after
+        a crash fetches that answer (`resume`) instead of asking again.
         `on_text(answer_so_far)` follows the stream. `member_inputs` (e.g. who asked) are
         added to the inputs the app declares; the others are left out."""
         started = time.monotonic()
         clean = strip_reasoning if self._settings.strip_reasoning else str
-        call = _Call(on_accepted=on_accepted, on_text=on_text, clean=clean)
+        call = _Call(on_accepted=on_accepted, on_text=on_text, clean=clean, files=list(files))
         try:
             mode = self.app_mode()
             self._check_inputs()
@@ -441,6 +446,61 @@ class DifyClient:
             strip_reasoning(answer.text), answer.conversation_id, answer.message_id, answer.files
         )
 
+    # --- files and voice (a member's media) -----------------------------------------------
+
+    def app_features(self, *, refresh: bool = False) -> dict[str, Any]:
+        """/parameters as the media stage reads it (`file_upload`, `speech_to_text`,
+        `system_parameters`), cached for PARAMETERS_TTL like the input form."""
+        with self._mode_lock:
+            cached = self._features
+            fresh = cached is not None and self._clock() - self._features_read_at < PARAMETERS_TTL
+            if fresh and not refresh and cached is not None:
+                return cached
+        features = self._with_retries(self.parameters)
+        with self._mode_lock:
+            self._features, self._features_read_at = features, self._clock()
+        return features
+
+    def upload_file(
+        self, user: str, name: str, content: IO[bytes], mime_type: str
+    ) -> dict[str, Any]:
+        """POST /files/upload (multipart `file`, `user`) → 201 {"id", "name", "size",
+        "extension", "mime_type", …}: reference it as local_file with upload_file_id. Errors
+        as Dify emits them: 413 file_too_large, 415 unsupported_file_type, 400 …"""
+        response = self._multipart("/files/upload", user, name, content, mime_type)
+        return self._json(response)
+
+    def audio_to_text(self, user: str, name: str, content: IO[bytes], mime_type: str) -> str:
+        """POST /audio-to-text → {"text"}. Dify takes audio/<mp3|mp4|mpeg|mpga|m4a|wav|webm|
+        amr> up to 30 MB, and only when the app has speech to text enabled."""
+        data = self._json(self._multipart("/audio-to-text", user, name, content, mime_type))
+        return str(data.get("text") or "")
+
+    def _multipart(
+        self, path: str, user: str, name: str, content: IO[bytes], mime_type: str
+    ) -> requests.Response:
+        """One multipart POST, not retried here: the caller's job retries it later."""
+        headers = {"Authorization": f"Bearer {self._settings.api_key}"}
+        try:
+            response = self._session.post(
+                self._base + path,
+                files={"file": (name, content, mime_type)},
+                data={"user": user},
+                headers=headers,
+                timeout=self._timeout,
+            )
+        except requests.Timeout:
+            raise DifyError(f"Dify {path} timed out", code="timeout", retryable=True) from None
+        except requests.RequestException as exc:
+            raise DifyError(
+                f"Dify {path} unreachable: {type(exc).__name__}", code="network", retryable=True
+            ) from None
+        if response.status_code >= 400:
+            error = _http_error(response)
+            response.close()
+            raise error
+        return response
+
     # --- modes -----------------------------------------------------------------------------
 
     def _body(self, user: str, **fields: Any) -> dict[str, Any]:
@@ -469,6 +529,8 @@ class DifyClient:
     def _chat(self, call: _Call, query: str, user: str, conversation_id: str) -> DifyAnswer:
         inputs = {**self._settings.inputs, **call.extra}
         body = self._body(user, query=query, conversation_id=conversation_id, inputs=inputs)
+        if call.files:
+            body["files"] = [dict(f) for f in call.files]
         try:
             return self._with_retries(lambda: self._stream(call, "/chat-messages", body))
         except ConversationNotFoundError as exc:
@@ -477,7 +539,7 @@ class DifyClient:
             log.info(
                 "Dify refused conversation %s (%s); starting a new one", conversation_id, exc.code
             )
-        fresh = self._body(user, query=query, conversation_id="", inputs=inputs)
+        fresh = {**body, "conversation_id": ""}
         return self._with_retries(lambda: self._stream(call, "/chat-messages", fresh))
 
     def _workflow_result(self, data: Mapping[str, Any], run_id: str) -> DifyAnswer:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from wecom_bridge.channels.base import Reply, Target
+from wecom_bridge.channels.base import MEDIA_KINDS, MediaRef, Reply, Target
 from wecom_bridge.channels.proactive import FIELDS as SEND_FIELDS
 from wecom_bridge.channels.proactive import SendRequest, parse_send_request
 from wecom_bridge.errors import JobPayloadError, SendRequestError
@@ -53,6 +53,19 @@ class NoticeJob:
 
 
 @dataclass(frozen=True)
+class MediaJob:
+    """A member's image, file or voice note (and its caption): fetched, checked and handed to
+    Dify by the job's media stage (jobs/media.py). The payload keeps where the media can be
+    fetched, never its bytes."""
+
+    KIND: ClassVar[str] = "media"
+    media: tuple[MediaRef, ...]
+    text: str = ""  # the caption that came with it (the AI bot's mixed message)
+    msg_id: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SendJob:
     """A proactive message from the send API."""
 
@@ -88,14 +101,14 @@ class KfWelcomeJob:
 
 
 KfJobSpec = KfPullJob | KfHandoverJob | KfWelcomeJob
-JobSpec = ChatJob | ResetJob | NoticeJob | SendJob | KfJobSpec
+JobSpec = ChatJob | ResetJob | NoticeJob | MediaJob | SendJob | KfJobSpec
 
 
 def target_of(spec: JobSpec, user: str) -> Target:
     """Where the job's text goes: a send request names its recipients, the rest answer `user`."""
     if isinstance(spec, SendJob):
         return spec.request
-    if isinstance(spec, ChatJob | ResetJob | NoticeJob):
+    if isinstance(spec, ChatJob | ResetJob | NoticeJob | MediaJob):
         return Reply(user, spec.context)
     return Reply(user)  # 微信客服's own kinds: the customer, with no channel context
 
@@ -111,11 +124,14 @@ def encode(spec: JobSpec) -> tuple[str, dict[str, object]]:
         fields = {"msg_id": spec.msg_id}
     elif isinstance(spec, KfPullJob):
         fields = {"open_kfid": spec.open_kfid, "token": spec.token}
+    elif isinstance(spec, MediaJob):
+        fields = {"media": [_media_fields(m) for m in spec.media], "text": spec.text}
+        fields["msg_id"] = spec.msg_id
     elif isinstance(spec, KfWelcomeJob):
         fields = {"welcome_code": spec.welcome_code, "text": spec.text, "msg_id": spec.msg_id}
     else:
         fields = {"text": spec.text, "msg_id": spec.msg_id, "msg_type": spec.msg_type}
-    if isinstance(spec, ChatJob | ResetJob | NoticeJob) and spec.context:
+    if isinstance(spec, ChatJob | ResetJob | NoticeJob | MediaJob) and spec.context:
         fields["context"] = dict(spec.context)
     return spec.KIND, {VERSION_FIELD: PAYLOAD_VERSION, **fields}
 
@@ -168,6 +184,37 @@ def _notice(fields: Mapping[str, object]) -> JobSpec:
     )
 
 
+_MEDIA_FIELDS = ("media_id", "url", "aeskey", "name", "format")
+
+
+def _media_fields(ref: MediaRef) -> dict[str, str]:
+    return {"kind": ref.kind, **{k: getattr(ref, k) for k in _MEDIA_FIELDS if getattr(ref, k)}}
+
+
+def _media_ref(value: object) -> MediaRef:
+    if not isinstance(value, dict):
+        raise JobPayloadError("payload field 'media' holds a non-object")
+    kind = _text(value, "kind", required=True)
+    if kind not in MEDIA_KINDS:
+        raise JobPayloadError(f"unknown media kind {kind!r}")
+    ref = MediaRef(kind, **{k: _text(value, k) for k in _MEDIA_FIELDS})
+    if not (ref.media_id or ref.url):
+        raise JobPayloadError("media without media_id or url")
+    return ref
+
+
+def _media(fields: Mapping[str, object]) -> JobSpec:
+    items = fields.get("media")
+    if not isinstance(items, list) or not items:
+        raise JobPayloadError("payload field 'media' is missing")
+    return MediaJob(
+        media=tuple(_media_ref(item) for item in items),
+        text=_text(fields, "text"),
+        msg_id=_text(fields, "msg_id"),
+        context=_context(fields),
+    )
+
+
 def _send(fields: Mapping[str, object]) -> JobSpec:
     known = {k: v for k, v in fields.items() if k in SEND_FIELDS}
     try:
@@ -197,6 +244,7 @@ _READERS = {
     ChatJob.KIND: _chat,
     ResetJob.KIND: _reset,
     NoticeJob.KIND: _notice,
+    MediaJob.KIND: _media,
     SendJob.KIND: _send,
     KfPullJob.KIND: _kf_pull,
     KfHandoverJob.KIND: _kf_handover,

@@ -240,7 +240,7 @@ Recorder = Callable[[str, Callable[[], None]], None]
 
 
 @dataclass(frozen=True)
-class MediaJob:
+class PartTransfer:
     """What one media part's transfer needs of its job."""
 
     job_id: int
@@ -270,7 +270,7 @@ class MediaSender:
 
     def send(
         self,
-        job: MediaJob,
+        job: PartTransfer,
         index: int,
         ref: MediaRef,
         target: Target,
@@ -309,7 +309,7 @@ class MediaSender:
 
     def _transfer(
         self,
-        job: MediaJob,
+        job: PartTransfer,
         index: int,
         ref: MediaRef,
         target: Target,
@@ -344,7 +344,7 @@ class MediaSender:
 
     def _upload(
         self,
-        job: MediaJob,
+        job: PartTransfer,
         index: int,
         ref: MediaRef,
         outbound: MediaOutbound,
@@ -370,7 +370,7 @@ class MediaSender:
 
     def _prepare(
         self,
-        job: MediaJob,
+        job: PartTransfer,
         index: int,
         ref: MediaRef,
         settings: tuple[DifySettings, MediaSettings],

@@ -525,6 +525,15 @@ class PostgresStore:
         )
         return _job(rows[0]) if rows else None
 
+    def next_in_line(self, app: str, user: str, after_id: int) -> Job | None:
+        """The user's queued job right after `after_id` (a media job's caption, perhaps)."""
+        rows = self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE app = %s AND member = %s AND id > %s"  # noqa: S608 - constant columns
+            " AND status = 'queued' ORDER BY id LIMIT 1",
+            (app, user, after_id),
+        )
+        return _job(rows[0]) if rows else None
+
     def jobs(self, status: str | None = None) -> list[Job]:
         select = f"SELECT {_JOB_COLUMNS} FROM jobs"  # noqa: S608 - constant columns
         if status is None:

@@ -31,7 +31,10 @@ from wecom_bridge.dify.client import DifyClient, DifyFile
 from wecom_bridge.errors import (
     DifyError,
     DifyPausedError,
+    JobDeferredError,
     JobPayloadError,
+    MediaRefusedError,
+    MediaTransientError,
     StoreUnavailableError,
     WeComApiError,
     WeComConfigError,
@@ -39,16 +42,18 @@ from wecom_bridge.errors import (
 from wecom_bridge.jobs.kinds import (
     ChatJob,
     JobSpec,
+    MediaJob,
     NoticeJob,
     ResetJob,
     SendJob,
     decode,
     target_of,
 )
+from wecom_bridge.jobs.media import KIND_WORDS, MediaStage
 from wecom_bridge.jobs.media_out import (
     AnswerPlan,
-    MediaJob,
     MediaSender,
+    PartTransfer,
     plan_answer,
     stored_media,
     without_images,
@@ -68,6 +73,9 @@ RECORD_RETRY_FIRST = 0.05
 RECORD_RETRY_MAX = 2.0
 # The job's result key for the ids of the message Dify accepted (see DifyClient.ask).
 DIFY_ACCEPTED = "dify_accepted"
+# A media download or upload failing transiently is tried again this long after the message.
+MEDIA_RETRY_SECONDS = 600.0
+MEDIA_RETRY_MAX_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -115,10 +123,12 @@ class JobProcessor:
         clock: Callable[[], float] = time.time,
         channel_handlers: Mapping[type[JobSpec], Handler] | None = None,
         media_dir: Path | None = None,
+        media: MediaStage | None = None,
     ) -> None:
         """`channel_handlers`: the handlers of a channel's own job kinds (e.g. 微信客服's pull).
         `media_dir`: where Dify's files wait between download and upload (None: every file
-        of an answer is sent as its link)."""
+        of an answer is sent as its link). `media`: the stage that takes members' media to
+        Dify (None: media jobs get the "failed" text)."""
         self.store = store
         self.apps = apps
         self.metrics = metrics
@@ -130,14 +140,16 @@ class JobProcessor:
         # process before its "sent" mark could be stored, those parts are not sent again.
         self._sent: dict[int, int] = {}
         self._sent_lock = threading.Lock()
+        self._media_in = media
         self._handlers: dict[type[JobSpec], Handler] = {
             ChatJob: self._ask_dify,
+            MediaJob: self._ask_with_media,
             ResetJob: self._reset,
             NoticeJob: self._notice,
             SendJob: self._proactive,
             **(channel_handlers or {}),
         }
-        self._media = (
+        self._media_out = (
             MediaSender(media_dir, metrics=metrics, clock=clock) if media_dir is not None else None
         )
 
@@ -167,12 +179,19 @@ class JobProcessor:
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
             return
+        except JobDeferredError as exc:
+            self.store.retry_later(job.id, exc.delay, exc.reason, None)
+            log.info(
+                "job deferred",
+                extra={**fields, "event": "job_deferred", "reason": exc.reason, "delay": exc.delay},
+            )
+            return
         dify_error = result.get("dify_error")
         self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
         with self._sent_lock:
             self._sent.pop(job.id, None)
-        if self._media is not None:
-            self._media.cleanup(job.id)
+        if self._media_out is not None:
+            self._media_out.cleanup(job.id)
         self.metrics.inc("wecom_bridge_jobs_total", {"status": "done"})
         done = "sent" if isinstance(spec, SendJob) else "answered"
         log.info(done, extra={**fields, "event": "job_done", "parts": len(parts)})
@@ -190,7 +209,7 @@ class JobProcessor:
         result = answer.result
         if answer.media and app.config.dify is not None:
             inline = (
-                self._media is None
+                self._media_out is None
                 or not app.config.media.enabled
                 or not isinstance(app.outbound, MediaOutbound)
             )
@@ -270,7 +289,61 @@ class JobProcessor:
     def _proactive(self, job: Job, spec: SendJob, app: AppRuntime) -> Answer:
         return Answer(spec.request.content)
 
-    def _ask_dify(self, job: Job, spec: ChatJob, app: AppRuntime) -> Answer:
+    def _ask_with_media(self, job: Job, spec: MediaJob, app: AppRuntime) -> Answer:
+        """The media stage (jobs/media.py), then Dify asked with the uploaded files."""
+        replies = app.config.replies
+        kind = spec.media[0].kind
+        try:
+            if self._media_in is None or app.dify is None:
+                raise MediaRefusedError("failed", "media handling is not configured")
+            # The AI bot's caption comes in the same (mixed) message, and a text absorbed
+            # into another answer would leave its own stream open: no window there.
+            streams = isinstance(app.outbound, StreamingOutbound)
+            window = 0.0 if streams else app.config.media.caption_seconds
+            prepared = self._media_in.prepare(
+                job, spec, app.config, app.dify, self._until_recorded, caption_seconds=window
+            )
+        except MediaRefusedError as exc:
+            return self._media_refused(job, kind, exc, replies.media_reply)
+        except MediaTransientError as exc:
+            if self._clock() - job.received_at < MEDIA_RETRY_SECONDS:
+                delay = min(MEDIA_RETRY_MAX_DELAY, 5.0 * 2 ** max(0, job.attempts - 1))
+                raise JobDeferredError(delay, f"media: {exc}") from None
+            refused = MediaRefusedError(
+                "failed", f"gave up after {MEDIA_RETRY_SECONDS:.0f}s: {exc}"
+            )
+            return self._media_refused(job, kind, refused, replies.media_reply)
+        self.metrics.inc("wecom_bridge_media_in_total", {"kind": kind})
+        question = ChatJob(query=prepared.query, msg_id=spec.msg_id, context=spec.context)
+        answer = self._ask_dify(job, question, app, files=prepared.files)
+        if prepared.echo:
+            return Answer(f"{prepared.echo}\n\n{answer.text}", answer.result)
+        return answer
+
+    def _media_refused(
+        self, job: Job, kind: str, exc: MediaRefusedError, text: Callable[..., str]
+    ) -> Answer:
+        log.warning(
+            "media refused, telling the member",
+            extra={
+                "job_id": job.id,
+                "user": job.user,
+                "event": "media_refused",
+                "reason": exc.reason,
+                "error": exc.detail,
+            },
+        )
+        self.metrics.inc("wecom_bridge_media_refused_total", {"reason": exc.reason})
+        values = {"kind": KIND_WORDS.get(kind, ""), **exc.values}
+        return Answer(text(exc.reason, **values), {"media_refused": exc.reason})
+
+    def _ask_dify(
+        self,
+        job: Job,
+        spec: ChatJob,
+        app: AppRuntime,
+        files: list[dict[str, str]] | None = None,
+    ) -> Answer:
         cfg = app.config
         fallback = cfg.replies.fallback_reply
         if app.dify is None:  # only a configuration loaded without Dify has none
@@ -294,6 +367,7 @@ class JobProcessor:
                         # The stream shows the text; its images come as images afterwards.
                         on_text=(lambda text: on_text(without_images(text))) if on_text else None,
                         member_inputs=_member_inputs(app.config, spec),
+                        files=files or (),
                     )
         except DifyPausedError as exc:
             fields: dict[str, object] = {"event": "dify_paused", "workflow_run_id": exc.run_id}
@@ -387,10 +461,10 @@ class JobProcessor:
         self, job: Job, app: AppRuntime, result: Mapping[str, object]
     ) -> Callable[[int, Target, str], SendResult] | None:
         """How the answer's parts go out when some of them are media (None: all are text)."""
-        media, refs = self._media, stored_media(result)
+        media, refs = self._media_out, stored_media(result)
         if media is None or not refs:
             return None
-        transfer = MediaJob(
+        transfer = PartTransfer(
             job_id=job.id,
             result=result,
             note=lambda key, value: self.store.note_result(job.id, key, value),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from wecom_bridge.channels.base import InboundKind, InboundMessage
 from wecom_bridge.config import Replies
-from wecom_bridge.jobs.kinds import ChatJob, JobSpec, NoticeJob, ResetJob
+from wecom_bridge.jobs.kinds import ChatJob, JobSpec, MediaJob, NoticeJob, ResetJob
 
 
 def route(message: InboundMessage, replies: Replies) -> JobSpec | None:
@@ -20,6 +20,13 @@ def route(message: InboundMessage, replies: Replies) -> JobSpec | None:
         if text in replies.reset_words:
             return ResetJob(msg_id=message.msg_id, context=message.context)
         return ChatJob(query=text, msg_id=message.msg_id, context=message.context)
+    if message.kind is InboundKind.MEDIA and message.media:
+        return MediaJob(
+            media=message.media,
+            text=message.text.strip(),
+            msg_id=message.msg_id,
+            context=message.context,
+        )
     if message.kind is InboundKind.ENTER:
         if not replies.welcome_text:
             return None

@@ -312,6 +312,7 @@ class Store(Protocol):
     def retry_later(self, job_id: int, delay: float, error: str, errcode: int | None) -> None: ...
     def retry_after_error(self, job_id: int, delay: float, error: str) -> int: ...
     def get_job(self, job_id: int) -> Job | None: ...
+    def next_in_line(self, app: str, user: str, after_id: int) -> Job | None: ...
     def jobs(self, status: str | None = None) -> list[Job]: ...
     def queue_depth(self) -> int: ...
     def next_available_in(self, *, skip_apps: Collection[str] = ()) -> float | None: ...
@@ -800,6 +801,15 @@ class SqliteStore:
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def next_in_line(self, app: str, user: str, after_id: int) -> Job | None:
+        """The user's queued job right after `after_id` (a media job's caption, perhaps)."""
+        rows = self._read(
+            "SELECT * FROM jobs WHERE app=? AND user=? AND id>? AND status='queued'"
+            " ORDER BY id LIMIT 1",
+            (app, user, after_id),
+        )
         return _job(rows[0]) if rows else None
 
     def jobs(self, status: str | None = None) -> list[Job]:

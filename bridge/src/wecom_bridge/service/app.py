@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import requests
 from flask import Flask
 
 from wecom_bridge.channels.aibot import AibotOutbound
@@ -27,6 +28,7 @@ from wecom_bridge.errors import DifyError, StoreUnavailableError
 from wecom_bridge.jobs.backends import Role, job_notifications, open_pacer, open_store, poll_seconds
 from wecom_bridge.jobs.intake import GroupCommitter
 from wecom_bridge.jobs.kf import KfJobs
+from wecom_bridge.jobs.media import AibotMediaFetcher, MediaFetcher, MediaStage, WeComMediaFetcher
 from wecom_bridge.jobs.media_out import MEDIA_DIR
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
 from wecom_bridge.jobs.store import Store
@@ -113,6 +115,21 @@ def build_apps(
     return apps
 
 
+def build_media(config: BridgeConfig, store: Store, apps: dict[str, AppRuntime]) -> MediaStage:
+    """The media stage, with each app's way of fetching what members send; what a killed
+    process left in its temporary dir is removed now."""
+    fetchers: dict[str, MediaFetcher] = {}
+    for name, runtime in apps.items():
+        if runtime.config.aibot is not None:
+            aes_key = runtime.config.aibot.encoding_aes_key
+            fetchers[name] = AibotMediaFetcher(aes_key, requests.Session())
+        elif isinstance(runtime.outbound, WeComAppOutbound):
+            fetchers[name] = WeComMediaFetcher(runtime.outbound.client)
+    stage = MediaStage(store, config.data_dir, fetchers)
+    stage.clean()
+    return stage
+
+
 def build_job_side(config: BridgeConfig, metrics: Metrics) -> JobSide:
     """The workers and the AI bots' long connections, which wake them."""
     links = build_links(config, metrics)
@@ -165,6 +182,7 @@ def build_pool(
         send_max_age=config.send_max_age_seconds,
         channel_handlers=kf_jobs.handlers() if kf_jobs else None,
         media_dir=config.data_dir / MEDIA_DIR,
+        media=build_media(config, store, apps),
     )
     pool = WorkerPool(
         store,

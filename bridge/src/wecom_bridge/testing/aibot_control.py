@@ -8,6 +8,9 @@ drive either mode through the same calls:
 - `POST /control/messages {userid, text, chatid}` → `{msgid}`: a member writes (in a group
   when `chatid` is given);
 - `POST /control/enter {userid}` → `{msgid}`: the member opens the bot's chat;
+- `POST /control/media {userid, kind: image|file, filename, content_base64, text?}` → `{msgid}`:
+  the member sends media (an image with a text: a mixed message), served encrypted from here
+  (`/aibot-media/<id>`) with the message's aeskey (long connection) or the bot's key (webhook);
 - `GET /control/messages/<msgid>?after=N&wait=S`: what the member saw — stream updates, the
   finished text, further answers, the welcome; waits up to S seconds for more than N of them;
 - `GET /control/status`, `POST /control/kick` (long connection only);
@@ -16,6 +19,7 @@ drive either mode through the same calls:
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any, Protocol
@@ -23,6 +27,7 @@ from typing import Any, Protocol
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.testing.aibot_double import AibotDouble, AibotWebhookSender
+from wecom_bridge.testing.media_double import EncryptedMediaServer
 from wecom_bridge.testing.wecom_double import chat_page
 
 POLL_STEP = 0.05
@@ -33,6 +38,11 @@ class AibotDriver(Protocol):
     """One mode of the double, as the control API drives it."""
 
     def deliver_text(self, userid: str, text: str, *, chatid: str = "") -> str: ...
+
+    def deliver_media(self, userid: str, msgtype: str, content: dict[str, Any]) -> str: ...
+
+    @property
+    def media_key(self) -> bytes | None: ...
 
     def enter_chat(self, userid: str) -> str: ...
 
@@ -73,6 +83,36 @@ def control_app(driver: AibotDriver) -> Flask:
         try:
             msgid = driver.deliver_text(userid, text, chatid=str(data.get("chatid") or ""))
         except ConnectionError as exc:  # long connection: the bridge is not subscribed
+            return jsonify({"error": str(exc)}), 409
+        return jsonify({"msgid": msgid}), 200
+
+    media = EncryptedMediaServer()
+    media.mount(app)
+
+    @app.post("/control/media")
+    def push_media() -> tuple[Response, int]:
+        data = fields()
+        userid, kind = str(data.get("userid") or ""), str(data.get("kind") or "image")
+        try:
+            content = base64.b64decode(str(data.get("content_base64") or ""), validate=True)
+            media.base_url = request.host_url.rstrip("/")
+            link = media.publish(
+                kind, content, str(data.get("filename") or "media.bin"), key=driver.media_key
+            )
+        except ValueError as exc:  # bad base64, unknown kind, over WeCom's limit
+            return jsonify({"error": str(exc)}), 400
+        item = {"url": link.url} | ({} if driver.media_key else {"aeskey": link.aeskey})
+        text = str(data.get("text") or "")
+        try:
+            if text and kind == "image":
+                mixed = [
+                    {"msgtype": "text", "text": {"content": text}},
+                    {"msgtype": "image", "image": item},
+                ]
+                msgid = driver.deliver_media(userid, "mixed", {"msg_item": mixed})
+            else:
+                msgid = driver.deliver_media(userid, kind, item)
+        except ConnectionError as exc:
             return jsonify({"error": str(exc)}), 409
         return jsonify({"msgid": msgid}), 200
 

@@ -185,6 +185,12 @@ class AibotDouble:
         self._push(frames.CMD_MSG_CALLBACK, body, userid, chatid or userid, text, "message")
         return msgid
 
+    # The long connection's media carries its own per-URL aeskey.
+    media_key: bytes | None = None
+
+    def deliver_media(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
+        return self.deliver(userid, msgtype, content)
+
     def deliver(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
         """Push a message of another type (image, file, mixed …)."""
         msgid = uuid.uuid4().hex
@@ -533,10 +539,12 @@ class AibotWebhookSender:
         window: float = STREAM_MAX_AGE,
     ) -> None:
         from wecom_bridge.testing.server import ServerThread
-        from wecom_bridge.wecom.crypto import WeComCrypto
+        from wecom_bridge.wecom.crypto import WeComCrypto, parse_encoding_aes_key
 
         self.callback_url = callback_url
         self.crypto = WeComCrypto(token, encoding_aes_key, "")
+        # The webhook's media is encrypted with the bot's own key (the message carries none).
+        self.media_key: bytes | None = parse_encoding_aes_key(encoding_aes_key)
         self.refresh_interval = refresh_interval
         self.window = window
         self.lock = threading.Lock()
@@ -586,17 +594,25 @@ class AibotWebhookSender:
         return 200, json.loads(self.crypto.decrypt(sealed["encrypt"]))
 
     def message(
-        self, userid: str, text: str, *, chatid: str = "", msgid: str | None = None
+        self,
+        userid: str,
+        text: str,
+        *,
+        chatid: str = "",
+        msgid: str | None = None,
+        media: tuple[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        """A text message, or (`media`: msgtype and its content) an image, file or mixed one."""
         msgid = msgid or uuid.uuid4().hex
+        msgtype, content = media or ("text", {"content": text})
         body: dict[str, Any] = {
             "msgid": msgid,
             "aibotid": "webhook-bot",
             "chattype": "group" if chatid else "single",
             "from": {"userid": userid},
             "response_url": f"{self._server.url}/response/{msgid}",
-            "msgtype": "text",
-            "text": {"content": text},
+            "msgtype": msgtype,
+            msgtype: content,
         }
         if chatid:
             body["chatid"] = chatid
@@ -610,10 +626,11 @@ class AibotWebhookSender:
         chatid: str = "",
         msgid: str | None = None,
         wait: float = 30.0,
+        media: tuple[str, dict[str, Any]] | None = None,
     ) -> WebhookExchange:
-        """Send a text message and refresh its stream as WeCom does; returns when finished,
-        when the window is over, or after `wait` seconds."""
-        body = self.message(userid, text, chatid=chatid, msgid=msgid)
+        """Send a message (text, or `media` as in `message`) and refresh its stream as WeCom
+        does; returns when finished, when the window is over, or after `wait` seconds."""
+        body = self.message(userid, text, chatid=chatid, msgid=msgid, media=media)
         exchange = self._exchange(body)
         self._converse(body, exchange, wait)
         exchange.late = self.late_for(exchange.msgid)
@@ -621,7 +638,13 @@ class AibotWebhookSender:
 
     def deliver_text(self, userid: str, text: str, *, chatid: str = "") -> str:
         """`ask` in the background (the control API, the chat page); see `view`."""
-        body = self.message(userid, text, chatid=chatid)
+        return self._in_background(self.message(userid, text, chatid=chatid))
+
+    def deliver_media(self, userid: str, msgtype: str, content: dict[str, Any]) -> str:
+        """An image, file or mixed message, asked in the background like `deliver_text`."""
+        return self._in_background(self.message(userid, "", media=(msgtype, content)))
+
+    def _in_background(self, body: dict[str, Any]) -> str:
         exchange = self._exchange(body)
         threading.Thread(
             target=self._converse, args=(body, exchange, self.window), daemon=True

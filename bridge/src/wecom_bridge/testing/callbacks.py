@@ -96,6 +96,29 @@ def build_event_callback(
     return build_callback(crypto, fields, timestamp=timestamp, nonce=nonce)
 
 
+def build_media_callback(
+    crypto: WeComCrypto,
+    *,
+    from_user: str,
+    msg_type: str,
+    media_id: str,
+    msg_id: str,
+    agent_id: str,
+    create_time: int | None = None,
+) -> tuple[dict[str, str], bytes]:
+    """An image (PicUrl, MediaId), voice (MediaId, Format amr) or file (MediaId) message."""
+    fields = _common_fields(crypto, None, from_user, create_time, msg_type) | {
+        "MediaId": media_id,
+        "MsgId": msg_id,
+        "AgentID": agent_id,
+    }
+    if msg_type == "image":
+        fields["PicUrl"] = f"https://wework.qpic.cn/wwpic/{media_id}/0"
+    if msg_type == "voice":
+        fields["Format"] = "amr"
+    return build_callback(crypto, fields)
+
+
 class CallbackClient:
     """Plays WeCom's callback side against a bridge URL (tests, demo, simulator)."""
 
@@ -147,6 +170,20 @@ class CallbackClient:
             agent_id=self.agent_id,
             event_key=event_key,
             create_time=create_time,
+        )
+        return self.post(params, body)
+
+    def send_media(
+        self, from_user: str, msg_type: str, media_id: str, msg_id: str | None = None
+    ) -> requests.Response:
+        """An image, voice or file message whose MediaId the WeCom double serves."""
+        params, body = build_media_callback(
+            self.crypto,
+            from_user=from_user,
+            msg_type=msg_type,
+            media_id=media_id,
+            msg_id=msg_id or new_msg_id(),
+            agent_id=self.agent_id,
         )
         return self.post(params, body)
 

@@ -35,6 +35,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.dify_files import DifyFiles, describe, mount_files
 from wecom_bridge.testing.dify_signed_files import DifyAnswerFiles, mount_answer_files
 from wecom_bridge.testing.server import required_env
 
@@ -92,6 +93,7 @@ class DifyDoubleState:
     workflow_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Files answers link to (dify_signed_files.py: signed /files/… links, markers like #image).
     answer_files: DifyAnswerFiles = field(default_factory=DifyAnswerFiles)
+    files: DifyFiles = field(default_factory=DifyFiles)  # uploads, file and speech settings
 
     def workflow_status_next(self, status: str, times: int = 1) -> None:
         """The next workflow runs end with `status` (succeeded by default)."""
@@ -175,6 +177,7 @@ class DifyDoubleState:
             self.input_form = None
             self.messages.clear()
             self.workflow_runs.clear()
+        self.files.reset()
         self.wake.set()
         self.wake.clear()
 
@@ -346,8 +349,7 @@ def create_dify_double(
                 "suggested_questions": [],
                 "suggested_questions_after_answer": {"enabled": False},
                 "user_input_form": state.form(),
-                "file_upload": {"image": {"enabled": False}},
-                "system_parameters": {"file_size_limit": 15, "image_file_size_limit": 10},
+                **state.files.parameters(),
             }
         )
 
@@ -422,6 +424,7 @@ def create_dify_double(
         return response
 
     _control_routes(app, state)
+    mount_files(app, state.files)
     return app
 
 
@@ -512,13 +515,18 @@ def _prepare(state: DifyDoubleState, body: dict[str, Any], *, chat: bool) -> _Tu
                 conversation_id = str(uuid.uuid4())
                 state.conversations[conversation_id] = {"user": body["user"], "turns": 0}
             state.conversations[conversation_id]["turns"] += 1
+    used_files = state.files.check_message_files(body) if chat else []
+    if isinstance(used_files, Response):
+        return used_files
     fault, hang, replacement, cut, delay = state.take()
     if hang is not None and not hang.mid_stream:
         state.wake.wait(hang.seconds)
         hang = None
     if fault is not None and not (fault.in_stream and streaming):
         return _error(fault.status, fault.code, fault.message)
-    answer, files = state.answer_files.answer_with_files(query, state.answer_for(query))
+    answer, files = state.answer_files.answer_with_files(
+        query, state.answer_for(query) + describe(used_files)
+    )
     turn = _Turn(
         answer=answer,
         files=tuple(files),

@@ -35,6 +35,7 @@ from flask import Flask, Response, jsonify, request
 
 from wecom_bridge.testing.callbacks import CallbackClient
 from wecom_bridge.testing.kf_double import DEFAULT_ACCOUNT, KfCallback, KfDoubleState, mount_kf
+from wecom_bridge.testing.media_double import MediaShelf, mount_media_get
 from wecom_bridge.testing.server import required_env
 from wecom_bridge.wecom.crypto import WeComCrypto
 
@@ -456,6 +457,7 @@ def create_wecom_double(
 
     _control_routes(app, state)
     _chat_routes(app, state)
+    _media_routes(app, state)
     if kf is not None:
         mount_kf(app, kf, lambda errcode: errmsg(errcode, state.fault_ip))
     return app
@@ -486,6 +488,18 @@ def _check_media(state: WeComDoubleState, body: Any) -> int | None:
     if upload is None or time.time() - upload["created_at"] > MEDIA_ID_LIFETIME:
         return 40007
     return None
+
+
+def _media_routes(app: Flask, state: WeComDoubleState) -> None:
+    """media/get of what members sent (testing/media_double.py)."""
+    shelf = MediaShelf()
+    app.extensions["wecom_media"] = shelf
+
+    def token_error(token: str) -> int | None:
+        with state.lock:
+            return state.token_error(token)
+
+    mount_media_get(app, shelf, token_error)
 
 
 def _check_send(state: WeComDoubleState, body: Any) -> int | None:

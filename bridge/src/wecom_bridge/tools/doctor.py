@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import secrets
+import shutil
 import socket
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from wecom_bridge.errors import (
     WeComApiError,
     WeComConfigError,
 )
+from wecom_bridge.jobs.media import Acceptance, speech_to_text_on
 from wecom_bridge.tools.probe import Fetched, ProbeError, Prober, split_host_port
 from wecom_bridge.wecom.aibot_frames import AibotFrameError
 from wecom_bridge.wecom.aibot_ws import probe_subscription
@@ -149,6 +151,7 @@ class Doctor:
                 check_kf_secret,
                 check_dify,
                 check_dify_inputs,
+                check_dify_media,
                 check_bridge_ready,
             ]
         try:
@@ -157,7 +160,13 @@ class Doctor:
             aibot = None  # the checks below report the configuration error
         if aibot is not None and aibot.mode == "ws":
             # No domain, certificate, callback or trusted IP: the bridge connects out.
-            return [check_aibot_subscription, check_dify, check_dify_inputs, check_bridge_ready]
+            return [
+                check_aibot_subscription,
+                check_dify,
+                check_dify_inputs,
+                check_dify_media,
+                check_bridge_ready,
+            ]
         if aibot is not None:
             # A webhook bot: the callback URL and its certificate, no WW_verify, gettoken or 可信IP.
             return [
@@ -166,6 +175,7 @@ class Doctor:
                 check_callback,
                 check_dify,
                 check_dify_inputs,
+                check_dify_media,
                 check_bridge_ready,
             ]
         checks: list[Callable[[Doctor], CheckResult]] = [check_dns]
@@ -178,6 +188,7 @@ class Doctor:
             check_trusted_ip,
             check_dify,
             check_dify_inputs,
+            check_dify_media,
         ]
         if self.options.env.get("WECOM_KF_SECRET", "").strip():  # 微信客服 is on
             checks += [check_kf_callback, check_kf_secret]
@@ -696,6 +707,36 @@ def check_dify_inputs(doctor: Doctor) -> CheckResult:
         )
     detail = "every required input has a value"
     return passed(name, detail + (f" ({'; '.join(warnings)})" if warnings else ""))
+
+
+def check_dify_media(
+    doctor: Doctor, which: Callable[[str], str | None] = shutil.which
+) -> CheckResult:
+    """What members' media will meet: the app's file upload and speech to text (GET
+    /v1/parameters), and ffmpeg for voice notes (the self-built app's AMR)."""
+    name = "dify-media"
+    settings = _quick_dify_settings(doctor, name)
+    if isinstance(settings, CheckResult):
+        return settings
+    try:
+        features = DifyClient(settings).app_features()
+    except DifyError as exc:
+        return skipped(name, f"cannot read the app's features ({exc.code})", "fix the dify check")
+    accepts = Acceptance.of(features)
+    takes = sorted(accepts.types) if accepts.enabled else []
+    speech = speech_to_text_on(features)
+    detail = f"files: {', '.join(takes) or 'none'}; speech to text: {'on' if speech else 'off'}"
+    if speech and which("ffmpeg") is None:
+        return failed(
+            name,
+            detail + "; ffmpeg not found",
+            "install ffmpeg (Debian: apt-get install --no-install-recommends ffmpeg; the bridge "
+            "image has it): voice notes are converted with it",
+        )
+    hint = (
+        "" if takes else " (members' images and files get BRIDGE_MEDIA_TYPE_REPLY: 功能 › 文件上传)"
+    )
+    return passed(name, detail + hint)
 
 
 def _dify_failure(name: str, base: str, exc: DifyError) -> CheckResult:

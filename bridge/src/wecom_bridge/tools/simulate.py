@@ -8,6 +8,7 @@ itself (`--serve-api`) or one already running (`--api-url`). One implementation 
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from wecom_bridge.testing.callbacks import (
     CallbackClient,
     build_callback,
     build_event_callback,
+    build_media_callback,
     build_text_callback,
     new_msg_id,
 )
@@ -114,12 +116,55 @@ def text_of(message: Mapping[str, Any]) -> str:
     return str(body.get("content", f"({message.get('msgtype')})"))
 
 
+# --image/--file/--voice: the MsgType each sends.
+MEDIA_OPTIONS = {"image": "image", "file": "file", "voice": "voice"}
+
+
+def media_option(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(MsgType, path) of the media the member sends, if any."""
+    for option, msg_type in MEDIA_OPTIONS.items():
+        path = getattr(args, option, None)
+        if path:
+            return msg_type, str(path)
+    return None
+
+
+def hand_media(api_url: str, msg_type: str, path: str) -> str:
+    """Give the WeCom API double the member's media (as if they sent it): its MediaId."""
+    with open(path, "rb") as fh:
+        content = fh.read()
+    response = requests.post(
+        f"{api_url.rstrip('/')}/_double/media",
+        json={
+            "kind": msg_type,
+            "filename": os.path.basename(path),
+            "content_base64": base64.b64encode(content).decode("ascii"),
+        },
+        timeout=30,
+    )
+    if response.status_code != 200:
+        raise SimulationError(f"the WeCom double refused the media: {response.text.strip()}")
+    return str(response.json()["media_id"])
+
+
 def post_callback(
-    client: CallbackClient, app: SimulatorApp, args: argparse.Namespace
+    client: CallbackClient, app: SimulatorApp, args: argparse.Namespace, media_id: str = ""
 ) -> list[Attempt]:
     """The callback and its redeliveries: the very same request, as WeCom repeats it."""
     crypto, user = client.crypto, args.user
-    if args.event:
+    media = media_option(args)
+    if media is not None:
+        msg_id = new_msg_id()
+        params, body = build_media_callback(
+            crypto,
+            from_user=user,
+            msg_type=media[0],
+            media_id=media_id,
+            msg_id=msg_id,
+            agent_id=app.agent_id,
+        )
+        label = f"{media[0]} MsgId {msg_id}"
+    elif args.event:
         params, body = build_event_callback(
             crypto, from_user=user, event=args.event, agent_id=app.agent_id
         )
@@ -140,6 +185,14 @@ def post_callback(
         name = label if attempt == 0 else f"redelivery {attempt}/{args.redeliver} (same request)"
         attempts.append(
             Attempt(name, response.status_code, response.content, time.monotonic() - started)
+        )
+    if media is not None and args.text:  # the caption, right after (BRIDGE_MEDIA_CAPTION_SECONDS)
+        started = time.monotonic()
+        response = client.send_text(user, args.text)
+        attempts.append(
+            Attempt(
+                "caption text", response.status_code, response.content, time.monotonic() - started
+            )
         )
     return attempts
 
@@ -250,9 +303,13 @@ def simulate(
         api_url = served.url if served else args.api_url
         replies = RecordedReplies(api_url, args.user)
         replies.mark()
+        media = media_option(args)
+        media_id = hand_media(api_url, *media) if media is not None else ""
         what = f"event {args.event}" if args.event else repr(args.text)
+        if media is not None:
+            what = f"{media[0]} {media[1]}" + (f" + {args.text!r}" if args.text else "")
         out(f"→ {args.user} sends {what} to {args.url}")
-        for attempt in post_callback(client, app, args):
+        for attempt in post_callback(client, app, args, media_id):
             text = attempt.body.decode("utf-8", "replace").strip()
             out(
                 f"  {attempt.label}: HTTP {attempt.status} in {attempt.elapsed * 1000:.0f} ms"
@@ -300,6 +357,12 @@ def add_simulate_parser(sub: Any) -> None:
     parser.add_argument("--app", metavar="NAME", help="which app of BRIDGE_APPS_FILE to play")
     parser.add_argument("--redeliver", type=int, default=0, metavar="N", help="N redeliveries")
     parser.add_argument("--event", help="send this event (e.g. enter_agent) instead of text")
+    for option, msg_type in MEDIA_OPTIONS.items():
+        parser.add_argument(
+            f"--{option}",
+            metavar="PATH",
+            help=f"send this {msg_type} (the API double serves its MediaId; a text: the caption)",
+        )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
     parser.add_argument(
         "--quiet",
@@ -322,8 +385,8 @@ def add_simulate_parser(sub: Any) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    if not args.event and not args.text:
-        args.parser.error("give the message text (or --event)")
+    if not args.event and not args.text and media_option(args) is None:
+        args.parser.error("give the message text (or --event, --image, --file, --voice)")
     if args.redeliver < 0:
         args.parser.error("--redeliver must be >= 0")
     if args.user is None:

@@ -165,6 +165,15 @@ def media_message(chatid: str, kind: str, media_id: str) -> Frame:
 
 
 @dataclass(frozen=True)
+class AibotMedia:
+    """An image or file of a message: an encrypted download, valid five minutes."""
+
+    kind: str  # image | file
+    url: str
+    aeskey: str = ""  # long connection: this URL's key; webhook: "" (the bot's EncodingAESKey)
+
+
+@dataclass(frozen=True)
 class AibotMessage:
     """A message or event body, as both modes deliver it."""
 
@@ -178,6 +187,7 @@ class AibotMessage:
     event_type: str = ""  # msgtype event: enter_chat, disconnected_event, …
     response_url: str = ""
     stream_id: str = ""  # webhook: a stream-refresh callback names its stream
+    media: tuple[AibotMedia, ...] = ()  # image, file, and the images of a mixed message
 
     @property
     def is_group(self) -> bool:
@@ -193,6 +203,26 @@ def _dict(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _media_of(kind: str, value: object) -> list[AibotMedia]:
+    item = _dict(value)
+    url = str(item.get("url") or "")
+    return [AibotMedia(kind, url, str(item.get("aeskey") or ""))] if url else []
+
+
+def _mixed(body: Mapping[str, Any]) -> tuple[str, list[AibotMedia]]:
+    """A mixed (图文混排) message: its texts joined, its images in order."""
+    texts: list[str] = []
+    media: list[AibotMedia] = []
+    items = _dict(body.get("mixed")).get("msg_item")
+    for item in items if isinstance(items, list) else []:
+        entry = _dict(item)
+        if entry.get("msgtype") == "text":
+            texts.append(str(_dict(entry.get("text")).get("content") or ""))
+        elif entry.get("msgtype") == "image":
+            media += _media_of("image", entry.get("image"))
+    return "\n".join(t for t in texts if t), media
+
+
 def parse_message(body: Mapping[str, Any]) -> AibotMessage:
     """A callback body as a typed message; AibotFrameError when it lacks what every one has."""
     msgid = str(body.get("msgid") or "")
@@ -206,6 +236,11 @@ def parse_message(body: Mapping[str, Any]) -> AibotMessage:
         text = str(_dict(body.get("voice")).get("content") or "")
     else:
         text = ""
+    media: list[AibotMedia] = []
+    if msgtype in ("image", "file"):
+        media = _media_of(msgtype, body.get(msgtype))
+    elif msgtype == "mixed":
+        text, media = _mixed(body)
     return AibotMessage(
         msgid=msgid,
         msgtype=msgtype,
@@ -217,4 +252,5 @@ def parse_message(body: Mapping[str, Any]) -> AibotMessage:
         event_type=str(_dict(body.get("event")).get("eventtype") or ""),
         response_url=str(body.get("response_url") or ""),
         stream_id=str(_dict(body.get("stream")).get("id") or ""),
+        media=tuple(media),
     )

@@ -9,14 +9,18 @@ are reported once and not retried for a while.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from dataclasses import dataclass
+from email.message import Message
+from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
@@ -35,6 +39,35 @@ DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
 TOKEN_ERRCODES = codes(Handling.TOKEN)
 # Refresh this long before WeCom's expiry (never more than half the lifetime).
 TOKEN_MARGIN = 300.0
+MEDIA_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DownloadedMedia:
+    """What media/get said about the bytes it wrote."""
+
+    size: int
+    content_type: str
+    filename: str
+
+
+class MediaTooLargeError(WeComApiError):
+    """The download passed the caller's size cap (nothing more was read)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(None, f"media larger than {limit} bytes", retryable=False)
+        self.limit = limit
+
+
+def filename_of(disposition: str) -> str:
+    """The file name of a Content-Disposition header (RFC 6266, filename* preferred)."""
+    header = Message()
+    header["content-disposition"] = disposition
+    name = header.get_filename() or ""
+    # A server that sent the name's UTF-8 bytes raw: HTTP clients read them as latin-1.
+    with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
+        name = name.encode("latin-1").decode("utf-8")
+    return name.replace("/", "_").replace("\\", "_").strip()
 
 
 class TokenCache(Protocol):
@@ -276,6 +309,48 @@ class WeComClient:
         self._metrics.inc("wecom_bridge_media_uploads_total", {"type": kind})
         return UploadedMedia(media_id, created_at, str(data_out.get("type") or kind))
 
+    def download_media(self, media_id: str, dest: IO[bytes], max_bytes: int) -> DownloadedMedia:
+        """media/get: write an inbound image, voice or file (MediaId, valid 3 days) to `dest`,
+        at most `max_bytes` of it (MediaTooLargeError beyond). WeCom answers an error
+        (40007: invalid or expired media_id) as JSON instead of the bytes."""
+        self._raise_if_cooling_down()
+        for first in (True, False):
+            token = self.access_token()
+            params = {"access_token": token, "media_id": media_id}
+            url = self._base + "/cgi-bin/media/get"
+            try:
+                response = self._session.get(url, params=params, timeout=self._timeout, stream=True)
+            except requests.RequestException as exc:
+                log.warning("GET %s failed: %s", _safe_url(url), type(exc).__name__)
+                raise WeComApiError(
+                    None, f"network error: {type(exc).__name__}", retryable=True
+                ) from None
+            with response:
+                if response.status_code >= 400:
+                    retryable = response.status_code >= 500 or response.status_code == 429
+                    raise WeComApiError(None, f"HTTP {response.status_code}", retryable=retryable)
+                kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                if kind in ("application/json", "text/plain"):
+                    data = self._json_error(response.content[:4096])
+                    errcode = int(data.get("errcode", 0) or 0)
+                    if errcode in TOKEN_ERRCODES and first:
+                        self._invalidate(token)
+                        continue
+                    raise self._api_error(errcode or -1, str(data.get("errmsg", "")))
+                size = _copy_capped(response, dest, max_bytes)
+                return DownloadedMedia(
+                    size, kind, filename_of(response.headers.get("Content-Disposition", ""))
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _json_error(raw: bytes) -> dict[str, Any]:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise WeComApiError(None, "media/get answered neither media nor JSON") from None
+        return data if isinstance(data, dict) else {}
+
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self._base + path
         try:
@@ -318,6 +393,23 @@ class WeComClient:
         else:
             log.debug("WeCom configuration error %d persists", errcode)
         return problem
+
+
+def _copy_capped(response: requests.Response, dest: IO[bytes], max_bytes: int) -> int:
+    """Copy the body to `dest`; MediaTooLargeError as soon as it passes `max_bytes`."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise MediaTooLargeError(max_bytes)
+    size = 0
+    try:
+        for chunk in response.iter_content(MEDIA_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise MediaTooLargeError(max_bytes)
+            dest.write(chunk)
+    except requests.RequestException as exc:
+        raise WeComApiError(None, f"download broke: {type(exc).__name__}", retryable=True) from None
+    return size
 
 
 def _send_result(message: OutboundMessage, data: dict[str, Any]) -> SendResult:

@@ -138,6 +138,13 @@ _TABLE = (
         "nothing to fix: the bot answers again when the session returns to it or the customer "
         "starts a new one",
     ),
+    # media/get of what a member sent (doc 90254): a MediaId lives 3 days.
+    Errcode(
+        40007,
+        Handling.PERMANENT,
+        "invalid media_id: unknown, or older than WeCom's 3 days",
+        "nothing to fix: the member is asked to send the file again",
+    ),
 )
 ERRCODES: dict[int, Errcode] = {entry.code: entry for entry in _TABLE}
 
