@@ -1,6 +1,6 @@
 """Media from members to Dify, end to end over real HTTP: the bridge in-process, WeCom's
 media/get and the AI bot's encrypted URLs played by the doubles, Dify's files/upload and
-audio-to-text by the Dify double, ffmpeg converting voice notes."""
+audio-to-text by the Dify double, SoX converting voice notes."""
 
 from __future__ import annotations
 
@@ -150,14 +150,14 @@ def test_a_pdf_file_goes_as_a_document(start, secrets, wecom_double, dify_double
 
 
 def test_a_voice_note_is_converted_transcribed_and_asked(start, secrets, wecom_double, dify_double):
-    assert shutil.which("ffmpeg"), "ffmpeg is required (scripts/host-prerequisites installs it)"
+    assert shutil.which("sox"), "SoX is required (scripts/host-prerequisites installs it)"
     dify_state(dify_double).files.configure(speech_to_text=True, transcript="年假怎么请")
     bridge = start(BRIDGE_VOICE_ECHO="识别为：{text}")
     media_id = shelf(wecom_double).add("voice", amr(2.0), "voice.amr")
     client(bridge, secrets).send_media("wangwu", "voice", media_id)
     assert answer(wecom_double, "wangwu") == "识别为：年假怎么请\n\nDify double answer: 年假怎么请"
     files = dify_state(dify_double).files
-    # The double transcribes only real MP3/WAV bytes: ffmpeg converted the AMR.
+    # The double transcribes only real MP3/WAV bytes: SoX converted the AMR.
     assert len(files.transcriptions) == 1 and files.transcriptions[0]["user"] == "wangwu"
     assert files.upload_calls == 0
 
@@ -578,7 +578,7 @@ def test_dify_double_audio_to_text_as_difys_audio_service(dify_double, secrets):
     assert dify.audio_to_text("u", "v.mp3", io.BytesIO(b"ID3" + b"\0" * 100), "audio/mp3")
 
 
-def test_doctor_reports_what_media_meets_and_a_missing_ffmpeg(bridge_env, dify_double):
+def test_doctor_reports_what_media_meets_and_a_missing_sox(bridge_env, dify_double):
     from wecom_bridge.tools.doctor import Doctor, DoctorOptions, Status, check_dify_media
     from wecom_bridge.tools.probe import Prober
 
@@ -590,13 +590,13 @@ def test_doctor_reports_what_media_meets_and_a_missing_ffmpeg(bridge_env, dify_d
     assert found.status is Status.PASS
     assert found.detail == "files: document, image; speech to text: on"
     missing = check_dify_media(doctor, which=lambda name: None)
-    assert missing.status is Status.FAIL and "ffmpeg not found" in missing.detail
+    assert missing.status is Status.FAIL and "sox not found" in missing.detail
 
 
-def test_without_ffmpeg_a_voice_note_gets_the_voice_off_text(
+def test_without_sox_a_voice_note_gets_the_voice_off_text(
     start, secrets, wecom_double, dify_double, monkeypatch
 ):
-    """An image built with WITH_FFMPEG=false: voice notes are refused, not failed."""
+    """A host without SoX: voice notes are refused, not failed."""
     dify_state(dify_double).files.configure(speech_to_text=True)
     bridge = start()
     monkeypatch.setenv("PATH", "/nonexistent")

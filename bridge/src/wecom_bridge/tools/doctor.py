@@ -713,7 +713,7 @@ def check_dify_media(
     doctor: Doctor, which: Callable[[str], str | None] = shutil.which
 ) -> CheckResult:
     """What members' media will meet: the app's file upload and speech to text (GET
-    /v1/parameters), and ffmpeg for voice notes (the self-built app's AMR)."""
+    /v1/parameters), and SoX for voice notes (the self-built app's AMR)."""
     name = "dify-media"
     settings = _quick_dify_settings(doctor, name)
     if isinstance(settings, CheckResult):
@@ -726,12 +726,12 @@ def check_dify_media(
     takes = sorted(accepts.types) if accepts.enabled else []
     speech = speech_to_text_on(features)
     detail = f"files: {', '.join(takes) or 'none'}; speech to text: {'on' if speech else 'off'}"
-    if speech and which("ffmpeg") is None:
+    if speech and which("sox") is None:
         return failed(
             name,
-            detail + "; ffmpeg not found",
-            "install ffmpeg (Debian: apt-get install --no-install-recommends ffmpeg; the bridge "
-            "image has it): voice notes are converted with it",
+            detail + "; sox not found",
+            "install SoX (Debian: apt-get install --no-install-recommends sox libsox-fmt-base "
+            "libsox-fmt-mp3; the bridge image has it): voice notes are converted with it",
         )
     hint = (
         "" if takes else " (members' images and files get BRIDGE_MEDIA_TYPE_REPLY: 功能 › 文件上传)"
