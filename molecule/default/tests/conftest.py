@@ -27,6 +27,11 @@ PEBBLE_LISTENER_CERT = f"{TEST_VARS['wecom_test_pebble_dir']}/cert.pem"
 WECOM_DOUBLE = "http://127.0.0.1:9001"
 
 
+def text_of(message):
+    """A recorded message's text ("" for an image or a file message)."""
+    return message.get("text", {}).get("content", "")
+
+
 @dataclass
 class Response:
     status: int
@@ -81,7 +86,7 @@ class Edge:
         """The message/send bodies whose text contains `text`, once there is one."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [m for m in self.sent_messages() if text in m["text"]["content"]]
+            found = [m for m in self.sent_messages() if text in text_of(m)]
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(0.5)

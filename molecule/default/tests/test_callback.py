@@ -3,7 +3,7 @@
 import secrets
 import time
 
-from conftest import CALLBACK_PATH, TEST_VARS
+from conftest import CALLBACK_PATH, TEST_VARS, text_of
 from wecom_bridge.testing.callbacks import build_text_callback, build_url_verification
 
 
@@ -43,7 +43,7 @@ def test_message_answered_once(edge, crypto):
     res = edge.https(CALLBACK_PATH, method="POST", query=query, body=body)
     assert res.status == 200
     time.sleep(3)
-    assert len([m for m in edge.sent_messages() if text in m["text"]["content"]]) == 1
+    assert len([m for m in edge.sent_messages() if text in text_of(m)]) == 1
 
 
 def test_forged_signature_refused(edge, crypto):
