@@ -304,7 +304,7 @@ def test_welcome_reset_and_unsupported_types(start_bridge, aibot, dify_double):
     assert finished(aibot, reset) == "好的，已开始新的对话。"
     assert store.get_conversation("", f"aibot:{BOT_ID}", "zhangsan") == ""
     video = aibot.deliver("zhangsan", "video", {"url": "https://example.invalid/x"})
-    assert finished(aibot, video) == "暂时只支持文字消息，请用文字提问。"
+    assert finished(aibot, video) == "暂时不支持这类消息，请换一种方式提问。"
 
 
 def test_group_chat_keyed_per_member_with_the_member_passed_to_dify(

@@ -235,7 +235,7 @@ def test_unsupported_type_and_welcome(
     callbacks.send_event("chu", "enter_agent")
     wait_for(lambda: len(sent_texts(wecom_double, "chu")) == 2)
     assert sent_texts(wecom_double, "chu") == [
-        "暂时只支持文字消息，请用文字提问。",
+        "暂时不支持这类消息，请换一种方式提问。",
         "欢迎使用知识库助手",
     ]
 

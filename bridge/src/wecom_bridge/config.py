@@ -25,7 +25,7 @@ from wecom_bridge.wecom.crypto import parse_encoding_aes_key
 DEFAULT_RESET_WORDS = ("/reset", "新对话", "重置会话")
 DEFAULT_FALLBACK = "抱歉，知识库暂时无法回答，请稍后再试。"
 DEFAULT_RESET_REPLY = "好的，已开始新的对话。"
-DEFAULT_UNSUPPORTED = "暂时只支持文字消息，请用文字提问。"
+DEFAULT_UNSUPPORTED = "暂时不支持这类消息，请换一种方式提问。"
 DEFAULT_TRUNCATED = "\n……（回答超出本渠道一次回复的条数上限，其余部分未能发送）"
 DEFAULT_PAUSED = "您的问题需要人工处理，流程已转交相关人员，暂时无法在这里直接答复。"
 # What a member hears when the media they sent cannot go to Dify ({kind}: 图片/文件/语音,
