@@ -480,26 +480,8 @@ class DifyClient:
         self, path: str, user: str, name: str, content: IO[bytes], mime_type: str
     ) -> requests.Response:
         """One multipart POST, not retried here: the caller's job retries it later."""
-        headers = {"Authorization": f"Bearer {self._settings.api_key}"}
-        try:
-            response = self._session.post(
-                self._base + path,
-                files={"file": (name, content, mime_type)},
-                data={"user": user},
-                headers=headers,
-                timeout=self._timeout,
-            )
-        except requests.Timeout:
-            raise DifyError(f"Dify {path} timed out", code="timeout", retryable=True) from None
-        except requests.RequestException as exc:
-            raise DifyError(
-                f"Dify {path} unreachable: {type(exc).__name__}", code="network", retryable=True
-            ) from None
-        if response.status_code >= 400:
-            error = _http_error(response)
-            response.close()
-            raise error
-        return response
+        form = {"files": {"file": (name, content, mime_type)}, "data": {"user": user}}
+        return self._send("POST", path, form=form)
 
     # --- modes -----------------------------------------------------------------------------
 
@@ -617,7 +599,9 @@ class DifyClient:
         *,
         stream: bool = False,
         params: dict[str, str] | None = None,
+        form: dict[str, Any] | None = None,
     ) -> requests.Response:
+        """One request; `form`: multipart `files` and `data` instead of a JSON body."""
         headers = {"Authorization": f"Bearer {self._settings.api_key}"}
         try:
             response = self._session.request(
@@ -628,6 +612,7 @@ class DifyClient:
                 headers=headers,
                 timeout=self._timeout,
                 stream=stream,
+                **(form or {}),
             )
         except requests.Timeout:
             raise DifyError(f"Dify {path} timed out", code="timeout", retryable=True) from None
