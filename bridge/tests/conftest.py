@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,34 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float
             return value
         time.sleep(step)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+@contextmanager
+def aibot_double_process(args: list[str], env: dict[str, str]) -> Iterator[str]:
+    """`wecom-bridge aibot-double ARGS --control …` as its own process (as molecule and the
+    demo run it); yields its control URL once it answers, stops it afterwards."""
+    port = free_port()
+    command = [sys.executable, "-m", "wecom_bridge", "aibot-double", *args]
+    double = subprocess.Popen(
+        [*command, "--control", f"127.0.0.1:{port}"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    control = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{control}/control/status"))
+        yield control
+    finally:
+        double.terminate()
+        double.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def free_port() -> int:

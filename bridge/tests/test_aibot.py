@@ -6,15 +6,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import AppSecrets, BridgeProcess, dify_state, free_port, wait_for
+from conftest import (
+    AppSecrets,
+    BridgeProcess,
+    aibot_double_process,
+    dify_state,
+    free_port,
+    wait_for,
+)
 
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
@@ -471,26 +476,9 @@ def test_the_simulator_plays_the_member_through_the_double_process(
 ):
     """`aibot-double` as its own process (as molecule and the demo run it), the bridge
     connected to it, `simulate-aibot` printing the stream as it arrives."""
-    ws_port, control_port = free_port(), free_port()
-    env = {**os.environ, "WECOM_AIBOT_BOT_ID": BOT_ID, "WECOM_AIBOT_SECRET": BOT_SECRET}
-    double = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "wecom_bridge",
-            "aibot-double",
-            "--listen",
-            f"127.0.0.1:{ws_port}",
-            "--control",
-            f"127.0.0.1:{control_port}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    control = f"http://127.0.0.1:{control_port}"
-    try:
-        wait_for(lambda: _answers(f"{control}/control/status"))
+    ws_port = free_port()
+    env = {"WECOM_AIBOT_BOT_ID": BOT_ID, "WECOM_AIBOT_SECRET": BOT_SECRET}
+    with aibot_double_process(["--listen", f"127.0.0.1:{ws_port}"], env) as control:
         state = dify_state(dify_double)
         state.set_answer("第一句。第二句。第三句。" * 10)
         state.set_pace(chunk_chars=6, chunk_interval=0.05)
@@ -517,13 +505,3 @@ def test_the_simulator_plays_the_member_through_the_double_process(
             assert "finished: Dify double answer: 这是什么 [files: image:shot.png]" in out
         finally:
             bridge.stop()
-    finally:
-        double.terminate()
-        double.wait(10)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 import requests
-from conftest import dify_state, free_port, wait_for
+from conftest import aibot_double_process, dify_state, wait_for
 
 from wecom_bridge.channels.aibot_webhook import AibotWebhookOutbound
 from wecom_bridge.channels.base import Reply
@@ -168,20 +166,8 @@ def test_the_simulator_plays_the_member_through_the_webhook_double_process(
 ):
     """`aibot-double --webhook` as its own process: WeCom's side calling the bridge's callback
     URL and refreshing the stream; `simulate-aibot` prints the stream as it arrives."""
-    control_port = free_port()
-    env = {**os.environ, "WECOM_AIBOT_TOKEN": TOKEN, "WECOM_AIBOT_ENCODING_AES_KEY": AES_KEY}
-    double = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "wecom_bridge", "aibot-double"),
-            *("--webhook", f"{bridge.url}/wxcomaibot", "--control", f"127.0.0.1:{control_port}"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    control = f"http://127.0.0.1:{control_port}"
-    try:
-        wait_for(lambda: _answers(f"{control}/control/status"))
+    env = {"WECOM_AIBOT_TOKEN": TOKEN, "WECOM_AIBOT_ENCODING_AES_KEY": AES_KEY}
+    with aibot_double_process(["--webhook", f"{bridge.url}/wxcomaibot"], env) as control:
         state = dify_state(dify_double)
         state.set_answer("第一句。第二句。第三句。" * 10)
         state.set_pace(chunk_chars=6, chunk_interval=0.05)
@@ -190,22 +176,12 @@ def test_the_simulator_plays_the_member_through_the_webhook_double_process(
         assert code == 0, out
         assert "update:" in out and "finished: " + "第一句。第二句。第三句。" * 10 in out
         assert requests.get(f"{control}/control/status", timeout=5).json()["mode"] == "webhook"
-    finally:
-        double.terminate()
-        double.wait(10)
 
 
 def test_the_webhook_double_refuses_without_its_crypto(capsys):
     code = main(["aibot-double", "--webhook", "http://127.0.0.1:1/wxcomaibot"])
     assert code == 2
     assert "WECOM_AIBOT_TOKEN" in capsys.readouterr().err
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_a_webhook_bot_sends_dify_images_as_links(wecom, dify_double):
