@@ -12,6 +12,7 @@ from flask import Flask, Response, request
 from wechatpy.enterprise.crypto import WeChatCrypto  # wechatpy 1.8 names the WeCom module so
 
 from wecom_bridge.errors import ConfigError
+from wecom_bridge.testing.aibot_double import StreamImageError, stream_images
 from wecom_bridge.testing.callbacks import (
     CallbackClient,
     build_callback,
@@ -23,6 +24,7 @@ from wecom_bridge.testing.dify_double import create_dify_double, dify_double_fro
 from wecom_bridge.testing.dify_signed_files import DifyAnswerFiles, tiny_png
 from wecom_bridge.testing.server import ServerThread, parse_listen
 from wecom_bridge.testing.wecom_double import create_wecom_double, wecom_double_from_env
+from wecom_bridge.wecom.aibot_frames import StreamImage
 from wecom_bridge.wecom.crypto import WeComCrypto
 from wecom_bridge.wecom.messages import parse_envelope, parse_message, parse_xml
 
@@ -889,3 +891,37 @@ def test_dify_reasoning_and_control_api(dify: ServerThread) -> None:
     requests.post(url + "/input-form", json={"user_input_form": form}, timeout=5)
     assert v1(dify, "/chat-messages", chat(mode="blocking")).status_code == 400
     assert len(requests.get(url + "/messages", timeout=5).json()["messages"]) == 1
+
+
+GOOD_ITEM = StreamImage.of(tiny_png(5)).item()
+
+
+def test_the_ai_bot_double_takes_msg_item_images_as_wecom_documents_them() -> None:
+    assert stream_images({"finish": True, "msg_item": [GOOD_ITEM]}) == [tiny_png(5)]
+    assert stream_images({"finish": False}) == []
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param({"finish": False, "msg_item": [GOOD_ITEM]}, id="not-finishing"),
+        pytest.param(
+            {
+                "finish": True,
+                "msg_item": [{**GOOD_ITEM, "image": {**GOOD_ITEM["image"], "md5": "0"}}],
+            },
+            id="wrong-md5",
+        ),
+        pytest.param(
+            {"finish": True, "msg_item": [StreamImage.of(b"GIF89a" + bytes(40)).item()]}, id="gif"
+        ),
+        pytest.param({"finish": True, "msg_item": [GOOD_ITEM] * 11}, id="eleven"),
+        pytest.param(
+            {"finish": True, "msg_item": [{"msgtype": "image", "image": {"base64": "%%"}}]},
+            id="not-base64",
+        ),
+    ],
+)
+def test_the_ai_bot_double_refuses_msg_item_wecom_would_not_take(stream: dict) -> None:
+    with pytest.raises(StreamImageError):
+        stream_images(stream)

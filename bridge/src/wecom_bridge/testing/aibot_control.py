@@ -12,7 +12,9 @@ drive either mode through the same calls:
   the member sends media (an image with a text: a mixed message), served encrypted from here
   (`/aibot-media/<id>`) with the message's aeskey (long connection) or the bot's key (webhook);
 - `GET /control/messages/<msgid>?after=N&wait=S`: what the member saw — stream updates, the
-  finished text, further answers, the welcome; waits up to S seconds for more than N of them;
+  finished text, further answers, the welcome, the finished stream's images (`images`: md5 and
+  size; their bytes at `/control/messages/<msgid>/images/<n>`); waits up to S seconds for more
+  than N of them;
 - `GET /control/status`, `POST /control/kick` (long connection only);
 - `GET /chat`: the chat page, playing the member; the answer grows as it streams in.
 """
@@ -47,6 +49,8 @@ class AibotDriver(Protocol):
     def enter_chat(self, userid: str) -> str: ...
 
     def view(self, msgid: str) -> dict[str, Any] | None: ...
+
+    def image(self, msgid: str, index: int) -> bytes | None: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -131,6 +135,14 @@ def control_app(driver: AibotDriver) -> Flask:
         after = request.args.get("after", type=int, default=-1)
         wait = request.args.get("wait", type=float, default=0.0)
         return jsonify(_wait_view(driver, msgid, after, wait) or {})
+
+    @app.get("/control/messages/<msgid>/images/<int:index>")
+    def image(msgid: str, index: int) -> Response:
+        data = driver.image(msgid, index)
+        if data is None:
+            return Response("no such image\n", status=404, mimetype="text/plain")
+        kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        return Response(data, mimetype=kind)
 
     @app.get("/control/status")
     def status() -> Response:

@@ -10,7 +10,8 @@ its Node SDK (WecomTeam/aibot-node-sdk) describe it.
   was pushed on may answer (another gets 846605, invalid req_id). Its stream: each update
   replaces the displayed text; content over 20480 bytes is refused (40058); a stream left
   without updates for `stream_idle_expiry`, or older than `stream_max_age` (6 min), or already
-  finished, is refused with 846608.
+  finished, is refused with 846608. The finishing update may carry images (`msg_item`, checked
+  as `stream_images` says); an update with a msg_item WeCom would not take is refused (40058).
 - `enter_chat` is pushed as `aibot_event_callback`; the welcome must come within 5 s.
 - `aibot_send_msg` {chatid, markdown} is a new message from the bot; {chatid, msgtype image|file,
   image|file: {media_id}} sends a file uploaded with `aibot_upload_media_init` {type, filename,
@@ -54,6 +55,7 @@ class StreamUpdate:
     at: float
     content: str
     finish: bool
+    images: list[bytes] = field(default_factory=list)  # a finishing reply's msg_item images
 
 
 @dataclass
@@ -79,7 +81,53 @@ class Delivery:
 
 
 def _update_view(u: StreamUpdate) -> dict[str, Any]:
-    return {"at": u.at, "content": u.content, "finish": u.finish}
+    images = [{"md5": hashlib.md5(i).hexdigest(), "bytes": len(i)} for i in u.images]  # noqa: S324
+    return {"at": u.at, "content": u.content, "finish": u.finish, "images": images}
+
+
+def _finished_image(updates: list[StreamUpdate], index: int) -> bytes | None:
+    last = updates[-1] if updates else None
+    images = last.images if last is not None and last.finish else []
+    return images[index] if 0 <= index < len(images) else None
+
+
+def _finished_images(updates: list[StreamUpdate]) -> list[dict[str, Any]]:
+    last = updates[-1] if updates else None
+    return _update_view(last)["images"] if last is not None and last.finish else []
+
+
+class StreamImageError(ValueError):
+    """A stream reply's msg_item that WeCom would not take."""
+
+
+def stream_images(stream: dict[str, Any]) -> list[bytes]:
+    """The images of a stream reply's `msg_item`, as WeCom's doc 101031 (被动回复消息 › 流式消息
+    回复) allows them: only in the finishing reply, at most 10, each `{msgtype: image, image:
+    {base64, md5}}` of a JPG or PNG of at most 10 MB before encoding, md5 of the raw bytes."""
+    items = stream.get("msg_item")
+    if items is None:
+        return []
+    if not stream.get("finish"):
+        raise StreamImageError("msg_item is taken only when finish is true")
+    if not isinstance(items, list) or len(items) > frames.STREAM_MAX_IMAGES:
+        raise StreamImageError(f"msg_item: a list of at most {frames.STREAM_MAX_IMAGES} items")
+    images = []
+    for item in items:
+        image = item.get("image") if isinstance(item, dict) else None
+        if item.get("msgtype") != "image" or not isinstance(image, dict):
+            raise StreamImageError("msg_item: msgtype image with an image object expected")
+        try:
+            data = base64.b64decode(str(image.get("base64", "")), validate=True)
+        except ValueError:
+            raise StreamImageError("msg_item: image.base64 is not base64") from None
+        if hashlib.md5(data).hexdigest() != image.get("md5"):  # noqa: S324 - WeCom's checksum
+            raise StreamImageError("msg_item: image.md5 is not the md5 of the image")
+        if len(data) > frames.STREAM_IMAGE_LIMIT:
+            raise StreamImageError("msg_item: an image over 10 MB")
+        if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+            raise StreamImageError("msg_item: only JPG and PNG images")
+        images.append(data)
+    return images
 
 
 @dataclass
@@ -266,7 +314,14 @@ class AibotDouble:
                 "welcome": d.welcome,
                 "pushed_at": d.pushed_at,
                 "answers": self.answers(msgid),
+                "images": _finished_images(d.updates),
             }
+
+    def image(self, msgid: str, index: int) -> bytes | None:
+        """Image `index` of the finished stream of `msgid` (the chat page shows it)."""
+        with self.lock:
+            d = self.deliveries.get(msgid)
+            return _finished_image(d.updates if d else [], index)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -496,8 +551,12 @@ class AibotDouble:
         )
         if delivery.finished is not None or expired:
             return frames.ERR_STREAM_EXPIRED, "stream message update expired"
+        try:
+            images = stream_images(stream)
+        except StreamImageError as exc:
+            return ERR_BAD_PARAM, str(exc)
         delivery.stream_id = str(stream["id"])
-        delivery.updates.append(StreamUpdate(now, content, bool(stream.get("finish"))))
+        delivery.updates.append(StreamUpdate(now, content, bool(stream.get("finish")), images))
         return 0, "ok"
 
 
@@ -513,6 +572,7 @@ class WebhookExchange:
     first: dict[str, Any] | None  # the decrypted passive reply
     updates: list[StreamUpdate] = field(default_factory=list)  # from the refreshes
     late: list[str] = field(default_factory=list)  # what came through response_url
+    rejected: list[str] = field(default_factory=list)  # replies WeCom would not take, and why
     userid: str = ""
     chat: str = ""
     pushed_at: float = 0.0
@@ -527,7 +587,8 @@ class WebhookExchange:
 class AibotWebhookSender:
     """WeCom's side of the webhook mode: encrypted JSON callbacks (ReceiveId empty) to the
     bridge, stream-refresh callbacks until the stream is finished or `window` (6 min) has
-    passed, and the one-time response_url (a call beyond the first is refused)."""
+    passed, and the one-time response_url (a call beyond the first is refused). A reply whose
+    msg_item WeCom would not take is not shown (kept in the exchange's `rejected`)."""
 
     def __init__(
         self,
@@ -685,6 +746,8 @@ class AibotWebhookSender:
                 "pushed_at": x.pushed_at,
                 "answers": ([finished] if finished is not None else [])
                 + list(self.late.get(msgid, [])),
+                "images": _finished_images(x.updates),
+                "rejected": list(x.rejected),
             }
 
     def status(self) -> dict[str, Any]:
@@ -731,11 +794,23 @@ class AibotWebhookSender:
             self._record(exchange, (reply or {}).get("stream") or {})
 
     def _record(self, exchange: WebhookExchange, stream: dict[str, Any]) -> None:
+        try:
+            images = stream_images(stream)
+        except StreamImageError as exc:  # not shown: the stream goes on being refreshed
+            with self.lock:
+                exchange.rejected.append(str(exc))
+            return
         update = StreamUpdate(
-            time.time(), str(stream.get("content", "")), bool(stream.get("finish"))
+            time.time(), str(stream.get("content", "")), bool(stream.get("finish")), images
         )
         with self.lock:
             exchange.updates.append(update)
+
+    def image(self, msgid: str, index: int) -> bytes | None:
+        """Image `index` of the finished stream of `msgid` (the chat page shows it)."""
+        with self.lock:
+            exchange = self.exchanges.get(msgid)
+            return _finished_image(exchange.updates if exchange else [], index)
 
     def late_for(self, msgid: str) -> list[str]:
         with self.lock:

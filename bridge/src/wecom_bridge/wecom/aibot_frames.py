@@ -15,7 +15,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ UPLOAD_MAX_CHUNKS = 100
 
 # The longest stream content WeCom shows (UTF-8 bytes).
 STREAM_CONTENT_LIMIT = 20480
+STREAM_MAX_IMAGES = 10  # msg_item entries of one finishing reply
+STREAM_IMAGE_LIMIT = 10 * 1024 * 1024  # bytes of one msg_item image before base64
 EVENT_ENTER_CHAT = "enter_chat"
 EVENT_DISCONNECTED = "disconnected_event"  # a newer connection took the bot over
 ERR_INVALID_REQ_ID = 846605
@@ -110,9 +112,32 @@ def ping() -> Frame:
     return Frame(new_req_id(CMD_PING), CMD_PING)
 
 
-def stream_body(stream_id: str, content: str, finish: bool) -> dict[str, Any]:
-    """A stream update: the whole text so far (each update replaces what is shown)."""
-    return {"msgtype": "stream", "stream": {"id": stream_id, "finish": finish, "content": content}}
+@dataclass(frozen=True)
+class StreamImage:
+    """An image the finishing stream reply carries in `msg_item` (doc 101031: JPG or PNG, at
+    most 10 MB before encoding, at most 10 per reply): its base64 and the md5 of its bytes."""
+
+    base64: str
+    md5: str
+
+    @classmethod
+    def of(cls, data: bytes) -> StreamImage:
+        digest = hashlib.md5(data).hexdigest()  # noqa: S324 - WeCom's checksum, not security
+        return cls(base64.b64encode(data).decode("ascii"), digest)
+
+    def item(self) -> dict[str, Any]:
+        return {"msgtype": "image", "image": {"base64": self.base64, "md5": self.md5}}
+
+
+def stream_body(
+    stream_id: str, content: str, finish: bool, images: Sequence[StreamImage] = ()
+) -> dict[str, Any]:
+    """A stream update: the whole text so far (each update replaces what is shown); the
+    finishing one may carry images (WeCom takes msg_item only with finish)."""
+    stream: dict[str, Any] = {"id": stream_id, "finish": finish, "content": content}
+    if finish and images:
+        stream["msg_item"] = [image.item() for image in images]
+    return {"msgtype": "stream", "stream": stream}
 
 
 def stream_reply(req_id: str, stream_id: str, content: str, *, finish: bool) -> Frame:
