@@ -14,6 +14,7 @@ from conftest import StoreBackend
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 from wecom_bridge.jobs.store import Arrival, NewJob, SqliteStore
+from wecom_bridge.wecom.aibot_frames import StreamImage
 
 
 class Clock:
@@ -359,10 +360,13 @@ def test_an_ai_bot_stream_is_shared_until_finished_and_its_response_url_used_onc
     writer.save_stream("bot", "s1", "半", finished=False)
     partial = reader.get_stream("bot", "s1")
     assert partial is not None and (partial.content, partial.finished) == ("半", False)
-    writer.save_stream("bot", "s1", "半个回答", finished=True)
+    assert partial.images == ()
+    image = StreamImage.of(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    writer.save_stream("bot", "s1", "半个回答", finished=True, images=[image])
     writer.save_stream("bot", "s1", "不该出现", finished=False)  # a finished stream stays
     done = reader.get_stream("bot", "s1")
     assert done is not None and (done.content, done.finished) == ("半个回答", True)
+    assert done.images == (image,)  # the finish and its images in the same write
     assert not done.response_url_used
     assert reader.use_response_url("bot", "s1")
     assert not writer.use_response_url("bot", "s1")  # once, whichever process asks
@@ -372,6 +376,28 @@ def test_an_ai_bot_stream_is_shared_until_finished_and_its_response_url_used_onc
     writer.save_stream("bot", "s3", "新", finished=False)
     writer.sweep(dedupe_ttl=50, job_retention=50)
     assert reader.get_stream("bot", "s1") is None and reader.get_stream("bot", "s3") is not None
+
+
+def test_a_store_of_an_older_release_gains_the_streams_images_column(tmp_path: Path) -> None:
+    """The streams table shipped without `images`: CREATE TABLE IF NOT EXISTS leaves it so,
+    and the store adds the column (PostgreSQL: migration 5) instead of failing every finish."""
+    data = tmp_path / "store"
+    data.mkdir()
+    with sqlite3.connect(data / "bridge.sqlite3") as old:
+        old.execute(
+            "CREATE TABLE streams (app TEXT NOT NULL, stream_id TEXT NOT NULL,"
+            " content TEXT NOT NULL, finished INTEGER NOT NULL DEFAULT 0,"
+            " response_url_used INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL,"
+            " PRIMARY KEY (app, stream_id))"
+        )
+        old.execute("INSERT INTO streams VALUES ('bot', 'old', '旧的', 1, 0, 1.0)")
+    store = SqliteStore(data)
+    kept = store.get_stream("bot", "old")
+    assert kept is not None and (kept.content, kept.images) == ("旧的", ())
+    image = StreamImage.of(b"\xff\xd8\xff" + b"\0" * 64)
+    store.save_stream("bot", "new", "新的", finished=True, images=[image])
+    assert SqliteStore(data).get_stream("bot", "new").images == (image,)  # type: ignore[union-attr]
+    store.close()
 
 
 def test_a_long_connections_report_is_its_holders_latest(store_backend: StoreBackend) -> None:

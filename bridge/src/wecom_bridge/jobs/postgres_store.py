@@ -46,7 +46,10 @@ from wecom_bridge.jobs.store import (
     NewJob,
     StoreSnapshot,
     StreamProgress,
+    images_json,
+    images_of,
 )
+from wecom_bridge.wecom.aibot_frames import StreamImage
 
 log = logging.getLogger("wecom_bridge.store")
 
@@ -149,6 +152,13 @@ CREATE TABLE streams (
 );
 CREATE INDEX streams_updated ON streams (updated_at);
 """,
+    ),
+)
+MIGRATIONS += (
+    (
+        5,
+        "the AI bot: the images a webhook stream's finishing reply carries",
+        "ALTER TABLE streams ADD COLUMN images text NOT NULL DEFAULT '';",
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -568,23 +578,35 @@ class PostgresStore:
         rows = self._read("SELECT name, owner, state, detail, updated_at FROM links ORDER BY name")
         return [LinkStatus(*row) for row in rows]
 
-    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None:
+    def save_stream(
+        self,
+        app: str,
+        stream_id: str,
+        content: str,
+        *,
+        finished: bool,
+        images: Sequence[StreamImage] = (),
+    ) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO streams (app, stream_id, content, finished, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (app, stream_id) DO UPDATE SET"
+                "INSERT INTO streams (app, stream_id, content, finished, updated_at, images)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (app, stream_id) DO UPDATE SET"
                 " content = excluded.content, finished = excluded.finished,"
-                " updated_at = excluded.updated_at WHERE NOT streams.finished",
-                (app, stream_id, content, finished, self._clock()),
+                " updated_at = excluded.updated_at, images = excluded.images"
+                " WHERE NOT streams.finished",
+                (app, stream_id, content, finished, self._clock(), images_json(images)),
             )
 
     def get_stream(self, app: str, stream_id: str) -> StreamProgress | None:
         rows = self._read(
-            "SELECT content, finished, response_url_used FROM streams"
+            "SELECT content, finished, response_url_used, images FROM streams"
             " WHERE app = %s AND stream_id = %s",
             (app, stream_id),
         )
-        return StreamProgress(*rows[0]) if rows else None
+        if not rows:
+            return None
+        content, finished, used, images = rows[0]
+        return StreamProgress(content, finished, used, images_of(images))
 
     def use_response_url(self, app: str, stream_id: str) -> bool:
         with self._tx() as db:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
+from wecom_bridge.wecom.aibot_frames import StreamImage
 
 # Fair turns for the write lock. SQLite's busy handler polls a locked database in steps of up
 # to 100 ms, so a writer that keeps re-taking the lock at once (the web side's group commit
@@ -95,7 +96,7 @@ CREATE TABLE IF NOT EXISTS links (
 CREATE TABLE IF NOT EXISTS streams (
     app TEXT NOT NULL, stream_id TEXT NOT NULL, content TEXT NOT NULL,
     finished INTEGER NOT NULL DEFAULT 0, response_url_used INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL, PRIMARY KEY (app, stream_id)
+    updated_at REAL NOT NULL, images TEXT NOT NULL DEFAULT '', PRIMARY KEY (app, stream_id)
 );
 CREATE INDEX IF NOT EXISTS streams_updated ON streams (updated_at);
 -- 微信客服: where the last kf/sync_msg of each kf account stopped (its next_cursor).
@@ -104,6 +105,10 @@ CREATE TABLE IF NOT EXISTS kf_cursors (
     PRIMARY KEY (app, open_kfid)
 );
 """
+
+# Columns added after a table was first shipped: CREATE TABLE IF NOT EXISTS leaves an older
+# store's table as it was, so each is added to it when missing (table, column, definition).
+ADDED_COLUMNS = (("streams", "images", "TEXT NOT NULL DEFAULT ''"),)
 
 INVALID_KEYS = ("invaliduser", "invalidparty", "invalidtag", "unlicenseduser")
 
@@ -145,11 +150,22 @@ class Job:
 
 @dataclass(frozen=True)
 class StreamProgress:
-    """An AI bot's webhook stream: its text so far, and whether its response_url was used."""
+    """An AI bot's webhook stream: its text so far, whether its response_url was used, and
+    the images its finishing reply carries."""
 
     content: str
     finished: bool
     response_url_used: bool
+    images: tuple[StreamImage, ...] = ()
+
+
+def images_json(images: Sequence[StreamImage]) -> str:
+    """A stream's images as the streams table keeps them ('' for none)."""
+    return json.dumps([[i.base64, i.md5] for i in images]) if images else ""
+
+
+def images_of(stored: str) -> tuple[StreamImage, ...]:
+    return tuple(StreamImage(str(b), str(m)) for b, m in json.loads(stored)) if stored else ()
 
 
 @dataclass(frozen=True)
@@ -320,7 +336,15 @@ class Store(Protocol):
     # --- the AI bot: its long connections' reports, its webhook streams ---
     def set_link_state(self, name: str, owner: str, state: str, detail: str) -> None: ...
     def link_states(self) -> list[LinkStatus]: ...
-    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None: ...
+    def save_stream(
+        self,
+        app: str,
+        stream_id: str,
+        content: str,
+        *,
+        finished: bool,
+        images: Sequence[StreamImage] = (),
+    ) -> None: ...
     def get_stream(self, app: str, stream_id: str) -> StreamProgress | None: ...
     def use_response_url(self, app: str, stream_id: str) -> bool: ...
 
@@ -388,6 +412,19 @@ def _touch(mark: Path) -> None:
         mark.touch()
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a store made by an older release up to this one's tables (ADDED_COLUMNS)."""
+    for table, column, definition in ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column in present:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
+
+
 class SqliteStore:
     """The Store in one SQLite file in the data dir (WAL, synced commits for callbacks)."""
 
@@ -453,6 +490,7 @@ class SqliteStore:
             self._local.conn = conn
         if not self._schema_ready:
             conn.executescript(SCHEMA)  # executescript manages its own transaction
+            _add_missing_columns(conn)
             self._schema_ready = True
         if not getattr(self._local, "polls", False):
             # Short from here: BEGIN polls for the lock itself (see TURNS_DIR); this only
@@ -857,26 +895,37 @@ class SqliteStore:
 
     # --- webhook streams (the AI bot) ------------------------------------------------------
 
-    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None:
-        """The stream's text so far (a finished stream is not changed again)."""
+    def save_stream(
+        self,
+        app: str,
+        stream_id: str,
+        content: str,
+        *,
+        finished: bool,
+        images: Sequence[StreamImage] = (),
+    ) -> None:
+        """The stream's text so far, and with the finish its images (a finished stream is
+        not changed again)."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO streams (app, stream_id, content, finished, updated_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (app, stream_id) DO UPDATE SET"
+                "INSERT INTO streams (app, stream_id, content, finished, updated_at, images)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (app, stream_id) DO UPDATE SET"
                 " content=excluded.content, finished=excluded.finished,"
-                " updated_at=excluded.updated_at WHERE streams.finished = 0",
-                (app, stream_id, content, int(finished), self._clock()),
+                " updated_at=excluded.updated_at, images=excluded.images"
+                " WHERE streams.finished = 0",
+                (app, stream_id, content, int(finished), self._clock(), images_json(images)),
             )
 
     def get_stream(self, app: str, stream_id: str) -> StreamProgress | None:
         rows = self._read(
-            "SELECT content, finished, response_url_used FROM streams WHERE app=? AND stream_id=?",
+            "SELECT content, finished, response_url_used, images FROM streams"
+            " WHERE app=? AND stream_id=?",
             (app, stream_id),
         )
         if not rows:
             return None
         row = rows[0]
-        return StreamProgress(row[0], bool(row[1]), bool(row[2]))
+        return StreamProgress(row[0], bool(row[1]), bool(row[2]), images_of(row[3]))
 
     def use_response_url(self, app: str, stream_id: str) -> bool:
         """Claim the message's one response_url call; False when it was used before."""
