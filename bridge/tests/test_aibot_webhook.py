@@ -18,10 +18,12 @@ from wecom_bridge.channels.base import Reply
 from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
 from wecom_bridge.errors import WeComApiError
+from wecom_bridge.jobs.media_out import MediaRef, MediaSender, PartTransfer
 from wecom_bridge.jobs.store import SqliteStore
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.aibot_double import AibotWebhookSender
+from wecom_bridge.testing.dify_signed_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
 
 TOKEN = "AibotToken42"
@@ -121,17 +123,22 @@ def test_beyond_two_parts_the_member_is_told_the_rest_is_missing(wecom, dify_dou
     assert answer.startswith(delivered[: len(delivered) - len("其余部分未能发送）") - 30])
 
 
+def late_context(body: dict) -> dict[str, str]:
+    """A message's reply context as stored, received 6 min 40 s ago: no more refreshes."""
+    return {
+        "stream_id": f"s{body['msgid']}",
+        "reply": "stream",
+        "response_url": body["response_url"],
+        "received_at": f"{time.time() - 400:.3f}",
+    }
+
+
 def test_an_answer_that_outlives_the_window_goes_through_response_url_exactly_once(tmp_path, env):
     (app,) = load_config(env).apps
     store = SqliteStore(tmp_path / "store")
     with AibotWebhookSender("http://127.0.0.1:1/unused", TOKEN, AES_KEY) as wecom:
         body = wecom.message("zhaoliu", "慢问题")
-        context = {
-            "stream_id": f"s{body['msgid']}",
-            "reply": "stream",
-            "response_url": body["response_url"],
-            "received_at": f"{time.time() - 400:.3f}",  # 6 min 40 s ago: no more refreshes
-        }
+        context = late_context(body)
         outbound = AibotWebhookOutbound(app, store, Metrics())
         outbound.send_part(Reply("zhaoliu", context), "迟到的回答")
         assert wecom.late_for(str(body["msgid"])) == ["迟到的回答"]
@@ -176,6 +183,9 @@ def test_the_simulator_plays_the_member_through_the_webhook_double_process(
         assert code == 0, out
         assert "update:" in out and "finished: " + "第一句。第二句。第三句。" * 10 in out
         assert requests.get(f"{control}/control/status", timeout=5).json()["mode"] == "webhook"
+        code = main(["simulate-aibot", "看图 #md-image", "--control", control])
+        out = capsys.readouterr().out
+        assert code == 0 and f"an image with the finish: {len(tiny_png(2))} bytes" in out, out
 
 
 def test_the_webhook_double_refuses_without_its_crypto(capsys):
@@ -184,12 +194,60 @@ def test_the_webhook_double_refuses_without_its_crypto(capsys):
     assert "WECOM_AIBOT_TOKEN" in capsys.readouterr().err
 
 
-def test_a_webhook_bot_sends_dify_images_as_links(wecom, dify_double):
-    """The upload frames exist only on the long connection: in webhook mode an image in the
-    answer reaches the member as its absolute link, in the answer's order, within the one
-    finished stream (a webhook bot has the stream and one response_url call, no more)."""
+def test_a_webhook_bot_finishes_its_stream_with_difys_image(wecom, dify_double):
+    """WeCom's finishing stream reply carries images (msg_item: base64 and md5 of a JPG/PNG):
+    Dify's markdown image leaves the text and rides on the finish, the text around it stays,
+    and the stream shows no half-written image link while Dify writes."""
     exchange = wecom.ask("qian", "报表 #md-image")
+    assert exchange.rejected == []  # the double checks msg_item as WeCom documents it
     answer = exchange.finished
-    assert answer.startswith("Dify double answer: 报表 #md-image")
-    link = f"chart：{dify_double.url}/files/tools/"
-    assert link in answer and answer.index(link) < answer.index("以上是图表。")
+    assert answer is not None and answer.startswith("Dify double answer: 报表 #md-image")
+    assert "以上是图表。" in answer and "/files/" not in answer
+    assert exchange.updates[-1].images == [tiny_png(2)]
+    assert all("![" not in u.content and not u.images for u in exchange.updates[:-1])
+
+
+def test_difys_message_file_image_rides_on_the_finish_too(wecom, dify_double):
+    exchange = wecom.ask("qian", "画一张 #image")
+    assert exchange.finished is not None and exchange.updates[-1].images == [tiny_png(1)]
+    assert "/files/" not in exchange.finished
+
+
+def test_what_cannot_ride_on_the_finish_follows_the_text_as_its_link(wecom, dify_double):
+    """A "PNG" that is HTML, an 11 MB image (over WeCom's 10 MB) and a PDF (a webhook bot
+    cannot send files) reach the member as working links, in the one finished stream."""
+    exchange = wecom.ask("qian", "都要 #md-image #not-image #big-image #file", wait=60)
+    assert exchange.rejected == [] and exchange.updates[-1].images == [tiny_png(2)]
+    answer = exchange.finished
+    assert answer is not None
+    for name in ("fake", "big", "report.pdf"):
+        assert f"{name}：{dify_double.url}/files/" in answer, name
+    assert "chart：" not in answer  # the one that went as an image has no link
+    assert wecom.late_for(exchange.msgid) == []
+
+
+def test_an_image_answer_past_the_stream_window_goes_as_links_once(tmp_path, env, dify_double):
+    """Too late for the stream: response_url takes text only, so the image goes as its link;
+    a job resumed after the finish was stored sends nothing again."""
+    (app,) = load_config(env).apps
+    store = SqliteStore(tmp_path / "store")
+    outbound = AibotWebhookOutbound(app, store, Metrics())
+    sender = MediaSender(tmp_path / "media")
+    ref = MediaRef("image", f"{dify_double.url}/files/tools/x.png", "chart")
+    noted: dict[str, object] = {}
+    transfer = PartTransfer(1, noted, noted.__setitem__, lambda what, write: write())
+    settings = (app.dify, app.media)
+    with AibotWebhookSender("http://127.0.0.1:1/unused", TOKEN, AES_KEY) as wecom:
+        body = wecom.message("zhaoliu", "慢问题")
+        late = late_context(body)
+        sender.finish_stream(transfer, [ref], Reply("zhaoliu", late), outbound, settings, "图如下")
+        assert wecom.late_for(str(body["msgid"])) == [f"图如下\n\nchart：{ref.url}"]
+        resumed = {**late, "stream_id": "s-resumed", "received_at": f"{time.time():.3f}"}
+        store.save_stream(app.name, "s-resumed", "已完成", finished=True)
+        noted["stream_text"] = "已完成"  # the finish was stored, then the bridge was killed
+        sender.finish_stream(
+            transfer, [ref], Reply("zhaoliu", resumed), outbound, settings, "已完成"
+        )
+        state = store.get_stream(app.name, "s-resumed")
+        assert state is not None and not state.response_url_used  # nothing sent again
+        assert len(wecom.late_for(str(body["msgid"]))) == 1

@@ -6,6 +6,7 @@ Chromium is required (Debian package `chromium`): missing, these tests fail rath
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import signal
 import struct
 import subprocess
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -24,6 +26,7 @@ from wecom_bridge.config import load_config
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.aibot_control import control_app
 from wecom_bridge.testing.aibot_double import AibotDouble, AibotWebhookSender
+from wecom_bridge.testing.dify_signed_files import tiny_png
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import ChatCallback
 
@@ -250,12 +253,11 @@ def test_the_page_plays_the_ai_bot_over_the_long_connection(
             runtime.pool.stop()
 
 
-def test_the_page_plays_the_ai_bot_through_its_webhook(
+@contextlib.contextmanager
+def webhook_page(
     tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
-) -> None:
-    state = dify_state(dify_double)
-    state.set_answer(AIBOT_ANSWER)
-    state.set_pace(chunk_chars=6, chunk_interval=0.08)
+) -> Iterator[tuple[AibotWebhookSender, ServerThread]]:
+    """A webhook bot on a real server, WeCom's side played by the double, and its page."""
     env = {
         "WECOM_AIBOT_MODE": "webhook",
         "WECOM_AIBOT_TOKEN": "PageToken42",
@@ -272,12 +274,33 @@ def test_the_page_plays_the_ai_bot_through_its_webhook(
                 f"{bridge.url}/wxcomaibot", "PageToken42", secrets.aes_key, refresh_interval=0.2
             )
             with sender, ServerThread(control_app(sender)) as control:
-                result = chromium(
-                    tmp_path, aibot_page_url(control, "sunqi", "报销？"), "--dump-dom"
-                )
-            assert result.returncode == 0, result.stderr[-2000:]
-            assert_streamed_answer(result.stdout)
-            (exchange,) = sender.exchanges.values()  # through real encrypted callbacks
-            assert exchange.finished == AIBOT_ANSWER and len(exchange.updates) > 2
+                yield sender, control
     finally:
         app.extensions["wecom_bridge"].pool.stop()
+
+
+def test_the_page_plays_the_ai_bot_through_its_webhook(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    state = dify_state(dify_double)
+    state.set_answer(AIBOT_ANSWER)
+    state.set_pace(chunk_chars=6, chunk_interval=0.08)
+    with webhook_page(tmp_path, dify_double, secrets) as (sender, control):
+        result = chromium(tmp_path, aibot_page_url(control, "sunqi", "报销？"), "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_streamed_answer(result.stdout)
+    (exchange,) = sender.exchanges.values()  # through real encrypted callbacks
+    assert exchange.finished == AIBOT_ANSWER and len(exchange.updates) > 2
+
+
+def test_the_page_shows_the_image_a_webhook_bots_finish_carries(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    with webhook_page(tmp_path, dify_double, secrets) as (sender, control):
+        result = chromium(tmp_path, aibot_page_url(control, "sunqi", "图 #md-image"), "--dump-dom")
+        assert result.returncode == 0, result.stderr[-2000:]
+        (msgid,) = sender.exchanges
+        source = f"/control/messages/{msgid}/images/0"
+        assert f'<img src="{source}"' in result.stdout, result.stdout[-2000:]
+        served = requests.get(control.url + source, timeout=5)
+        assert served.headers["Content-Type"] == "image/png" and served.content == tiny_png(2)

@@ -19,6 +19,7 @@ from wecom_bridge.jobs.media_out import (
     plan_answer,
     sniff,
     stored_media,
+    stored_stream_images,
     without_images,
 )
 from wecom_bridge.jobs.splitter import split_message
@@ -214,3 +215,30 @@ def test_the_stream_shows_the_text_without_its_images() -> None:
     assert without_images(text) == "前  后 [报告](/files/b/file-preview) "
     # An image still being written does not show its half either.
     assert without_images(text + "![半](/files/to") == "前  后 [报告](/files/b/file-preview) "
+
+
+def stream_plan(text: str, files: tuple[DifyFile, ...] = (), most: int = 10) -> AnswerPlan:
+    return plan_answer(text, files, DIFY, MediaSettings(), LIMIT, inline=True, stream_images=most)
+
+
+def test_a_stream_plan_takes_the_images_out_of_the_text_and_links_the_files() -> None:
+    """The webhook bot: images ride on the stream's finish, files stay as their links."""
+    text = "看图：![图一](/files/tools/a.png?s=1) 再看 [报告.pdf](/files/b/file-preview?s=2) 完"
+    event = DifyFile(id="e", type="image", url="/files/tools/e.png?s=3", filename="")
+    result = stream_plan(text, (event,))
+    assert [(r.kind, r.name) for r in result.images] == [("image", "图一"), ("image", "e.png")]
+    assert result.media == {} and len(result.parts) == 1
+    assert "图一" not in result.parts[0] and "a.png" not in result.parts[0]
+    assert "报告.pdf：http://127.0.0.1:8080/files/b/file-preview?s=2" in result.parts[0]
+    assert stored_stream_images(result.result()) == result.images
+
+
+def test_a_stream_plan_keeps_room_for_links_and_caps_the_images() -> None:
+    images = " ".join(f"![p{n}](/files/tools/{n}.png?s={n})" for n in range(12))
+    result = stream_plan("长" * 3000 + images, most=10)
+    assert [r.name for r in result.images] == [f"p{n}" for n in range(10)]
+    assert "p10：http://127.0.0.1:8080/files/tools/10.png" in result.parts[-1]  # beyond 10
+    links = "\n\n".join(f"{r.name}：{r.url}" for r in result.images)
+    assert len(result.parts[0].encode()) + len(links.encode()) + 2 <= LIMIT
+    only_image = stream_plan("![图表](/files/tools/x.png?s=1)")
+    assert only_image.parts == ["图表"] and len(only_image.images) == 1  # a text to finish with

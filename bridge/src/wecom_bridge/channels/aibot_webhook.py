@@ -6,8 +6,10 @@ A message is answered at once with the start of a stream; WeCom then sends strea
 callbacks for that stream id, each answered with the text stored so far, until it is finished
 — for at most 6 minutes after the message. Outbound (the job side): the text so far is stored
 as Dify writes it (at most once per `stream_interval`); the first part finishes the stored
-stream while WeCom still refreshes it; an answer that outlives that window, or a part beyond
-the first, goes through the message's `response_url`, which WeCom takes once.
+stream while WeCom still refreshes it, carrying the answer's images (`msg_item`, stored with
+the finish in the same write); an answer that outlives that window, or a part beyond the
+first, goes through the message's `response_url`, which WeCom takes once (text only: images
+go there as links). Files have no way out in this mode but their links.
 """
 
 from __future__ import annotations
@@ -15,18 +17,24 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import requests
 
 from wecom_bridge.channels.aibot import fit
-from wecom_bridge.channels.base import Reply, Target, TextProgress
+from wecom_bridge.channels.base import Reply, StreamFinish, Target, TextProgress
 from wecom_bridge.config import AppConfig
 from wecom_bridge.errors import MalformedJsonError, MissingParameterError, WeComApiError
 from wecom_bridge.metrics import Metrics
-from wecom_bridge.wecom.aibot_frames import STREAM_CONTENT_LIMIT, AibotMessage, parse_message
+from wecom_bridge.wecom.aibot_frames import (
+    STREAM_CONTENT_LIMIT,
+    STREAM_MAX_IMAGES,
+    AibotMessage,
+    StreamImage,
+    parse_message,
+)
 from wecom_bridge.wecom.crypto import WeComCrypto
 from wecom_bridge.wecom.messages import SendResult
 
@@ -44,11 +52,22 @@ class StreamState(Protocol):
     @property
     def finished(self) -> bool: ...
 
+    @property
+    def images(self) -> Sequence[StreamImage]: ...
+
 
 class StreamBoard(Protocol):
     """Where webhook streams are kept between the job side and the web side (the store)."""
 
-    def save_stream(self, app: str, stream_id: str, content: str, *, finished: bool) -> None: ...
+    def save_stream(
+        self,
+        app: str,
+        stream_id: str,
+        content: str,
+        *,
+        finished: bool,
+        images: Sequence[StreamImage] = (),
+    ) -> None: ...
 
     def get_stream(self, app: str, stream_id: str) -> StreamState | None: ...
 
@@ -116,11 +135,12 @@ class AibotWebhookInbound:
 
 class AibotWebhookOutbound:
     """The job side of a webhook bot: stores the stream for WeCom to pull, else response_url.
-    Not a MediaOutbound: the upload frames exist only on the long connection, so Dify's images
-    and files reach the member as links in the text."""
+    Not a MediaOutbound (the upload frames exist only on the long connection): Dify's images
+    ride on the stream's finish (a StreamImageOutbound), its files reach the member as links."""
 
     part_limit_bytes = STREAM_CONTENT_LIMIT
     max_parts: int | None = 2  # the stream, then the response_url WeCom takes once
+    max_stream_images = STREAM_MAX_IMAGES
 
     def __init__(
         self,
@@ -160,17 +180,45 @@ class AibotWebhookOutbound:
         yield progress
 
     def send_part(self, target: Target, text: str) -> SendResult:
-        if not isinstance(target, Reply) or not target.context.get("stream_id"):
-            raise WeComApiError(None, "the AI bot answers messages only (no send API yet)")
-        context = target.context
+        context = self._context(target)
         stream_id = context["stream_id"]
         state = self.board.get_stream(self.app.name, stream_id)
+        if self._finish_of(context, state) is StreamFinish.CLOSED:
+            return self._respond_late(context, stream_id, text)
+        self.board.save_stream(self.app.name, stream_id, text, finished=True)
+        return SendResult(msgid=stream_id)
+
+    def stream_finish(self, target: Target, text: str) -> StreamFinish:
+        context = self._context(target)
+        state = self.board.get_stream(self.app.name, context["stream_id"])
+        finish = self._finish_of(context, state)
+        if finish is StreamFinish.CLOSED and state is not None and state.content == text:
+            return StreamFinish.DELIVERED  # finished with this text before a crash
+        return finish
+
+    def finish_with_images(
+        self, target: Target, text: str, images: Sequence[StreamImage], fallback: str
+    ) -> SendResult:
+        context = self._context(target)
+        stream_id = context["stream_id"]
+        state = self.board.get_stream(self.app.name, stream_id)
+        if self._finish_of(context, state) is StreamFinish.CLOSED:
+            return self._respond_late(context, stream_id, fallback)
+        self.board.save_stream(self.app.name, stream_id, text, finished=True, images=images)
+        return SendResult(msgid=stream_id)
+
+    @staticmethod
+    def _context(target: Target) -> Mapping[str, str]:
+        if not isinstance(target, Reply) or not target.context.get("stream_id"):
+            raise WeComApiError(None, "the AI bot answers messages only (no send API yet)")
+        return target.context
+
+    def _finish_of(self, context: Mapping[str, str], state: StreamState | None) -> StreamFinish:
+        """OPEN while WeCom refreshes the unfinished stream (with a margin), else CLOSED."""
         received = float(context.get("received_at") or 0.0)
         in_window = self._clock() - received < REFRESH_WINDOW - WINDOW_MARGIN
-        if in_window and (state is None or not state.finished):
-            self.board.save_stream(self.app.name, stream_id, text, finished=True)
-            return SendResult(msgid=stream_id)
-        return self._respond_late(context, stream_id, text)
+        unfinished = state is None or not state.finished
+        return StreamFinish.OPEN if in_window and unfinished else StreamFinish.CLOSED
 
     def _respond_late(self, context: Mapping[str, str], stream_id: str, text: str) -> SendResult:
         url = context.get("response_url", "")

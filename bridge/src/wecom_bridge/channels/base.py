@@ -8,7 +8,7 @@ channel is a new pair of classes, not a change to the pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from wecom_bridge.channels.proactive import SendRequest
+from wecom_bridge.wecom.aibot_frames import StreamImage
 from wecom_bridge.wecom.messages import SendResult
 from wecom_bridge.wecom.uploads import UploadedMedia
 
@@ -124,4 +125,34 @@ class MediaOutbound(Protocol):
     def send_media(self, target: Target, kind: str, media_id: str, caption: str) -> SendResult:
         """Send an uploaded file; `caption` is for channels that must say something first
         (the AI bot finishes its stream with it when the answer starts with a file)."""
+        ...
+
+
+class StreamFinish(StrEnum):
+    """Where an answer's finishing stream reply stands."""
+
+    OPEN = "open"  # WeCom still refreshes the stream: the finish can carry images
+    DELIVERED = "delivered"  # this very text finished it already (a job resumed after a crash)
+    CLOSED = "closed"  # too late for the stream: the text goes another way, images as links
+
+
+@runtime_checkable
+class StreamImageOutbound(Outbound, Protocol):
+    """A channel whose answer's images ride on the reply that finishes its stream (the AI
+    bot's webhook mode: `msg_item`); its files still go as links."""
+
+    @property
+    def max_stream_images(self) -> int:
+        """The most images one finishing reply carries."""
+        ...
+
+    def stream_finish(self, target: Target, text: str) -> StreamFinish:
+        """Whether `text` can still finish the stream (with images), or already did."""
+        ...
+
+    def finish_with_images(
+        self, target: Target, text: str, images: Sequence[StreamImage], fallback: str
+    ) -> SendResult:
+        """Finish the stream with `text` and `images`; `fallback` (the text with the images'
+        links) is what is sent instead when the stream closed meanwhile."""
         ...

@@ -28,13 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from wecom_bridge.channels.base import MediaOutbound, Outbound, Target
+from wecom_bridge.channels.base import (
+    MediaOutbound,
+    Outbound,
+    StreamFinish,
+    StreamImageOutbound,
+    Target,
+)
 from wecom_bridge.config import MediaSettings
 from wecom_bridge.dify.client import DifyFile, DifySettings
 from wecom_bridge.dify.files import DifyFileFetcher, FileFetchError, absolute, origin_of
 from wecom_bridge.errors import BridgeError, WeComApiError
 from wecom_bridge.jobs.splitter import split_message
 from wecom_bridge.metrics import Metrics
+from wecom_bridge.wecom.aibot_frames import STREAM_IMAGE_LIMIT, StreamImage
 from wecom_bridge.wecom.messages import SendResult
 from wecom_bridge.wecom.uploads import (
     ERR_MEDIA_ID,
@@ -47,6 +54,11 @@ from wecom_bridge.wecom.uploads import (
 log = logging.getLogger("wecom_bridge.media")
 
 MEDIA_KEY = "media"  # the job result's {index: MediaRef} of the parts that are media
+STREAM_IMAGES_KEY = "stream_images"  # the job result's [MediaRef] riding on the stream finish
+STREAM_TEXT_KEY = "stream_text"  # the job result's text of that finish, once decided
+# The bytes of all the images of one finishing reply: a refresh after the finish is answered
+# with all of them from the store, as base64 in an encrypted envelope (about ×1.8 on the wire).
+STREAM_IMAGES_BUDGET = STREAM_IMAGE_LIMIT
 PROGRESS_PREFIX = "media_"  # the job result's media_<index>: that part's transfer progress
 IMAGE, FILE = "image", "file"
 # Downloads at once (each at most FILE_LIMIT): bounds the data dir's temporary files.
@@ -84,12 +96,25 @@ class MediaRef:
 class AnswerPlan:
     parts: list[str]
     media: dict[int, MediaRef]
+    # The images the first part's stream finish carries (a StreamImageOutbound), in order.
+    images: tuple[MediaRef, ...] = ()
 
     def result(self) -> dict[str, object]:
         """What the job's result keeps of the plan (empty when the answer has no media)."""
-        if not self.media:
-            return {}
-        return {MEDIA_KEY: {str(i): ref.payload() for i, ref in self.media.items()}}
+        kept: dict[str, object] = {}
+        if self.media:
+            kept[MEDIA_KEY] = {str(i): ref.payload() for i, ref in self.media.items()}
+        if self.images:
+            kept[STREAM_IMAGES_KEY] = [ref.payload() for ref in self.images]
+        return kept
+
+
+def _ref_of(value: Mapping[str, object]) -> MediaRef:
+    return MediaRef(
+        kind=str(value.get("kind") or FILE),
+        url=str(value.get("url") or ""),
+        name=str(value.get("name") or ""),
+    )
 
 
 def stored_media(result: Mapping[str, object]) -> dict[int, MediaRef]:
@@ -100,12 +125,16 @@ def stored_media(result: Mapping[str, object]) -> dict[int, MediaRef]:
         return refs
     for key, value in raw.items():
         if str(key).isdigit() and isinstance(value, dict):
-            refs[int(key)] = MediaRef(
-                kind=str(value.get("kind") or FILE),
-                url=str(value.get("url") or ""),
-                name=str(value.get("name") or ""),
-            )
+            refs[int(key)] = _ref_of(value)
     return refs
+
+
+def stored_stream_images(result: Mapping[str, object]) -> tuple[MediaRef, ...]:
+    """The images a stored job result attaches to its stream's finish (none: empty)."""
+    raw = result.get(STREAM_IMAGES_KEY)
+    if not isinstance(raw, list):
+        return ()
+    return tuple(_ref_of(value) for value in raw if isinstance(value, dict))
 
 
 def is_dify_file(url: str, settings: DifySettings) -> bool:
@@ -149,10 +178,62 @@ def plan_answer(
     limit: int,
     *,
     inline: bool = False,
+    stream_images: int = 0,
 ) -> AnswerPlan:
     """The answer as ordered parts (see the module doc). `inline`: the channel sends no media
     (or media is off): each file becomes its link text within the text, which is split as
-    usual — as few parts as before (微信客服 allows 5 messages, a webhook bot 2)."""
+    usual — as few parts as before (微信客服 allows 5 messages, a webhook bot 2).
+    `stream_images`: the channel's finishing stream reply carries up to that many images;
+    they leave the text and ride on the first part, the rest is as `inline`."""
+    pieces = _pieces(text, files, settings)
+    if not any(isinstance(piece, MediaRef) for piece in pieces):
+        return AnswerPlan(split_message(text, limit) if text else [], {})
+    if stream_images > 0:
+        return _plan_stream(pieces, media, limit, stream_images)
+    if inline:
+        return AnswerPlan(split_message(_linked(pieces, media), limit), {})
+    parts: list[str] = []
+    refs: dict[int, MediaRef] = {}
+    for piece in pieces:
+        if isinstance(piece, MediaRef):
+            refs[len(parts)] = piece
+            parts.append(media.link_text.format(name=piece.name, url=piece.url))
+        elif piece.strip():
+            parts.extend(split_message(piece.strip(), limit))
+    return AnswerPlan(parts, refs)
+
+
+def _linked(pieces: Sequence[str | MediaRef], media: MediaSettings) -> str:
+    """The pieces as one text, each media piece as its link text."""
+    linked = "\n\n".join(
+        (media.link_text.format(name=p.name, url=p.url) if isinstance(p, MediaRef) else p).strip()
+        for p in pieces
+    )
+    return re.sub(r"\n{3,}", "\n\n", linked).strip()
+
+
+def link_texts(refs: Sequence[MediaRef], media: MediaSettings) -> str:
+    """The link texts of media that could not be sent as media, to follow a text."""
+    return "\n\n".join(media.link_text.format(name=r.name, url=r.url) for r in refs)
+
+
+def _plan_stream(
+    pieces: Sequence[str | MediaRef], media: MediaSettings, limit: int, most: int
+) -> AnswerPlan:
+    images = [p for p in pieces if isinstance(p, MediaRef) and p.kind == IMAGE][:most]
+    if not images:  # files only: links, as on any channel without media
+        return AnswerPlan(split_message(_linked(pieces, media), limit), {})
+    rest = [p for p in pieces if not any(p is image for image in images)]
+    text = _linked(rest, media) or images[0].name
+    # Room in the first part for the images' links, should some not go as images.
+    reserve = min(limit // 2, len(link_texts(images, media).encode()) + 2)
+    parts = split_message(text, limit - reserve)
+    return AnswerPlan(parts, {}, tuple(images))
+
+
+def _pieces(text: str, files: Sequence[DifyFile], settings: DifySettings) -> list[str | MediaRef]:
+    """The answer's text cut at its media (markdown images, links to Dify's files), then the
+    event files it does not show already."""
     base = settings.files_base
     pieces: list[str | MediaRef] = []
     seen: set[str] = set()
@@ -177,26 +258,7 @@ def plan_answer(
         seen.add(_path_of(full))
         kind = IMAGE if attached.type == IMAGE else FILE
         pieces.append(MediaRef(kind, full, _name_of(full, attached.filename, kind)))
-    if not any(isinstance(piece, MediaRef) for piece in pieces):
-        return AnswerPlan(split_message(text, limit) if text else [], {})
-    if inline:
-        linked = "\n\n".join(
-            (
-                media.link_text.format(name=p.name, url=p.url) if isinstance(p, MediaRef) else p
-            ).strip()
-            for p in pieces
-        )
-        linked = re.sub(r"\n{3,}", "\n\n", linked).strip()
-        return AnswerPlan(split_message(linked, limit), {})
-    parts: list[str] = []
-    refs: dict[int, MediaRef] = {}
-    for piece in pieces:
-        if isinstance(piece, MediaRef):
-            refs[len(parts)] = piece
-            parts.append(media.link_text.format(name=piece.name, url=piece.url))
-        elif piece.strip():
-            parts.extend(split_message(piece.strip(), limit))
-    return AnswerPlan(parts, refs)
+    return pieces
 
 
 def without_images(text: str) -> str:
@@ -333,6 +395,72 @@ class MediaSender:
         except _MediaIdGoneError:
             raise MediaRefusedError("send_refused", "WeCom refused a fresh media_id") from None
 
+    def finish_stream(
+        self,
+        job: PartTransfer,
+        images: Sequence[MediaRef],
+        target: Target,
+        outbound: StreamImageOutbound,
+        settings: tuple[DifySettings | None, MediaSettings],
+        text: str,
+    ) -> SendResult:
+        """The first part on a StreamImageOutbound: `text` finishing the stream with the
+        answer's images; one that cannot go as an image follows the text as its link. The
+        text the finish carries is stored first, so a job resumed after the finish knows it
+        was delivered."""
+        dify, media = settings
+        fallback = _joined(text, link_texts(images, media))
+        done = job.result.get(STREAM_TEXT_KEY)
+        if isinstance(done, str) and outbound.stream_finish(target, done) is StreamFinish.DELIVERED:
+            return SendResult(msgid="")
+        if dify is None or outbound.stream_finish(target, text) is not StreamFinish.OPEN:
+            return outbound.send_part(target, fallback)  # too late for images: their links
+        attached, degraded = self._stream_images(job, images, (dify, media))
+        final = _joined(text, link_texts(degraded, media))
+        job.record("stream text", lambda: job.note(STREAM_TEXT_KEY, final))
+        sent = outbound.finish_with_images(target, final, attached, fallback)
+        for n in range(len(images)):
+            self._discard(job.job_id, f"s{n}")
+        return sent
+
+    def _stream_images(
+        self,
+        job: PartTransfer,
+        images: Sequence[MediaRef],
+        settings: tuple[DifySettings, MediaSettings],
+    ) -> tuple[list[StreamImage], list[MediaRef]]:
+        """The images that can ride on the finish (JPG/PNG within WeCom's limits and the
+        reply's budget), and those that go as links instead."""
+        attached: list[StreamImage] = []
+        degraded: list[MediaRef] = []
+        budget = STREAM_IMAGES_BUDGET
+        for n, ref in enumerate(images):
+            fields = {"job_id": job.job_id, "image": n + 1, "url": _loggable(ref.url)}
+            try:
+                prepared = self._prepare(job, f"s{n}", ref, settings, fields)
+                data = prepared.path.read_bytes()
+                if prepared.kind != IMAGE or len(data) > min(budget, STREAM_IMAGE_LIMIT):
+                    raise MediaRefusedError(
+                        "not_for_stream", f"{len(data)} bytes, sent as {prepared.kind}"
+                    )
+            except (MediaRefusedError, OSError) as problem:
+                log.warning(
+                    "image not carried by the stream (%s); its link follows the text",
+                    problem,
+                    extra={**fields, "event": "media_degraded", "reason": _reason(problem)},
+                )
+                self._metrics.inc(
+                    "wecom_bridge_media_out_total",
+                    {"outcome": "degraded", "reason": _reason(problem)},
+                )
+                degraded.append(ref)
+                continue
+            budget -= len(data)
+            attached.append(StreamImage.of(data))
+            self._metrics.inc("wecom_bridge_media_out_total", {"outcome": "sent", "reason": ""})
+            log.info("media sent", extra={**fields, "event": "media_sent", "kind": IMAGE})
+        return attached, degraded
+
     def cleanup(self, job_id: int) -> None:
         """Remove what a finished job left (a part that failed mid-way, a .part file)."""
         if not self.directory.is_dir():
@@ -351,7 +479,7 @@ class MediaSender:
         settings: tuple[DifySettings, MediaSettings],
         fields: Mapping[str, object],
     ) -> tuple[UploadedMedia, str]:
-        prepared = self._prepare(job, index, ref, settings, fields)
+        prepared = self._prepare(job, str(index), ref, settings, fields)
         try:
             uploaded = outbound.upload_media(prepared.kind, prepared.path, prepared.filename)
         except WeComApiError as exc:
@@ -371,14 +499,16 @@ class MediaSender:
     def _prepare(
         self,
         job: PartTransfer,
-        index: int,
+        slot: str,
         ref: MediaRef,
         settings: tuple[DifySettings, MediaSettings],
         fields: Mapping[str, object],
     ) -> Prepared:
+        """Download (unless kept from before a crash) and check; `slot` names the file and
+        its progress key (a part's index, or s<n> for a stream's image n)."""
         dify, media = settings
-        dest = self.directory / f"{job.job_id}-{index}"
-        progress = job.result.get(f"{PROGRESS_PREFIX}{index}")
+        dest = self.directory / f"{job.job_id}-{slot}"
+        progress = job.result.get(f"{PROGRESS_PREFIX}{slot}")
         kept = progress if isinstance(progress, dict) else {}
         downloaded_before = kept.get("stage") == "downloaded" and dest.exists()
         if downloaded_before and dest.stat().st_size == kept.get("size"):
@@ -403,8 +533,8 @@ class MediaSender:
             "kind": kind,
             "filename": filename,
         }
-        key = f"{PROGRESS_PREFIX}{index}"
-        job.record(f"part {index + 1} downloaded", lambda: job.note(key, downloaded))
+        key = f"{PROGRESS_PREFIX}{slot}"
+        job.record(f"media {slot} downloaded", lambda: job.note(key, downloaded))
         log.info(
             "media downloaded",
             extra={**fields, "event": "media_downloaded", "bytes": fetched.size, "kind": kind},
@@ -443,8 +573,8 @@ class MediaSender:
                 raise
             raise MediaRefusedError("send_refused", str(exc)) from None
 
-    def _discard(self, job_id: int, index: int) -> None:
-        (self.directory / f"{job_id}-{index}").unlink(missing_ok=True)
+    def _discard(self, job_id: int, slot: int | str) -> None:
+        (self.directory / f"{job_id}-{slot}").unlink(missing_ok=True)
 
     def _prepare_directory(self) -> None:
         """Made when first needed: the data dir may be unusable when the bridge starts (the
@@ -486,6 +616,14 @@ def _filename(ref: MediaRef, served: str, dest: Path) -> str:
         if "." in name and "/" not in name and len(name) <= 128:
             return name
     return served or dest.name
+
+
+def _joined(text: str, links: str) -> str:
+    return f"{text}\n\n{links}" if text and links else text or links
+
+
+def _reason(problem: Exception) -> str:
+    return problem.reason if isinstance(problem, MediaRefusedError) else "storage"
 
 
 def _loggable(url: str) -> str:

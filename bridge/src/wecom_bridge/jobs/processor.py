@@ -22,6 +22,7 @@ from wecom_bridge.channels.base import (
     MediaOutbound,
     Outbound,
     Reply,
+    StreamImageOutbound,
     StreamingOutbound,
     Target,
     TextProgress,
@@ -56,6 +57,7 @@ from wecom_bridge.jobs.media_out import (
     PartTransfer,
     plan_answer,
     stored_media,
+    stored_stream_images,
     without_images,
 )
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
@@ -208,20 +210,27 @@ class JobProcessor:
         limit = app.outbound.part_limit_bytes
         result = answer.result
         if answer.media and app.config.dify is not None:
-            inline = (
-                self._media_out is None
-                or not app.config.media.enabled
-                or not isinstance(app.outbound, MediaOutbound)
-            )
+            sends_media = self._media_out is not None and app.config.media.enabled
+            inline = not sends_media or not isinstance(app.outbound, MediaOutbound)
+            outbound = app.outbound
+            on_stream = sends_media and isinstance(outbound, StreamImageOutbound)
+            most = outbound.max_stream_images if isinstance(outbound, StreamImageOutbound) else 0
             plan = plan_answer(
-                answer.text, answer.files, app.config.dify, app.config.media, limit, inline=inline
+                answer.text,
+                answer.files,
+                app.config.dify,
+                app.config.media,
+                limit,
+                inline=inline,
+                stream_images=most if on_stream else 0,
             )
             parts = self._capped(job, plan.parts, app)
             # Media parts a cap cut off (or turned into the notice) are not media any more.
             kept = {i: ref for i, ref in plan.media.items() if i < len(parts)}
             if len(parts) < len(plan.parts):
                 kept.pop(len(parts) - 1, None)
-            result = {**answer.result, **AnswerPlan(parts, kept).result()}
+            images = plan.images if parts else ()
+            result = {**answer.result, **AnswerPlan(parts, kept, images).result()}
         else:
             parts = self._split(job, answer.text, app)
         self._until_recorded(job, "answer", lambda: self.store.save_parts(job.id, parts, result))
@@ -461,8 +470,8 @@ class JobProcessor:
         self, job: Job, app: AppRuntime, result: Mapping[str, object]
     ) -> Callable[[int, Target, str], SendResult] | None:
         """How the answer's parts go out when some of them are media (None: all are text)."""
-        media, refs = self._media_out, stored_media(result)
-        if media is None or not refs:
+        media, refs, images = self._media_out, stored_media(result), stored_stream_images(result)
+        if media is None or not (refs or images):
             return None
         transfer = PartTransfer(
             job_id=job.id,
@@ -473,6 +482,8 @@ class JobProcessor:
         settings = (app.config.dify, app.config.media)
 
         def send(index: int, target: Target, text: str) -> SendResult:
+            if index == 0 and images and isinstance(app.outbound, StreamImageOutbound):
+                return media.finish_stream(transfer, images, target, app.outbound, settings, text)
             ref = refs.get(index)
             if ref is None:
                 return app.outbound.send_part(target, text)

@@ -99,6 +99,8 @@ def simulate_aibot(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         for update in updates[shown:]:
             mark = "finished" if update["finish"] else "update"
             out(f"  +{update['at'] - view['pushed_at']:6.2f}s {mark}: {update['content']}")
+            for image in update.get("images") or []:  # the finish's msg_item
+                out(f"  + an image with the finish: {image['bytes']} bytes, md5 {image['md5']}")
         shown = len(updates)
         if view.get("finished") is not None or len(view.get("answers") or []) > 0:
             time.sleep(1.0)  # further parts follow within moments

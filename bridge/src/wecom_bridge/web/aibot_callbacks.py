@@ -73,8 +73,9 @@ class AibotWebhookEndpoint:
             state = self.board.get_stream(self.app.name, message.stream_id)
             content = state.content if state is not None and state.content else THINKING_TEXT
             finished = state is not None and state.finished
+            images = state.images if state is not None else ()
             self.metrics.inc(CALLBACKS, {"outcome": "stream_refresh"})
-            return self._sealed(stream_body(message.stream_id, content, finished))
+            return self._sealed(stream_body(message.stream_id, content, finished, images))
         inbound = inbound_message(self.app, message, req_id="")
         inbound = dataclasses.replace(
             inbound, context={**inbound.context, "received_at": f"{time.time():.3f}"}
