@@ -214,14 +214,16 @@ def test_difys_message_file_image_rides_on_the_finish_too(wecom, dify_double):
 
 
 def test_what_cannot_ride_on_the_finish_follows_the_text_as_its_link(wecom, dify_double):
-    """A "PNG" that is HTML, an 11 MB image (over WeCom's 10 MB) and a PDF (a webhook bot
-    cannot send files) reach the member as working links, in the one finished stream."""
+    """An 11 MB image (over WeCom's 10 MB) and a PDF (a webhook bot cannot send files) reach
+    the member as working links, a "PNG" that is HTML as the refusal, in the one finished
+    stream."""
     exchange = wecom.ask("qian", "都要 #md-image #not-image #big-image #file", wait=60)
     assert exchange.rejected == [] and exchange.updates[-1].images == [tiny_png(2)]
     answer = exchange.finished
     assert answer is not None
-    for name in ("fake", "big", "report.pdf"):
+    for name in ("big", "report.pdf"):
         assert f"{name}：{dify_double.url}/files/" in answer, name
+    assert "此文件无法发送（fake）。" in answer  # BRIDGE_MEDIA_REFUSED_TEXT, as elsewhere
     assert "chart：" not in answer  # the one that went as an image has no link
     assert wecom.late_for(exchange.msgid) == []
 

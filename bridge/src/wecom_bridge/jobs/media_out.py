@@ -411,12 +411,13 @@ class MediaSender:
         dify, media = settings
         fallback = _joined(text, link_texts(images, media))
         done = job.result.get(STREAM_TEXT_KEY)
-        if isinstance(done, str) and outbound.stream_finish(target, done) is StreamFinish.DELIVERED:
+        finish = outbound.stream_finish(target, done if isinstance(done, str) else text)
+        if finish is StreamFinish.DELIVERED:
             return SendResult(msgid="")
-        if dify is None or outbound.stream_finish(target, text) is not StreamFinish.OPEN:
+        if dify is None or finish is StreamFinish.CLOSED:
             return outbound.send_part(target, fallback)  # too late for images: their links
-        attached, degraded = self._stream_images(job, images, (dify, media))
-        final = _joined(text, link_texts(degraded, media))
+        attached, instead = self._stream_images(job, images, (dify, media))
+        final = _joined(text, "\n\n".join(instead))
         job.record("stream text", lambda: job.note(STREAM_TEXT_KEY, final))
         sent = outbound.finish_with_images(target, final, attached, fallback)
         for n in range(len(images)):
@@ -428,11 +429,11 @@ class MediaSender:
         job: PartTransfer,
         images: Sequence[MediaRef],
         settings: tuple[DifySettings, MediaSettings],
-    ) -> tuple[list[StreamImage], list[MediaRef]]:
+    ) -> tuple[list[StreamImage], list[str]]:
         """The images that can ride on the finish (JPG/PNG within WeCom's limits and the
-        reply's budget), and those that go as links instead."""
+        reply's budget), and the texts that follow the answer for those that cannot."""
         attached: list[StreamImage] = []
-        degraded: list[MediaRef] = []
+        instead: list[str] = []
         budget = STREAM_IMAGES_BUDGET
         for n, ref in enumerate(images):
             fields = {"job_id": job.job_id, "image": n + 1, "url": _loggable(ref.url)}
@@ -453,13 +454,15 @@ class MediaSender:
                     "wecom_bridge_media_out_total",
                     {"outcome": "degraded", "reason": _reason(problem)},
                 )
-                degraded.append(ref)
+                custom = problem.text if isinstance(problem, MediaRefusedError) else None
+                text = custom or settings[1].link_text
+                instead.append(text.format(name=ref.name, url=ref.url))
                 continue
             budget -= len(data)
             attached.append(StreamImage.of(data))
             self._metrics.inc("wecom_bridge_media_out_total", {"outcome": "sent", "reason": ""})
             log.info("media sent", extra={**fields, "event": "media_sent", "kind": IMAGE})
-        return attached, degraded
+        return attached, instead
 
     def cleanup(self, job_id: int) -> None:
         """Remove what a finished job left (a part that failed mid-way, a .part file)."""
