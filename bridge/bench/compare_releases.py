@@ -3,8 +3,9 @@
 The machine is noisy (±25 % between runs), so only a comparison within one run means anything:
 the previous release (a git worktree of OLD, run from its own source) and this tree, one after the
 other and then again in the other order, each driven by the same closed-loop senders, plus the
-framework floor (a plain Flask route on the same gunicorn settings). Prints numbers and ratios;
-asserts nothing.
+framework floor (a plain Flask route on gunicorn gthread with the old release's thread count;
+floor+ with this tree's). Each release runs with its own default web threads (`--threads`,
+`--new-threads`). Prints numbers and ratios; asserts nothing.
 
     python bench/compare_releases.py --old 6903fcc --concurrency 200 --requests 4000 --rounds 2
 """
@@ -95,8 +96,9 @@ def measure(target: Stack | Floor, concurrency: int, count: int, tag: str) -> di
 
 
 def run_stack(src: Path | None, args: argparse.Namespace, tag: str) -> dict[str, float]:
+    threads = args.threads if src is not None else args.new_threads  # each with its default
     with source(src):
-        stack = Stack(args.dify_delay_ms, args.threads, args.workers)
+        stack = Stack(args.dify_delay_ms, threads, args.workers)
     try:
         measure(stack, args.concurrency, min(500, args.requests), f"{tag}w")  # warm-up
         return measure(stack, args.concurrency, args.requests, tag)
@@ -119,22 +121,31 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=2, help="old/new pairs, order alternating")
     parser.add_argument("--dify-delay-ms", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument(
+        "--threads", type=int, default=16, help="web threads of the old release and the floor"
+    )
+    parser.add_argument(
+        "--new-threads", type=int, default=64, help="web threads of this tree (its default)"
+    )
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {"old": [], "new": [], "floor": []}
+    results: dict[str, list[dict[str, float]]] = {"old": [], "new": [], "floor": [], "floor+": []}
     with old_release(args.old) as old_src:
         for n in range(args.rounds):
             order = [("old", old_src), ("new", None)]
             for name, src in order if n % 2 == 0 else reversed(order):
                 results[name].append(run_stack(src, args, f"{name}{n}x"))
                 print(line(name, results[name][-1]), flush=True)
-            floor = Floor(args.threads)
-            try:
-                results["floor"].append(measure(floor, args.concurrency, args.requests, f"f{n}x"))
-            finally:
-                floor.close()
-            print(line("floor", results["floor"][-1]), flush=True)
+            # The floor on the old setup, and (floor+) with this tree's thread count.
+            floors = (("floor", args.threads, "f"), ("floor+", args.new_threads, "g"))
+            for name, threads, tag in floors:
+                floor = Floor(threads)
+                try:
+                    count = args.requests
+                    results[name].append(measure(floor, args.concurrency, count, f"{tag}{n}x"))
+                finally:
+                    floor.close()
+                print(line(name, results[name][-1]), flush=True)
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
@@ -146,6 +157,10 @@ def main() -> None:
             f"floor={med('floor', key):7.1f}  new/old={med('new', key) / med('old', key):5.2f}  "
             f"new/floor={med('new', key) / med('floor', key):5.2f}"
         )
+    print(
+        f"  floor+ ({args.new_threads} threads) throughput={med('floor+', 'throughput'):.1f}  "
+        f"new/floor+={med('new', 'throughput') / med('floor+', 'throughput'):5.2f}"
+    )
     print(
         f"  memory (new, under load) rss={med('new', 'rss'):.0f} MiB "
         f"pss={med('new', 'pss'):.0f} MiB"
