@@ -82,6 +82,18 @@ def bridge_rss_mib() -> float:
     return sum(int(line.split()[1]) for line in out.splitlines()[1:]) / 1024
 
 
+def bridge_container_mib() -> float:
+    """The container's memory as its cgroup counts it (what `docker stats` shows and a memory
+    limit applies to): each page once, however many processes share it."""
+    out = in_server("docker stats --no-stream --format '{{.MemUsage}}' wecom-bridge")
+    used = out.split("/", 1)[0].strip()  # e.g. "118.3MiB / 3.8GiB"
+    units = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1 / 1024, "MB": 1.0, "GB": 1024.0}
+    for unit, factor in units.items():
+        if used.endswith(unit):
+            return float(used[: -len(unit)]) * factor
+    return float(used.rstrip("B")) / (1024 * 1024)
+
+
 def queue_depth() -> int:
     return int(json.loads(in_server("curl -s http://127.0.0.1:8400/readyz"))["queue_depth"])
 
@@ -160,14 +172,19 @@ class CpuHogs:
 
 
 class RssSampler:
+    """Peaks while a run goes: the RSS summed over the container's processes (shared pages
+    counted in each), and the container's own memory (its cgroup)."""
+
     def __init__(self) -> None:
         self.peak = 0.0
+        self.container_peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             self.peak = max(self.peak, bridge_rss_mib())
+            self.container_peak = max(self.container_peak, bridge_container_mib())
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -207,7 +224,8 @@ def ack_benchmark(address: str, concurrency: int, duration: int, expected_rate: 
         f"{ceiling.max_ms:.0f} | {bridge.rate:,.0f} | {bridge.p50_ms:.1f} / {bridge.p99_ms:.1f} / "
         f"{bridge.p999_ms:.0f} / {bridge.max_ms:.0f} | {bridge.rate / ceiling.rate:.1%} | "
         f"{bridge.errors} | "
-        f"{acked} / {answered} / {duplicates} | {drain:.0f} s | {rss.peak:.0f} MiB |",
+        f"{acked} / {answered} / {duplicates} | {drain:.0f} s | {rss.peak:.0f} MiB | "
+        f"{rss.container_peak:.0f} MiB |",
         flush=True,
     )
     if bridge.wrapped:
@@ -310,18 +328,24 @@ def main() -> None:
         provisioning()
     ca_file = prepare_server()
     address = server_address()
-    print(f"cpus={os.cpu_count()} server={address}; bridge idle rss={bridge_rss_mib():.0f} MiB")
+    print(
+        f"cpus={os.cpu_count()} server={address}; bridge idle rss={bridge_rss_mib():.0f} MiB,"
+        f" container memory {bridge_container_mib():.0f} MiB"
+    )
     print(
         "| senders | ceiling req/s | ceiling p50 / p99 / max ms | bridge req/s "
         "| bridge p50 / p99 / p99.9 / max ms | bridge/ceiling | errors "
-        "| acked / answered / duplicates | drain | peak RSS |"
+        "| acked / answered / duplicates | drain | peak RSS sum | peak container memory |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with CpuHogs(args.cpu_hogs):
         for concurrency in args.concurrency:
             ack_benchmark(address, concurrency, args.duration, args.expected_rate)
     added_latency(address, args.latency_samples, args.dify_delay_ms / 1000, ca_file)
-    print(f"bridge rss after the runs={bridge_rss_mib():.0f} MiB")
+    print(
+        f"bridge rss after the runs={bridge_rss_mib():.0f} MiB,"
+        f" container memory {bridge_container_mib():.0f} MiB"
+    )
 
 
 if __name__ == "__main__":
