@@ -111,3 +111,13 @@ def test_reserve_all_books_every_member_at_the_latest_slot() -> None:
     assert limiter.reserve("bob") == pytest.approx(60.0)
     assert limiter.reserve("bob") == pytest.approx(120.0)
     assert limiter.reserve_all([]) == 0.0
+
+
+def test_a_long_history_is_trimmed_without_changing_a_booking() -> None:
+    """Only the latest bookings decide: the history kept per member is cut back to them."""
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(((2, 1.0), (3, 10.0)), clock=clock)
+    waits = [limiter.reserve("alice") for _ in range(12)]
+    # Two per second and three per 10 s: pairs can't help, every third waits out 10 s.
+    assert waits == pytest.approx([0, 0, 1, 10, 10, 11, 20, 20, 21, 30, 30, 31])
+    assert len(limiter._booked["alice"]) < 6  # trimmed, not the whole history
