@@ -125,7 +125,10 @@ def main() -> None:
         "--threads", type=int, default=16, help="web threads of the old release and the floor"
     )
     parser.add_argument(
-        "--new-threads", type=int, default=64, help="web threads of this tree (its default)"
+        "--new-threads",
+        type=int,
+        default=16,
+        help="web threads of this tree (default: its default)",
     )
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
