@@ -348,26 +348,34 @@ class MediaSender:
         try:
             result, kind = self._transfer(job, index, ref, target, outbound, (dify, media), fields)
         except (MediaRefusedError, OSError) as problem:
-            refused = (
-                problem
-                if isinstance(problem, MediaRefusedError)
-                else MediaRefusedError("storage", f"temporary file: {problem}")
-            )
-            log.warning(
-                "media not sent as media (%s); sending a text instead",
-                refused,
-                extra={**fields, "event": "media_degraded", "reason": refused.reason},
-            )
             self._discard(job.job_id, index)
-            self._metrics.inc(
-                "wecom_bridge_media_out_total", {"outcome": "degraded", "reason": refused.reason}
-            )
-            text = refused.text.format(name=ref.name, url=ref.url) if refused.text else link_text
-            return outbound.send_part(target, text)
+            return outbound.send_part(target, self._degraded(problem, ref, link_text, fields))
         self._discard(job.job_id, index)
+        self._sent(kind, fields)
+        return result
+
+    def _degraded(
+        self, problem: Exception, ref: MediaRef, link_text: str, fields: Mapping[str, object]
+    ) -> str:
+        """Log and count a media part that goes as a text, and say which text."""
+        refused = (
+            problem
+            if isinstance(problem, MediaRefusedError)
+            else MediaRefusedError("storage", f"temporary file: {problem}")
+        )
+        log.warning(
+            "media not sent as media (%s); sending a text instead",
+            refused,
+            extra={**fields, "event": "media_degraded", "reason": refused.reason},
+        )
+        self._metrics.inc(
+            "wecom_bridge_media_out_total", {"outcome": "degraded", "reason": refused.reason}
+        )
+        return refused.text.format(name=ref.name, url=ref.url) if refused.text else link_text
+
+    def _sent(self, kind: str, fields: Mapping[str, object]) -> None:
         self._metrics.inc("wecom_bridge_media_out_total", {"outcome": "sent", "reason": ""})
         log.info("media sent", extra={**fields, "event": "media_sent", "kind": kind})
-        return result
 
     def _transfer(
         self,
@@ -440,28 +448,17 @@ class MediaSender:
             try:
                 prepared = self._prepare(job, f"s{n}", ref, settings, fields)
                 data = prepared.path.read_bytes()
-                if prepared.kind != IMAGE or len(data) > min(budget, STREAM_IMAGE_LIMIT):
+                if prepared.kind != IMAGE or len(data) > budget:
                     raise MediaRefusedError(
                         "not_for_stream", f"{len(data)} bytes, sent as {prepared.kind}"
                     )
             except (MediaRefusedError, OSError) as problem:
-                log.warning(
-                    "image not carried by the stream (%s); its link follows the text",
-                    problem,
-                    extra={**fields, "event": "media_degraded", "reason": _reason(problem)},
-                )
-                self._metrics.inc(
-                    "wecom_bridge_media_out_total",
-                    {"outcome": "degraded", "reason": _reason(problem)},
-                )
-                custom = problem.text if isinstance(problem, MediaRefusedError) else None
-                text = custom or settings[1].link_text
-                instead.append(text.format(name=ref.name, url=ref.url))
+                link = settings[1].link_text.format(name=ref.name, url=ref.url)
+                instead.append(self._degraded(problem, ref, link, fields))
                 continue
             budget -= len(data)
             attached.append(StreamImage.of(data))
-            self._metrics.inc("wecom_bridge_media_out_total", {"outcome": "sent", "reason": ""})
-            log.info("media sent", extra={**fields, "event": "media_sent", "kind": IMAGE})
+            self._sent(IMAGE, fields)
         return attached, instead
 
     def cleanup(self, job_id: int) -> None:
@@ -623,10 +620,6 @@ def _filename(ref: MediaRef, served: str, dest: Path) -> str:
 
 def _joined(text: str, links: str) -> str:
     return f"{text}\n\n{links}" if text and links else text or links
-
-
-def _reason(problem: Exception) -> str:
-    return problem.reason if isinstance(problem, MediaRefusedError) else "storage"
 
 
 def _loggable(url: str) -> str:
