@@ -897,6 +897,8 @@ GOOD_ITEM = StreamImage.of(tiny_png(5)).item()
 
 
 def test_the_ai_bot_double_takes_msg_item_images_as_wecom_documents_them() -> None:
+    """WeCom doc 101031 (智能机器人 › 被动回复消息 › 流式消息回复): msg_item only with finish,
+    at most 10, JPG/PNG up to 10 MB before base64, md5 of the raw bytes."""
     assert stream_images({"finish": True, "msg_item": [GOOD_ITEM]}) == [tiny_png(5)]
     assert stream_images({"finish": False}) == []
 
