@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import requests
 from conftest import BridgeProcess
 
-from wecom_bridge.service.processes import JOB_PROCESS_NICENESS
+from wecom_bridge.service.job_process import JOB_PROCESS_NICENESS
 
 
 def test_silent_connections_do_not_hold_the_web_threads(bridge_env: dict[str, str]) -> None:
@@ -56,3 +58,20 @@ def test_the_job_process_yields_the_cpu_to_the_callbacks(bridge_env: dict[str, s
     finally:
         bridge.stop()
     assert niceness == web + JOB_PROCESS_NICENESS
+
+
+def test_the_main_process_does_not_load_the_tools_or_the_web_app() -> None:
+    """granian's main process only supervises; it forks the web workers, so every module it
+    loads is memory the container pays for again in each worker once refcounts touch it."""
+    probe = (
+        "import sys\n"
+        "import wecom_bridge.cli\n"
+        "import wecom_bridge.service.processes\n"  # what cmd_serve adds before granian forks
+        "heavy = ('flask', 'werkzeug', 'psycopg', 'sqlite3', 'wecom_bridge.testing',"
+        " 'wecom_bridge.tools', 'wecom_bridge.web', 'wecom_bridge.jobs')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]", f"`serve` loaded: {out.strip()}"

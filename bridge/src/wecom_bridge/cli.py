@@ -13,10 +13,6 @@ from wecom_bridge import __version__
 from wecom_bridge.config import BridgeConfig, load_config
 from wecom_bridge.errors import ConfigError
 from wecom_bridge.logs import setup_logging
-from wecom_bridge.tools.migrate_store import add_migrate_store_parser
-from wecom_bridge.tools.send import add_send_parser
-from wecom_bridge.tools.simulate import add_simulate_parser
-from wecom_bridge.tools.simulate_aibot import add_simulate_aibot_parser
 
 
 def _load_or_exit() -> BridgeConfig:
@@ -40,7 +36,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     config = _load_or_exit()
     setup_logging(config.log_format, config.log_level, background=True)
     from wecom_bridge.service.app import build_job_process_side
-    from wecom_bridge.service.processes import run_job_process
+    from wecom_bridge.service.job_process import run_job_process
 
     run_job_process(config, build_job_process_side)
     return 0
@@ -199,6 +195,12 @@ def cmd_aibot_double(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The tools' modules import their clients and the doubles: only a tool's command loads them.
+    from wecom_bridge.tools.migrate_store import add_migrate_store_parser
+    from wecom_bridge.tools.send import add_send_parser
+    from wecom_bridge.tools.simulate import add_simulate_parser
+    from wecom_bridge.tools.simulate_aibot import add_simulate_aibot_parser
+
     parser = argparse.ArgumentParser(prog="wecom-bridge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"wecom-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The service's own commands, which take no arguments, start without the tools' parsers: what a
+# process imports stays in its memory, and granian's main process forks the web workers.
+SERVICE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "work": cmd_work,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if len(words) == 1 and words[0] in SERVICE_COMMANDS:
+        return SERVICE_COMMANDS[words[0]](argparse.Namespace(command=words[0]))
+    args = build_parser().parse_args(words)
     return int(args.func(args))

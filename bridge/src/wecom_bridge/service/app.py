@@ -36,10 +36,9 @@ from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.logs import setup_logging
 from wecom_bridge.metrics import Metrics, Snapshot
 from wecom_bridge.service.aibot import AibotLink, link_name
+from wecom_bridge.service.job_process import JobSide, Link
 from wecom_bridge.service.processes import (
     HEARTBEAT_SECONDS,
-    JobSide,
-    Link,
     MetricsExchange,
     WakeupSender,
     publish_metrics_in_background,
