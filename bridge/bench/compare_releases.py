@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--new-threads",
         type=int,
-        default=16,
+        default=64,
         help="web threads of this tree (default: its default)",
     )
     parser.add_argument("--workers", type=int, default=8)

@@ -251,7 +251,7 @@ class BridgeConfig:
     data_dir: Path = Path("/var/lib/wecom-bridge")
     listen: str = "127.0.0.1:8000"
     web_workers: int = 1
-    web_threads: int = 16
+    web_threads: int = 64
     job_workers: int = DEFAULT_JOB_WORKERS
     max_body_bytes: int = 64 * 1024
     dedupe_ttl_seconds: float = 48 * 3600
@@ -778,7 +778,7 @@ def load_config(env: Mapping[str, str] | None = None, *, require_dify: bool = Tr
         data_dir=Path(env.get("BRIDGE_DATA_DIR", "").strip() or "/var/lib/wecom-bridge"),
         listen=_listen(env.get("BRIDGE_LISTEN", "").strip() or "127.0.0.1:8000", "BRIDGE_LISTEN"),
         web_workers=_int(env, "BRIDGE_WEB_WORKERS", 1, 1),
-        web_threads=_int(env, "BRIDGE_WEB_THREADS", 16, 1),
+        web_threads=_int(env, "BRIDGE_WEB_THREADS", 64, 1),
         job_workers=_int(env, "BRIDGE_JOB_WORKERS", DEFAULT_JOB_WORKERS, 1),
         max_body_bytes=_int(env, "BRIDGE_MAX_BODY_BYTES", 64 * 1024, 1024),
         dedupe_ttl_seconds=_float(env, "BRIDGE_DEDUPE_TTL_HOURS", 48.0, 1.0) * 3600,
