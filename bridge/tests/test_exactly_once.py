@@ -85,6 +85,39 @@ def test_job_writer_announces_its_turn_while_it_waits(tmp_path: Path) -> None:
     assert job_side.get_job(job_id).parts_sent == 1
 
 
+def test_the_committer_waits_for_the_writers_it_found_not_for_later_ones(tmp_path: Path) -> None:
+    """Writers that keep announcing (here two job-side stores, e.g. the job process and the
+    `send` tool, so one is always waiting) do not hold the callbacks: the committer used to wait
+    until none was announced, i.e. its whole bound before every batch."""
+    job_sides = [SqliteStore(tmp_path, busy_timeout=2.0, takes_turns=True) for _ in range(2)]
+    web_side = SqliteStore(tmp_path)
+    job_id = job_sides[0].enqueue("default", new_job("li", NoticeJob("x")))
+    stop = threading.Event()
+    writes = 0
+
+    def busy_job_side(store: SqliteStore) -> None:
+        nonlocal writes
+        while not stop.is_set():
+            store.mark_part_sent(job_id, 1, "m1")
+            writes += 1
+
+    writers = [threading.Thread(target=busy_job_side, args=(store,)) for store in job_sides]
+    for writer in writers:
+        writer.start()
+    try:
+        while not web_side.writers_waiting():
+            time.sleep(0.001)
+        started = time.monotonic()
+        web_side.yield_turn(max_wait=10.0)
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join(5)
+    assert writes > 0
+    assert waited < 5.0, f"the committer waited {waited:.1f} s for later writers"
+
+
 def test_stale_turn_marks_are_ignored_and_the_wait_is_bounded(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     turns = tmp_path / TURNS_DIR
