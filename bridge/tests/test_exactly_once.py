@@ -86,9 +86,9 @@ def test_job_writer_announces_its_turn_while_it_waits(tmp_path: Path) -> None:
 
 
 def test_the_committer_waits_for_the_writers_it_found_not_for_later_ones(tmp_path: Path) -> None:
-    """Writers that keep announcing (here two job-side stores, e.g. the job process and the
-    `send` tool, so one is always waiting) do not hold the callbacks: the committer used to wait
-    until none was announced, i.e. its whole bound before every batch."""
+    """Writers that keep announcing (here two job-side stores, each with its own lock, so one is
+    always waiting while the other writes; one store's threads announce one at a time) do not hold
+    the callbacks: the committer used to wait until none was announced, i.e. its whole bound."""
     job_sides = [SqliteStore(tmp_path, busy_timeout=2.0, takes_turns=True) for _ in range(2)]
     web_side = SqliteStore(tmp_path)
     job_id = job_sides[0].enqueue("default", new_job("li", NoticeJob("x")))

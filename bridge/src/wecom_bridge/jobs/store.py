@@ -37,10 +37,9 @@ from wecom_bridge.wecom.aibot_frames import StreamImage
 # for the lock itself, every millisecond, and the job side announces that it wants the lock (a
 # file per waiting thread in TURNS_DIR); the group committer lets it go first (`yield_turn`),
 # waiting at most a bounded time per batch so a stale announcement cannot stall callbacks. It
-# waits only for the announcements it found: a busy job side announces its next writer as soon as
-# one is done, and waiting until none is left held callbacks for the whole bound (the p99 of
-# the paced benchmark was that bound, 50 ms). So writers alternate: one job-side transaction, one
-# batch of callbacks.
+# waits only for the announcements it found, not for later ones: waiting until none was left let
+# writers whose announcements overlap (job-side stores with their own locks) hold every batch
+# for the whole bound. So writers alternate: the job-side transactions announced, then a batch.
 TURNS_DIR = "write-turns"
 STALE_TURN_SECONDS = 30.0
 TURN_WAIT_SECONDS = 0.05
