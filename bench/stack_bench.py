@@ -106,9 +106,9 @@ def bridge_container_anon_mib() -> float:
     """The container's anonymous memory (cgroup v1 `rss`, v2 `anon`): what its processes hold,
     each page once. `docker stats` adds the active page cache of the files the bridge wrote
     (the store), which the kernel takes back when it needs it."""
-    cid = in_server("docker inspect -f '{{.Id}}' wecom-bridge")
-    dirs = " ".join(d.format(id=cid) for d in CGROUP_DIRS)
+    dirs = " ".join(d.format(id="$id") for d in CGROUP_DIRS)
     out = in_server(
+        "id=$(docker inspect -f '{{.Id}}' wecom-bridge); "
         f"for d in {dirs}; do [ -r $d/memory.stat ] && "
         'awk \'$1 == "rss" || $1 == "anon" {print $2; exit}\' $d/memory.stat && break; done'
     )
