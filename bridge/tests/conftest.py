@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import signal
 import socket
@@ -30,6 +32,34 @@ from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.testing.wecom_double import create_wecom_double
 from wecom_bridge.wecom.crypto import WeComCrypto
 from wecom_bridge.wecom.messages import SendResult
+
+# CPython 3.11.0-3.11.7 and 3.12.0-3.12.1 keep ast.parse's recursion counter in one place for
+# all threads (gh-106905, fixed by gh-113035): when a GC pass inside one thread's parse lets another
+# thread parse, the first raises "SystemError: AST constructor recursion depth mismatch" (a CI run
+# on 3.11.7 failed a fixture so: werkzeug parses while building a new app's URL rules, and pytest's
+# log capture formats tracebacks, which 3.11 parses for the ^^^ markers, in whichever thread logs).
+# The service formats its log lines in one writer thread, and its image runs 3.13.
+AST_PARSE_SHARES_ITS_COUNTER = (3, 11) <= sys.version_info < (3, 11, 8) or (
+    (3, 12) <= sys.version_info < (3, 12, 2)
+)
+
+
+def serialize_ast_parse() -> None:
+    if getattr(ast.parse, "serialized", False):
+        return
+    parse, lock = ast.parse, threading.RLock()
+
+    @functools.wraps(parse)
+    def serialized(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            return parse(*args, **kwargs)
+
+    serialized.serialized = True  # type: ignore[attr-defined]
+    ast.parse = serialized  # type: ignore[assignment]
+
+
+if AST_PARSE_SHARES_ITS_COUNTER:
+    serialize_ast_parse()
 
 
 @dataclass(frozen=True)
