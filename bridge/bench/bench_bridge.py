@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -294,10 +295,17 @@ def print_profile(pid: str, path: Path, top: int = 12) -> None:
 
 
 def ack_run(
-    stack: Stack, concurrency: int, count: int, rate: float, profile: Path | None = None
+    stack: Stack,
+    concurrency: int,
+    count: int,
+    rate: float,
+    profile: Path | None = None,
+    *,
+    run: int = 0,
 ) -> None:
-    """rate 0: closed loop, every sender back to back; else the total offered req/s."""
-    reqs = prepare_requests(count, f"c{concurrency}r{rate:g}x")
+    """rate 0: closed loop, every sender back to back; else the total offered req/s. `run`
+    keeps the message ids of runs with the same settings apart (the bridge dedupes them)."""
+    reqs = prepare_requests(count, f"c{concurrency}r{rate:g}n{run}x")
     interval = concurrency / rate if rate else 0.0
     with Profiler(stack, profile, f"c{concurrency}r{rate:g}"):
         latencies, errors, elapsed = asyncio.run(
@@ -374,9 +382,9 @@ def main() -> None:
     stack = Stack(args.dify_delay_ms, args.threads, args.workers)
     try:
         print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
-        for concurrency in args.concurrency:
-            for rate in args.rates:
-                ack_run(stack, concurrency, args.requests, rate, args.profile)
+        runs = itertools.product(args.concurrency, args.rates)
+        for run, (concurrency, rate) in enumerate(runs):
+            ack_run(stack, concurrency, args.requests, rate, args.profile, run=run)
         added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
         print(f"bridge rss after load={stack.rss_mib():.0f} MiB")
     finally:

@@ -3,7 +3,14 @@ own rules, instead of on every call."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import pytest
+import requests
 from conftest import AppSecrets
 
 from wecom_bridge.http_session import session_for
@@ -53,3 +60,59 @@ def test_wecoms_api_is_reached_through_the_proxy(
         token_cache=SqliteStore(tmp_path / "store"),
     )
     assert client.access_token()
+
+
+class _HeldUntilAllCame(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as Dify's nginx and WeCom's API answer (werkzeug, which the
+    doubles run on, closes every connection): each request waits until all callers' came."""
+
+    protocol_version = "HTTP/1.1"
+    server: _KeepAliveServer
+
+    def do_GET(self) -> None:
+        self.server.ports.add(self.client_address[1])
+        self.server.arrived.wait()
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _KeepAliveServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, callers: int) -> None:
+        super().__init__(("127.0.0.1", 0), _HeldUntilAllCame)
+        self.arrived = threading.Barrier(callers, timeout=10)
+        self.ports: set[int] = set()
+
+
+def _ports_of_two_rounds(session: requests.Session, callers: int) -> set[int]:
+    """`callers` threads call at once, twice: the client ports the server saw, one per
+    connection."""
+    server = _KeepAliveServer(callers)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        for _ in range(2):
+            with ThreadPoolExecutor(callers) as pool:
+                statuses = list(pool.map(lambda _: session.get(url).status_code, range(callers)))
+            assert statuses == [200] * callers
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    return server.ports
+
+
+def test_as_many_callers_at_once_as_connections_reuse_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="urllib3"):
+        ports = _ports_of_two_rounds(session_for("http://127.0.0.1", connections=24), 24)
+    assert len(ports) == 24  # the second round found every connection of the first kept
+    assert [r.getMessage() for r in caplog.records] == []  # no "Connection pool is full"

@@ -280,7 +280,8 @@ class DifyClient:
         self._settings = settings
         self._base = settings.api_base.rstrip("/")
         self._metrics = metrics or Metrics()
-        self._session = session or session_for(self._base)
+        # The dispatcher runs at most max_concurrency of this app's jobs at once.
+        self._session = session or session_for(self._base, connections=settings.max_concurrency)
         self._sleep = sleep
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._mode: str | None = settings.app_mode

@@ -95,6 +95,7 @@ def _outbound(
         token_cache=store,
         metrics=metrics,
         config_error_cooldown=config.config_error_cooldown,
+        connections=config.job_workers,
     )
     return WeComAppOutbound(app, wecom)
 
@@ -148,6 +149,7 @@ def kf_client(config: BridgeConfig, kf: KfConfig, store: Store, metrics: Metrics
             token_cache=store,
             metrics=metrics,
             config_error_cooldown=config.config_error_cooldown,
+            connections=config.job_workers,
         )
     )
 

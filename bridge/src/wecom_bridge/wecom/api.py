@@ -138,14 +138,16 @@ class WeComClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         config_error_cooldown: float = 60.0,
+        connections: int = 10,
     ) -> None:
+        """`connections`: kept open to WeCom, as many as threads that call at once."""
         self._base = (api_base or DEFAULT_API_BASE).rstrip("/")
         self._corp_id = corp_id
         self._secret = secret
         self._cache = token_cache
         self._cache_key = f"{corp_id}:{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
         self._metrics = metrics or Metrics()
-        self._session = session or session_for(self._base)
+        self._session = session or session_for(self._base, connections=connections)
         self._timeout = timeout
         self._max_attempts = max(1, max_attempts)
         self._backoff_base = backoff_base
