@@ -11,7 +11,8 @@ SOURCE = "\n".join(f"def f{i}(x):\n    return [x + {i} for _ in range(3)]" for i
 
 class _LetTheOtherThreadParse:
     """Collected by a GC pass inside the main thread's ast.parse: lets the other thread parse
-    then, as a thread switch there would (waits at most `timeout` when the other must wait)."""
+    then, as a thread switch there would (waits half a second at most: with the lock, the other
+    thread can only parse after this one)."""
 
     def __init__(self, go: threading.Event, done: threading.Event) -> None:
         self.go, self.done, self.cycle = go, done, self

@@ -64,7 +64,7 @@ def test_wecoms_api_is_reached_through_the_proxy(
 
 class _HeldUntilAllCame(BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive, as Dify's nginx and WeCom's API answer (werkzeug, which the
-    doubles run on, closes every connection): each request waits until all callers' came."""
+    doubles run on, closes every connection): each request waits until every caller's has come."""
 
     protocol_version = "HTTP/1.1"
     server: _KeepAliveServer

@@ -21,8 +21,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
 
-# Hosts a session keeps connections to: its base URL's, and a second one for Dify's file links
-# when FILES_URL names another origin.
+# Hosts a session keeps pools for: its base URL's, and a few more (Dify's file links when
+# FILES_URL names another origin).
 _HOSTS = 4
 
 
