@@ -302,9 +302,10 @@ def ack_run(
     profile: Path | None = None,
     *,
     run: int = 0,
-) -> None:
+) -> float:
     """rate 0: closed loop, every sender back to back; else the total offered req/s. `run`
-    keeps the message ids of runs with the same settings apart (the bridge dedupes them)."""
+    keeps the message ids of runs with the same settings apart (the bridge dedupes them).
+    Returns the throughput reached."""
     reqs = prepare_requests(count, f"c{concurrency}r{rate:g}n{run}x")
     interval = concurrency / rate if rate else 0.0
     with Profiler(stack, profile, f"c{concurrency}r{rate:g}"):
@@ -324,6 +325,7 @@ def ack_run(
         time.sleep(0.5)
     print(f"     answers sent so far={len(stack.sent())}, queue depth={stack.queue_depth()}")
     stack.clear()
+    return count / elapsed
 
 
 def added_latency_run(stack: Stack, count: int, dify_delay: float) -> None:
@@ -350,6 +352,9 @@ def added_latency_run(stack: Stack, count: int, dify_delay: float) -> None:
     while len(ours()) < count and time.monotonic() < deadline:
         time.sleep(0.2)
     added = [(m["received_at"] - sent_at[m["touser"]] - dify_delay) for m in ours()]
+    if not added:
+        print(f"added latency: none of the {count} answers arrived within 60 s")
+        return
     print(
         f"added latency (callback sent -> message/send received, minus Dify's "
         f"{dify_delay * 1000:.0f} ms) n={len(added)}: p50={pct(added, 0.5):.1f} ms  "
@@ -368,6 +373,13 @@ def main() -> None:
         default=[0, 100, 200],
         help="offered req/s per run; 0 = saturation (closed loop)",
     )
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        metavar="F",
+        help="after each saturation run, a paced run at F times the throughput it measured"
+        " (0.5: the issue's half of the capacity, measured in the same run)",
+    )
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--dify-delay-ms", type=int, default=50)
     parser.add_argument("--threads", type=int, default=64, help="BRIDGE_WEB_THREADS")
@@ -384,8 +396,12 @@ def main() -> None:
         print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
         runs = itertools.product(args.concurrency, args.rates)
         for run, (concurrency, rate) in enumerate(runs):
-            ack_run(stack, concurrency, args.requests, rate, args.profile, run=run)
-        added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
+            reached = ack_run(stack, concurrency, args.requests, rate, args.profile, run=run)
+            if rate == 0 and args.paced_fraction:
+                paced = round(args.paced_fraction * reached)
+                ack_run(stack, concurrency, args.requests, paced, args.profile, run=run)
+        if args.latency_samples:
+            added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
         print(f"bridge rss after load={stack.rss_mib():.0f} MiB")
     finally:
         stack.close()
