@@ -313,9 +313,10 @@ def ack_run(
             _drive(stack.bridge_port, reqs, concurrency, interval)
         )
     mode = f"paced {rate:g}/s" if rate else "saturation"
+    throughput = count / elapsed
     print(
         f"ack  c={concurrency:<4} {mode:<14} n={count:<6} "
-        f"throughput={count / elapsed:6.0f} req/s  "
+        f"throughput={throughput:6.0f} req/s  "
         f"p50={pct(latencies, 0.50):6.1f} ms  p99={pct(latencies, 0.99):6.1f} ms  "
         f"max={max(latencies) * 1000:6.1f} ms  non-200={len(errors)}  "
         f"rss={stack.rss_mib():.0f} MiB pss={stack.pss_mib():.0f} MiB"
@@ -325,7 +326,7 @@ def ack_run(
         time.sleep(0.5)
     print(f"     answers sent so far={len(stack.sent())}, queue depth={stack.queue_depth()}")
     stack.clear()
-    return count / elapsed
+    return throughput
 
 
 def added_latency_run(stack: Stack, count: int, dify_delay: float) -> None:
@@ -378,7 +379,7 @@ def main() -> None:
         type=float,
         metavar="F",
         help="after each saturation run, a paced run at F times the throughput it measured"
-        " (0.5: the issue's half of the capacity, measured in the same run)",
+        " (0.5: half the capacity, as measured in the same run)",
     )
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--dify-delay-ms", type=int, default=50)
