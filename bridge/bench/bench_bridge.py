@@ -384,7 +384,11 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--dify-delay-ms", type=int, default=50)
     parser.add_argument("--threads", type=int, default=64, help="BRIDGE_WEB_THREADS")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="BRIDGE_JOB_WORKERS; unset: the service's own default, as a deployment gets it",
+    )
     parser.add_argument(
         "--profile",
         type=Path,

@@ -3,6 +3,9 @@ or failed, on a real store, with a recording channel and, where Dify matters, th
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,40 @@ def test_chat_job_keeps_the_ids_of_the_message_dify_accepted(
     (message,) = dify_state(dify_double).messages
     assert kept["message_id"] == message["id"]
     assert kept["conversation_id"] == message["conversation_id"]
+
+
+class CommitCountingStore(SqliteStore):
+    """Counts the write transactions (each one a commit the callbacks' commits queue behind)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.commits = 0
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.commits += 1
+        with super()._tx() as conn:
+            yield conn
+
+
+def test_an_answer_costs_three_writes_after_its_claim(
+    tmp_path: Path, dify_double: ServerThread, secrets: AppSecrets
+) -> None:
+    """Dify's accepted ids, the parts with the member's new conversation, and the finish with
+    the last part's mark: a separate commit for the conversation or the mark is a regression."""
+    store = CommitCountingStore(tmp_path)
+    dify = DifyClient(DifySettings(api_base=f"{dify_double.url}/v1", api_key=secrets.dify_key))
+    channel = RecordingChannel()
+    app = plain_app()
+    processor = JobProcessor(store, {"default": AppRuntime(app, dify, channel)}, Metrics())
+    job = claimed(store, "zhao", ChatJob("年假怎么请？"))
+    store.commits = 0
+    processor.process(job)
+    done = store.get_job(job.id)
+    assert (done.status, done.parts_sent, len(channel.sent)) == ("done", 1, 1)
+    assert done.result["msgids"] == ["m1"] and "dify_accepted" in done.result
+    assert (
+        store.get_conversation(app.corp_id, app.agent_id, "zhao")
+        == (done.result["conversation_id"])
+    )
+    assert store.commits == 3

@@ -13,7 +13,7 @@ import pytest
 from conftest import StoreBackend
 
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
-from wecom_bridge.jobs.store import Arrival, NewJob, SqliteStore
+from wecom_bridge.jobs.store import Arrival, Conversation, NewJob, SentPart, SqliteStore
 from wecom_bridge.wecom.aibot_frames import StreamImage
 
 
@@ -109,6 +109,38 @@ def test_progress_is_kept(store_backend: StoreBackend) -> None:
     job = store.get_job(job_id)
     assert job.parts == ["p1", "p2"] and job.parts_sent == 1
     assert job.result == {"conversation_id": "c", "msgids": ["msgid-1"]}
+
+
+def test_the_answer_and_its_conversation_are_one_write(store_backend: StoreBackend) -> None:
+    store = store_backend()
+    job_id = store.enqueue("app", chat("u", "x"))
+    store.set_conversation("c", "1", "u", "conv-old")
+    store.save_parts(
+        job_id, ["p1"], {"message_id": "m"}, conversation=Conversation("c", "1", "u", "conv-new")
+    )
+    assert store.get_job(job_id).parts == ["p1"]
+    assert store.get_conversation("c", "1", "u") == "conv-new"
+    assert store.get_conversation("c", "2", "u") == ""
+
+
+def test_the_last_part_is_marked_with_the_finish(store_backend: StoreBackend) -> None:
+    store = store_backend()
+    job_id = store.enqueue("app", chat("u", "x"))
+    store.save_parts(job_id, ["p1", "p2"], {})
+    store.mark_part_sent(job_id, 1, "msgid-1")
+    last = SentPart(2, "msgid-2", {"invaliduser": "ghost", "invalidtag": ""})
+    store.finish(job_id, error="dify: timeout", last_part=last)
+    job = store.get_job(job_id)
+    assert (job.status, job.parts_sent, job.error) == ("done", 2, "dify: timeout")
+    assert job.result == {"msgids": ["msgid-1", "msgid-2"], "invaliduser": "ghost"}
+
+
+def test_a_sent_part_with_a_foreign_field_is_refused(store_backend: StoreBackend) -> None:
+    store = store_backend()
+    job_id = store.enqueue("app", chat("u", "x"))
+    with pytest.raises(ValueError, match="invalidmember"):
+        store.finish(job_id, last_part=SentPart(1, "m", {"invalidmember": "x"}))
+    assert store.get_job(job_id).status == "queued"  # nothing of the finish was written
 
 
 def test_conversations_and_tokens(store_backend: StoreBackend) -> None:

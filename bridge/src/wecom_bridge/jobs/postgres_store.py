@@ -37,13 +37,14 @@ from psycopg_pool import ConnectionPool
 from wecom_bridge.errors import IdempotencyConflictError, StoreUnavailableError
 from wecom_bridge.jobs.pacing import DEFAULT_LIMITS
 from wecom_bridge.jobs.store import (
-    INVALID_KEYS,
     TURN_WAIT_SECONDS,
     Arrival,
+    Conversation,
     Job,
     JobRecord,
     LinkStatus,
     NewJob,
+    SentPart,
     StoreSnapshot,
     StreamProgress,
     images_json,
@@ -452,7 +453,14 @@ class PostgresStore:
             ).rowcount
             self._notify(db, count)
 
-    def save_parts(self, job_id: int, parts: list[str], result: dict[str, object]) -> None:
+    def save_parts(
+        self,
+        job_id: int,
+        parts: list[str],
+        result: dict[str, object],
+        *,
+        conversation: Conversation | None = None,
+    ) -> None:
         with self._tx() as db:
             db.execute(
                 # merged: facts noted earlier (note_result) stay
@@ -460,6 +468,8 @@ class PostgresStore:
                 " updated_at = %s WHERE id = %s",
                 (Jsonb(parts), Jsonb(result), self._clock(), job_id),
             )
+            if conversation is not None:
+                self._set_conversation(db, conversation)
 
     def note_result(self, job_id: int, key: str, value: object) -> None:
         with self._tx() as db:
@@ -476,23 +486,25 @@ class PostgresStore:
         msgid: str = "",
         invalid: Mapping[str, str] | None = None,
     ) -> None:
-        facts = {}
-        for key, value in (invalid or {}).items():
-            if key not in INVALID_KEYS:
-                raise ValueError(f"not a WeCom invalid-recipient field: {key}")
-            if value:
-                facts[key] = value
+        part = SentPart(parts_sent, msgid, invalid or {})
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET parts_sent = %s, updated_at = %s,"
-                " result = jsonb_set(coalesce(result, '{}'), '{msgids}',"
-                " coalesce(result -> 'msgids', '[]') || jsonb_build_array(%s::text)) || %s"
-                " WHERE id = %s",
-                (parts_sent, self._clock(), msgid, Jsonb(facts), job_id),
-            )
+            self._mark_sent(db, job_id, part)
 
-    def finish(self, job_id: int, *, error: str | None = None) -> None:
+    def _mark_sent(self, db: psycopg.Connection[Any], job_id: int, part: SentPart) -> None:
+        db.execute(
+            "UPDATE jobs SET parts_sent = %s, updated_at = %s,"
+            " result = jsonb_set(coalesce(result, '{}'), '{msgids}',"
+            " coalesce(result -> 'msgids', '[]') || jsonb_build_array(%s::text)) || %s"
+            " WHERE id = %s",
+            (part.parts_sent, self._clock(), part.msgid, Jsonb(part.facts()), job_id),
+        )
+
+    def finish(
+        self, job_id: int, *, error: str | None = None, last_part: SentPart | None = None
+    ) -> None:
         with self._tx() as db:
+            if last_part is not None:
+                self._mark_sent(db, job_id, last_part)
             db.execute(
                 "UPDATE jobs SET status = 'done', error = %s, lease_owner = NULL, updated_at = %s"
                 " WHERE id = %s",
@@ -658,12 +670,16 @@ class PostgresStore:
 
     def set_conversation(self, corp: str, agent: str, user: str, conversation_id: str) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO conversations (corp, agent, member, conversation_id, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (corp, agent, member) DO UPDATE SET"
-                " conversation_id = excluded.conversation_id, updated_at = excluded.updated_at",
-                (corp, agent, user, conversation_id, self._clock()),
-            )
+            self._set_conversation(db, Conversation(corp, agent, user, conversation_id))
+
+    def _set_conversation(self, db: psycopg.Connection[Any], conversation: Conversation) -> None:
+        c = conversation
+        db.execute(
+            "INSERT INTO conversations (corp, agent, member, conversation_id, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (corp, agent, member) DO UPDATE SET"
+            " conversation_id = excluded.conversation_id, updated_at = excluded.updated_at",
+            (c.corp, c.agent, c.user, c.conversation_id, self._clock()),
+        )
 
     def forget_conversation(self, corp: str, agent: str, user: str) -> None:
         with self._tx() as db:

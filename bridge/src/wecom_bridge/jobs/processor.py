@@ -62,7 +62,7 @@ from wecom_bridge.jobs.media_out import (
 )
 from wecom_bridge.jobs.pacing import Pacer, SlidingWindowLimiter, send_paced
 from wecom_bridge.jobs.splitter import cap_parts, split_message
-from wecom_bridge.jobs.store import Job, Store
+from wecom_bridge.jobs.store import Conversation, Job, SentPart, Store
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.wecom.messages import SendResult
 
@@ -99,6 +99,9 @@ class Answer:
     # media parts (jobs/media_out.py).
     files: tuple[DifyFile, ...] = ()
     media: bool = False
+    # A conversation Dify answered in that the member's next question must continue (empty:
+    # no change); stored with the parts, in their commit.
+    conversation_id: str = ""
 
 
 # Each handler takes its own kind (the table is keyed by the kind's class, so it always does).
@@ -177,7 +180,7 @@ class JobProcessor:
             return
         try:
             parts, result = self._parts(job, spec, app)
-            self._send(job, spec, app, parts, result)
+            last_part = self._send(job, spec, app, parts, result)
         except WeComApiError as exc:
             self._send_failed(job, exc, fields)
             return
@@ -189,7 +192,15 @@ class JobProcessor:
             )
             return
         dify_error = result.get("dify_error")
-        self.store.finish(job.id, error=f"dify: {dify_error}" if dify_error else None)
+        error = f"dify: {dify_error}" if dify_error else None
+        if last_part is None:
+            self.store.finish(job.id, error=error)
+        else:  # the last part's mark rides on the finish, so it is written until it lands
+            self._until_recorded(
+                job,
+                f"part {last_part.parts_sent} sent, job done",
+                lambda: self.store.finish(job.id, error=error, last_part=last_part),
+            )
         with self._sent_lock:
             self._sent.pop(job.id, None)
         if self._media_out is not None:
@@ -233,7 +244,17 @@ class JobProcessor:
             result = {**answer.result, **AnswerPlan(parts, kept, images).result()}
         else:
             parts = self._split(job, answer.text, app)
-        self._until_recorded(job, "answer", lambda: self.store.save_parts(job.id, parts, result))
+        cfg = app.config
+        conversation = (
+            Conversation(cfg.corp_id, cfg.agent_id, job.user, answer.conversation_id)
+            if answer.conversation_id
+            else None
+        )
+        self._until_recorded(
+            job,
+            "answer",
+            lambda: self.store.save_parts(job.id, parts, result, conversation=conversation),
+        )
         return parts, result
 
     def _split(self, job: Job, text: str, app: AppRuntime) -> list[str]:
@@ -326,7 +347,11 @@ class JobProcessor:
         question = ChatJob(query=prepared.query, msg_id=spec.msg_id, context=spec.context)
         answer = self._ask_dify(job, question, app, files=prepared.files)
         if prepared.echo:
-            return Answer(f"{prepared.echo}\n\n{answer.text}", answer.result)
+            return Answer(
+                f"{prepared.echo}\n\n{answer.text}",
+                answer.result,
+                conversation_id=answer.conversation_id,
+            )
         return answer
 
     def _media_refused(
@@ -392,20 +417,13 @@ class JobProcessor:
                 extra={"job_id": job.id, "user": job.user, **fields, "error": str(exc)},
             )
             return Answer(fallback, {"dify_error": exc.code or str(exc.status or "unreachable")})
-        if answer.conversation_id and answer.conversation_id != conversation:
-            self._until_recorded(
-                job,
-                "conversation",
-                lambda: self.store.set_conversation(
-                    cfg.corp_id, cfg.agent_id, job.user, answer.conversation_id
-                ),
-            )
+        changed = answer.conversation_id if answer.conversation_id != conversation else ""
         result: dict[str, object] = {
             "conversation_id": answer.conversation_id,
             "message_id": answer.message_id,
         }
         text = answer.text.strip() or ("" if answer.files else fallback)
-        return Answer(text, result, answer.files, media=True)
+        return Answer(text, result, answer.files, media=True, conversation_id=changed)
 
     @staticmethod
     @contextlib.contextmanager
@@ -437,7 +455,11 @@ class JobProcessor:
         app: AppRuntime,
         parts: list[str],
         result: Mapping[str, object],
-    ) -> None:
+    ) -> SentPart | None:
+        """Send the parts not sent yet; each one WeCom accepted is recorded at once, except the
+        last, which is returned for the job's finish to record."""
+        last: list[SentPart] = []
+
         def sent(index: int, result: SendResult) -> None:
             invalid = {
                 "invaliduser": result.invaliduser,
@@ -447,10 +469,16 @@ class JobProcessor:
             }
             with self._sent_lock:
                 self._sent[job.id] = max(self._sent.get(job.id, 0), index + 1)
+            part = SentPart(index + 1, result.msgid, invalid)
+            if index + 1 == len(parts):
+                last.append(part)
+                return
             self._until_recorded(
                 job,
                 f"part {index + 1} sent",
-                lambda: self.store.mark_part_sent(job.id, index + 1, result.msgid, invalid),
+                lambda: self.store.mark_part_sent(
+                    job.id, part.parts_sent, part.msgid, part.invalid
+                ),
             )
 
         with self._sent_lock:
@@ -465,6 +493,7 @@ class JobProcessor:
             sleep=self._sleep,
             send=self._media_parts(job, app, result),
         )
+        return last[0] if last else None
 
     def _media_parts(
         self, job: Job, app: AppRuntime, result: Mapping[str, object]
