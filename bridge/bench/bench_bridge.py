@@ -214,18 +214,36 @@ async def _sender(
 
 
 async def _drive(
-    port: int, reqs: list[bytes], concurrency: int, interval: float
+    port: int,
+    reqs: list[bytes],
+    concurrency: int,
+    interval: float,
+    lags: list[float] | None = None,
 ) -> tuple[list[float], list[int], float]:
+    """`lags`: filled with how late this client's own event loop woke up (every 2 ms), so a
+    tail the load generator caused itself can be told from the bridge's."""
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for req in reqs:
         queue.put_nowait(req)
     latencies: list[float] = []
     errors: list[int] = []
+    done = asyncio.Event()
+    watch = asyncio.ensure_future(_loop_lag(done, lags if lags is not None else []))
     start = time.perf_counter()
     await asyncio.gather(
         *(_sender(port, queue, latencies, errors, interval) for _ in range(concurrency))
     )
-    return latencies, errors, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    done.set()
+    await watch
+    return latencies, errors, elapsed
+
+
+async def _loop_lag(done: asyncio.Event, lags: list[float], tick: float = 0.002) -> None:
+    while not done.is_set():
+        asked = time.perf_counter()
+        await asyncio.sleep(tick)
+        lags.append(time.perf_counter() - asked - tick)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -302,15 +320,17 @@ def ack_run(
     profile: Path | None = None,
     *,
     run: int = 0,
+    drain_seconds: float = 120.0,
 ) -> float:
     """rate 0: closed loop, every sender back to back; else the total offered req/s. `run`
     keeps the message ids of runs with the same settings apart (the bridge dedupes them).
     Returns the throughput reached."""
     reqs = prepare_requests(count, f"c{concurrency}r{rate:g}n{run}x")
     interval = concurrency / rate if rate else 0.0
+    lags: list[float] = []
     with Profiler(stack, profile, f"c{concurrency}r{rate:g}"):
         latencies, errors, elapsed = asyncio.run(
-            _drive(stack.bridge_port, reqs, concurrency, interval)
+            _drive(stack.bridge_port, reqs, concurrency, interval, lags)
         )
     mode = f"paced {rate:g}/s" if rate else "saturation"
     throughput = count / elapsed
@@ -319,9 +339,10 @@ def ack_run(
         f"throughput={throughput:6.0f} req/s  "
         f"p50={pct(latencies, 0.50):6.1f} ms  p99={pct(latencies, 0.99):6.1f} ms  "
         f"max={max(latencies) * 1000:6.1f} ms  non-200={len(errors)}  "
-        f"rss={stack.rss_mib():.0f} MiB pss={stack.pss_mib():.0f} MiB"
+        f"rss={stack.rss_mib():.0f} MiB pss={stack.pss_mib():.0f} MiB  "
+        f"client loop lag max={max(lags, default=0) * 1000:.1f} ms"
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + drain_seconds
     while stack.queue_depth() and time.monotonic() < deadline:  # let the answers drain
         time.sleep(0.5)
     print(f"     answers sent so far={len(stack.sent())}, queue depth={stack.queue_depth()}")
@@ -381,6 +402,20 @@ def main() -> None:
         help="after each saturation run, a paced run at F times the throughput it measured"
         " (0.5: half the capacity, as measured in the same run)",
     )
+    parser.add_argument(
+        "--paced-runs",
+        type=int,
+        default=1,
+        metavar="K",
+        help="each paced rate (and --paced-fraction's) K times, new messages each time",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=120.0,
+        help="after each run, wait at most this long for the answers (with Dify at 10 s a"
+        " saturation run's 10,000 take 26 min: the next run then starts with a backlog)",
+    )
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--dify-delay-ms", type=int, default=50)
     parser.add_argument("--threads", type=int, default=64, help="BRIDGE_WEB_THREADS")
@@ -400,11 +435,34 @@ def main() -> None:
     try:
         print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
         runs = itertools.product(args.concurrency, args.rates)
-        for run, (concurrency, rate) in enumerate(runs):
-            reached = ack_run(stack, concurrency, args.requests, rate, args.profile, run=run)
+        numbers = itertools.count()
+        drain = args.drain_seconds
+        for concurrency, rate in runs:
+            repeats = args.paced_runs if rate else 1
+            for _ in range(repeats):
+                run = next(numbers)
+                reached = ack_run(
+                    stack,
+                    concurrency,
+                    args.requests,
+                    rate,
+                    args.profile,
+                    run=run,
+                    drain_seconds=drain,
+                )
             if rate == 0 and args.paced_fraction:
                 paced = round(args.paced_fraction * reached)
-                ack_run(stack, concurrency, args.requests, paced, args.profile, run=run)
+                for _ in range(args.paced_runs):
+                    run = next(numbers)
+                    ack_run(
+                        stack,
+                        concurrency,
+                        args.requests,
+                        paced,
+                        args.profile,
+                        run=run,
+                        drain_seconds=drain,
+                    )
         if args.latency_samples:
             added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
         print(f"bridge rss after load={stack.rss_mib():.0f} MiB")
