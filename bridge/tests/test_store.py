@@ -135,6 +135,22 @@ def test_the_last_part_is_marked_with_the_finish(store_backend: StoreBackend) ->
     assert job.result == {"msgids": ["msgid-1", "msgid-2"], "invaliduser": "ghost"}
 
 
+def test_a_part_is_marked_once_however_often_its_write_is_retried(
+    store_backend: StoreBackend,
+) -> None:
+    """A commit that landed but whose reply was lost is written again: the part stays one."""
+    store = store_backend()
+    job_id = store.enqueue("app", chat("u", "x"))
+    store.save_parts(job_id, ["p1", "p2"], {})
+    store.mark_part_sent(job_id, 1, "msgid-1")
+    store.mark_part_sent(job_id, 1, "msgid-1")
+    store.finish(job_id, last_part=SentPart(2, "msgid-2"))
+    store.finish(job_id, last_part=SentPart(2, "msgid-2"))
+    job = store.get_job(job_id)
+    assert (job.status, job.parts_sent) == ("done", 2)
+    assert job.result == {"msgids": ["msgid-1", "msgid-2"]}
+
+
 def test_a_sent_part_with_a_foreign_field_is_refused(store_backend: StoreBackend) -> None:
     store = store_backend()
     job_id = store.enqueue("app", chat("u", "x"))

@@ -491,12 +491,20 @@ class PostgresStore:
             self._mark_sent(db, job_id, part)
 
     def _mark_sent(self, db: psycopg.Connection[Any], job_id: int, part: SentPart) -> None:
+        """Once per part: the retry of a commit whose reply was lost finds the count there."""
         db.execute(
             "UPDATE jobs SET parts_sent = %s, updated_at = %s,"
             " result = jsonb_set(coalesce(result, '{}'), '{msgids}',"
             " coalesce(result -> 'msgids', '[]') || jsonb_build_array(%s::text)) || %s"
-            " WHERE id = %s",
-            (part.parts_sent, self._clock(), part.msgid, Jsonb(part.facts()), job_id),
+            " WHERE id = %s AND parts_sent < %s",
+            (
+                part.parts_sent,
+                self._clock(),
+                part.msgid,
+                Jsonb(part.facts()),
+                job_id,
+                part.parts_sent,
+            ),
         )
 
     def finish(

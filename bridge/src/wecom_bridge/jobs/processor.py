@@ -3,8 +3,9 @@
 A handler per job kind turns the job into text (Dify's answer, a reset confirmation, a notice,
 a proactive message); the text is split to the channel's part limit and stored, then sent part
 by part through the channel's outbound within the pacing limit. Progress is stored at each step
-(the parts, then each part sent), so a worker killed anywhere leaves a job that resumes without
-asking Dify again and without sending a part twice.
+(the parts with the member's conversation, then each part sent, the last one with the finish),
+so a worker killed anywhere leaves a job that resumes without asking Dify again and without
+sending a part twice (unless it dies between WeCom accepting a part and that part's mark).
 """
 
 from __future__ import annotations

@@ -845,14 +845,16 @@ class SqliteStore:
             self._mark_sent(db, job_id, part)
 
     def _mark_sent(self, db: sqlite3.Connection, job_id: int, part: SentPart) -> None:
+        """Once per part: a retry of a commit that did land finds the count there already."""
         facts = part.facts()
-        db.execute(
+        marked = db.execute(
             "UPDATE jobs SET parts_sent=?, updated_at=?,"
             " result=json_set(coalesce(result, '{}'), '$.msgids', json_insert("
-            "coalesce(json_extract(result, '$.msgids'), json('[]')), '$[#]', ?)) WHERE id=?",
-            (part.parts_sent, self._clock(), part.msgid, job_id),
-        )
-        if facts:
+            "coalesce(json_extract(result, '$.msgids'), json('[]')), '$[#]', ?))"
+            " WHERE id=? AND parts_sent < ?",
+            (part.parts_sent, self._clock(), part.msgid, job_id, part.parts_sent),
+        ).rowcount
+        if marked and facts:
             db.execute(
                 "UPDATE jobs SET result=json_patch(result, ?) WHERE id=?",
                 (json.dumps(facts, ensure_ascii=False), job_id),
