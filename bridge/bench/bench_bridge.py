@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -119,6 +120,22 @@ class Stack:
             check=False,
         ).stdout
         return [self.bridge.pid, *(int(p) for p in out.split())]
+
+    def pin(self) -> None:
+        """The bridge and the doubles on the last CPU, this load generator on the others, so
+        that neither's scheduling shows in the other's numbers (every thread, and the threads
+        started later inherit it)."""
+        last = (os.cpu_count() or 1) - 1
+        if last < 1:
+            raise SystemExit("--pin needs at least two CPUs")
+        for pid in [*self._pids(), *(proc.pid for proc in self.procs)]:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                    os.sched_setaffinity(int(task.name), {last})
+        os.sched_setaffinity(0, set(range(last)))
+        print(
+            f"pinned: the bridge and the doubles on cpu {last}, the load generator on 0-{last - 1}"
+        )
 
     def _memory_kib(self, field: str, source: str) -> float:
         total_kib = 0
@@ -416,6 +433,11 @@ def main() -> None:
         help="after each run, wait at most this long for the answers (with Dify at 10 s a"
         " saturation run's 10,000 take 26 min: the next run then starts with a backlog)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the bridge and the doubles on the last CPU, the load generator on the others",
+    )
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--dify-delay-ms", type=int, default=50)
     parser.add_argument("--threads", type=int, default=64, help="BRIDGE_WEB_THREADS")
@@ -434,6 +456,8 @@ def main() -> None:
     stack = Stack(args.dify_delay_ms, args.threads, args.workers)
     try:
         print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
+        if args.pin:
+            stack.pin()
         runs = itertools.product(args.concurrency, args.rates)
         numbers = itertools.count()
         drain = args.drain_seconds
