@@ -17,7 +17,7 @@ from conftest import RecordingChannel, plain_app, wait_for
 from wecom_bridge.errors import StoreUnavailableError
 from wecom_bridge.jobs.kinds import NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import TURNS_DIR, SqliteStore
+from wecom_bridge.jobs.store import TURNS_DIR, SentPart, SqliteStore
 from wecom_bridge.jobs.workers import WorkerPool
 from wecom_bridge.metrics import Metrics
 
@@ -72,7 +72,7 @@ def test_job_writer_announces_its_turn_while_it_waits(tmp_path: Path) -> None:
     holder = threading.Thread(target=hold_write_lock, args=(job_side.path, 0.4, locked))
     holder.start()
     locked.wait(5)
-    writer = threading.Thread(target=job_side.mark_part_sent, args=(job_id, 1, "m1"))
+    writer = threading.Thread(target=job_side.mark_part_sent, args=(job_id, SentPart(1, "m1")))
     writer.start()
     time.sleep(0.1)
     assert web_side.writers_waiting()  # the job side waits for the lock and says so
@@ -98,7 +98,7 @@ def test_the_committer_waits_for_the_writers_it_found_not_for_later_ones(tmp_pat
     def busy_job_side(store: SqliteStore) -> None:
         nonlocal writes
         while not stop.is_set():
-            store.mark_part_sent(job_id, 1, "m1")
+            store.mark_part_sent(job_id, SentPart(1, "m1"))
             writes += 1
 
     writers = [threading.Thread(target=busy_job_side, args=(store,)) for store in job_sides]

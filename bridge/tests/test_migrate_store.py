@@ -13,7 +13,7 @@ from wecom_bridge.cli import main
 from wecom_bridge.config import load_config
 from wecom_bridge.jobs.kinds import ChatJob, NoticeJob, new_job
 from wecom_bridge.jobs.postgres_store import PostgresStore
-from wecom_bridge.jobs.store import SqliteStore
+from wecom_bridge.jobs.store import SentPart, SqliteStore
 from wecom_bridge.service.app import create_app
 from wecom_bridge.testing.server import ServerThread
 
@@ -33,7 +33,7 @@ def old_store(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     ids["half_sent"] = store.accept("default", "msg:half", new_job("zhao", NoticeJob("p1p2")))
     job = store.claim("old-bridge", 15)  # running when the bridge was stopped
     store.save_parts(job.id, ["第一部分", "第二部分"], {"conversation_id": "c-9"})
-    store.mark_part_sent(job.id, 1, "msgid-1")
+    store.mark_part_sent(job.id, SentPart(1, "msgid-1"))
     ids["queued"] = store.accept("default", "msg:queued", new_job("qian", ChatJob("还没答", "")))
     store.set_conversation("wwtestcorp0001", "1000002", "zhao", "conv-zhao")
     store.put_token("wwtestcorp0001:abc", "token-1", 2_000_000_000.0)

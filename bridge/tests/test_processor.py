@@ -16,7 +16,7 @@ from wecom_bridge.dify.client import DifyClient, DifySettings
 from wecom_bridge.errors import WeComApiError
 from wecom_bridge.jobs.kinds import ChatJob, NoticeJob, new_job
 from wecom_bridge.jobs.processor import AppRuntime, JobProcessor
-from wecom_bridge.jobs.store import Job, SqliteStore, Store
+from wecom_bridge.jobs.store import Job, SentPart, SqliteStore, Store
 from wecom_bridge.metrics import Metrics
 from wecom_bridge.testing.server import ServerThread
 from wecom_bridge.wecom.messages import SendResult
@@ -52,7 +52,7 @@ def test_resume_with_some_parts_sent_sends_only_the_rest(tmp_path: Path) -> None
     processor = JobProcessor(store, {"default": AppRuntime(plain_app(), None, channel)}, Metrics())
     job = claimed(store, "li", NoticeJob("一二三"))
     store.save_parts(job.id, ["一", "二", "三"], {})
-    store.mark_part_sent(job.id, 1, "msg-1")  # part 1 went out before the crash
+    store.mark_part_sent(job.id, SentPart(1, "msg-1"))  # part 1 went out before the crash
     processor.process(store.get_job(job.id))
     assert channel.sent == [("li", "二"), ("li", "三")]
     done = store.get_job(job.id)

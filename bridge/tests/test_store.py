@@ -105,7 +105,7 @@ def test_progress_is_kept(store_backend: StoreBackend) -> None:
     store = store_backend()
     job_id = store.enqueue("app", chat("u", "x"))
     store.save_parts(job_id, ["p1", "p2"], {"conversation_id": "c"})
-    store.mark_part_sent(job_id, 1, "msgid-1")
+    store.mark_part_sent(job_id, SentPart(1, "msgid-1"))
     job = store.get_job(job_id)
     assert job.parts == ["p1", "p2"] and job.parts_sent == 1
     assert job.result == {"conversation_id": "c", "msgids": ["msgid-1"]}
@@ -127,7 +127,7 @@ def test_the_last_part_is_marked_with_the_finish(store_backend: StoreBackend) ->
     store = store_backend()
     job_id = store.enqueue("app", chat("u", "x"))
     store.save_parts(job_id, ["p1", "p2"], {})
-    store.mark_part_sent(job_id, 1, "msgid-1")
+    store.mark_part_sent(job_id, SentPart(1, "msgid-1"))
     last = SentPart(2, "msgid-2", {"invaliduser": "ghost", "invalidtag": ""})
     store.finish(job_id, error="dify: timeout", last_part=last)
     job = store.get_job(job_id)
@@ -142,8 +142,8 @@ def test_a_part_is_marked_once_however_often_its_write_is_retried(
     store = store_backend()
     job_id = store.enqueue("app", chat("u", "x"))
     store.save_parts(job_id, ["p1", "p2"], {})
-    store.mark_part_sent(job_id, 1, "msgid-1")
-    store.mark_part_sent(job_id, 1, "msgid-1")
+    store.mark_part_sent(job_id, SentPart(1, "msgid-1"))
+    store.mark_part_sent(job_id, SentPart(1, "msgid-1"))
     store.finish(job_id, last_part=SentPart(2, "msgid-2"))
     store.finish(job_id, last_part=SentPart(2, "msgid-2"))
     job = store.get_job(job_id)

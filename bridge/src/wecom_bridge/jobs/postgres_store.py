@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -479,14 +479,7 @@ class PostgresStore:
                 (key, Jsonb(value), self._clock(), job_id),
             )
 
-    def mark_part_sent(
-        self,
-        job_id: int,
-        parts_sent: int,
-        msgid: str = "",
-        invalid: Mapping[str, str] | None = None,
-    ) -> None:
-        part = SentPart(parts_sent, msgid, invalid or {})
+    def mark_part_sent(self, job_id: int, part: SentPart) -> None:
         with self._tx() as db:
             self._mark_sent(db, job_id, part)
 

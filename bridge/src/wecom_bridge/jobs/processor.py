@@ -475,11 +475,7 @@ class JobProcessor:
                 last.append(part)
                 return
             self._until_recorded(
-                job,
-                f"part {index + 1} sent",
-                lambda: self.store.mark_part_sent(
-                    job.id, part.parts_sent, part.msgid, part.invalid
-                ),
+                job, f"part {index + 1} sent", lambda: self.store.mark_part_sent(job.id, part)
             )
 
         with self._sent_lock:

@@ -354,13 +354,7 @@ class Store(Protocol):
         conversation: Conversation | None = None,
     ) -> None: ...
     def note_result(self, job_id: int, key: str, value: object) -> None: ...
-    def mark_part_sent(
-        self,
-        job_id: int,
-        parts_sent: int,
-        msgid: str = "",
-        invalid: Mapping[str, str] | None = None,
-    ) -> None: ...
+    def mark_part_sent(self, job_id: int, part: SentPart) -> None: ...
     def finish(
         self, job_id: int, *, error: str | None = None, last_part: SentPart | None = None
     ) -> None: ...
@@ -831,34 +825,28 @@ class SqliteStore:
                 (f"$.{key}", json.dumps(value, ensure_ascii=False), self._clock(), job_id),
             )
 
-    def mark_part_sent(
-        self,
-        job_id: int,
-        parts_sent: int,
-        msgid: str = "",
-        invalid: Mapping[str, str] | None = None,
-    ) -> None:
+    def mark_part_sent(self, job_id: int, part: SentPart) -> None:
         """Record a part WeCom accepted: its msgid and, when WeCom reported some, the
         recipients it could not deliver to (invaliduser / invalidparty / invalidtag)."""
-        part = SentPart(parts_sent, msgid, invalid or {})
         with self._tx() as db:
             self._mark_sent(db, job_id, part)
 
     def _mark_sent(self, db: sqlite3.Connection, job_id: int, part: SentPart) -> None:
         """Once per part: a retry of a commit that did land finds the count there already."""
-        facts = part.facts()
-        marked = db.execute(
-            "UPDATE jobs SET parts_sent=?, updated_at=?,"
-            " result=json_set(coalesce(result, '{}'), '$.msgids', json_insert("
-            "coalesce(json_extract(result, '$.msgids'), json('[]')), '$[#]', ?))"
+        db.execute(
+            "UPDATE jobs SET parts_sent=?, updated_at=?, result=json_patch(json_set("
+            "coalesce(result, '{}'), '$.msgids', json_insert("
+            "coalesce(json_extract(result, '$.msgids'), json('[]')), '$[#]', ?)), ?)"
             " WHERE id=? AND parts_sent < ?",
-            (part.parts_sent, self._clock(), part.msgid, job_id, part.parts_sent),
-        ).rowcount
-        if marked and facts:
-            db.execute(
-                "UPDATE jobs SET result=json_patch(result, ?) WHERE id=?",
-                (json.dumps(facts, ensure_ascii=False), job_id),
-            )
+            (
+                part.parts_sent,
+                self._clock(),
+                part.msgid,
+                json.dumps(part.facts(), ensure_ascii=False),
+                job_id,
+                part.parts_sent,
+            ),
+        )
 
     def finish(
         self, job_id: int, *, error: str | None = None, last_part: SentPart | None = None
