@@ -458,35 +458,28 @@ def main() -> None:
         print(f"bridge idle rss={stack.rss_mib():.0f} MiB; cpus={os.cpu_count()}")
         if args.pin:
             stack.pin()
-        runs = itertools.product(args.concurrency, args.rates)
         numbers = itertools.count()
-        drain = args.drain_seconds
-        for concurrency, rate in runs:
-            repeats = args.paced_runs if rate else 1
-            for _ in range(repeats):
-                run = next(numbers)
+
+        def repeated(concurrency: int, rate: float, times: int) -> float:
+            """`times` runs at `rate`, each with new messages; the last one's throughput."""
+            reached = 0.0
+            for _ in range(times):
                 reached = ack_run(
                     stack,
                     concurrency,
                     args.requests,
                     rate,
                     args.profile,
-                    run=run,
-                    drain_seconds=drain,
+                    run=next(numbers),
+                    drain_seconds=args.drain_seconds,
                 )
+            return reached
+
+        for concurrency, rate in itertools.product(args.concurrency, args.rates):
+            reached = repeated(concurrency, rate, args.paced_runs if rate else 1)
             if rate == 0 and args.paced_fraction:
                 paced = round(args.paced_fraction * reached)
-                for _ in range(args.paced_runs):
-                    run = next(numbers)
-                    ack_run(
-                        stack,
-                        concurrency,
-                        args.requests,
-                        paced,
-                        args.profile,
-                        run=run,
-                        drain_seconds=drain,
-                    )
+                repeated(concurrency, paced, args.paced_runs)
         if args.latency_samples:
             added_latency_run(stack, args.latency_samples, args.dify_delay_ms / 1000)
         print(f"bridge rss after load={stack.rss_mib():.0f} MiB")
